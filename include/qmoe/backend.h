@@ -1,0 +1,63 @@
+// Backends and the packed weights they own.
+//
+// A backend turns raw experts into its own packed layout once, at load ("prepack"), and runs the
+// layer from that layout. PackedExperts is tagged with the layout it holds (name + version), the
+// target it was made for and the spec it was validated against; a backend refuses any other layout
+// with an error naming both, so raw bytes or another backend's bytes never reach a kernel.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "qmoe/inputs.h"
+#include "qmoe/raw_experts.h"
+#include "qmoe/spec.h"
+#include "qmoe/tensor.h"
+
+namespace qmoe {
+
+struct LayoutTag {
+  std::string name;      // e.g. "raw", "cpu-avx512-w4", "cuda-sm80-w4"
+  uint32_t version = 1;  // bumped whenever the byte layout changes
+  std::string target;    // hardware it runs on, e.g. "any", "cpu-avx512", "cuda-sm90"
+
+  bool operator==(const LayoutTag&) const = default;
+  std::string to_string() const;  // "cpu-avx512-w4 v1 (target cpu-avx512)"
+};
+
+class PackedExperts {
+ public:
+  virtual ~PackedExperts() = default;
+  const LayoutTag& tag() const { return tag_; }
+  const MoeSpec& spec() const { return spec_; }
+  // Bytes of weights resident after packing (host or device).
+  virtual size_t resident_bytes() const = 0;
+
+ protected:
+  PackedExperts(LayoutTag tag, MoeSpec spec) : tag_(std::move(tag)), spec_(std::move(spec)) {}
+
+ private:
+  LayoutTag tag_;
+  MoeSpec spec_;
+};
+
+// Throws qmoe::Error "<who>: weights are in layout X, expected Y" unless the tags match.
+void require_layout(const PackedExperts& packed, const LayoutTag& expected, std::string_view who);
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // Validates and packs; takes the raw tensors by value so buffers qmoe owns are freed as soon as
+  // they are packed.
+  virtual std::unique_ptr<PackedExperts> prepack(const MoeSpec& spec, RawExperts raw) = 0;
+  // Runs the layer. `output` must have the input's shape and dtype; it is fully overwritten.
+  virtual void run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) = 0;
+};
+
+// The plain scalar oracle (src/cpu/reference_backend.cpp). Its packed form is the raw layout itself.
+std::unique_ptr<Backend> make_reference_backend();
+
+}  // namespace qmoe

@@ -1,0 +1,22 @@
+// The scalar reference QMoE (contract §4), written straight from the contract: the oracle every
+// other backend is tested against. fp32 arithmetic throughout; the output is rounded to T once.
+#pragma once
+
+#include "qmoe/inputs.h"
+#include "qmoe/raw_experts.h"
+#include "qmoe/spec.h"
+#include "qmoe/tensor.h"
+
+namespace qmoe {
+
+// Applies the spec's activation to an FC1 output row `h` (fc1_rows() values, bias added), writing
+// I values to `a`. For SwiGLU with fc3, `h` holds the gate and `h3` the linear half (else null).
+void apply_activation(const MoeSpec& spec, const float* h, const float* h3, float* a);
+
+// Dequantizes expert e of a raw matrix into a dense fp32 [N, K] row-major buffer.
+void dequantize_expert(const MoeSpec& spec, Fc fc, const RawMatrix& m, int64_t e, float* out);
+
+// Validates spec, raw and inputs, then computes the layer. Returns a tensor shaped like the input.
+Tensor reference_forward(const MoeSpec& spec, const RawExperts& raw, const MoeInputs& inputs);
+
+}  // namespace qmoe
