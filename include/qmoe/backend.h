@@ -60,4 +60,12 @@ class Backend {
 // The plain scalar oracle (src/cpu/reference_backend.cpp). Its packed form is the raw layout itself.
 std::unique_ptr<Backend> make_reference_backend();
 
+struct CpuBackendOptions {
+  int threads = 0;           // 0 = all cores
+  bool prepack = true;       // false: keep raw bytes and run the raw-layout kernels
+  std::string isa = "auto";  // "auto", "portable", "avx2", "avx512"
+};
+// The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.
+std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& opt = {});
+
 }  // namespace qmoe

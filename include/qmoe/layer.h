@@ -1,0 +1,40 @@
+// MoeLayer: what users hold. A spec, weights packed for one backend, and run().
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "qmoe/backend.h"
+
+namespace qmoe {
+
+struct LayerOptions {
+  std::string backend = "auto";  // "auto" (best present), "cpu", "cuda", "reference"
+  bool prepack = true;           // false: run straight from raw bytes (slower, still correct)
+  int threads = 0;               // CPU threads; 0 = all cores
+};
+
+// Backend by name; throws qmoe::Error listing the names available in this build.
+std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt = {});
+// Names of the backends compiled in and usable on this machine, best first.
+std::vector<std::string> available_backends();
+
+class MoeLayer {
+ public:
+  // Validates and prepacks; raw is consumed (buffers qmoe owns are freed once packed).
+  MoeLayer(const MoeSpec& spec, RawExperts raw, const LayerOptions& opt = {});
+
+  // Runs the layer; the output has the input's shape and dtype.
+  Tensor run(const MoeInputs& inputs);
+  void run(const MoeInputs& inputs, Tensor& output);
+
+  const MoeSpec& spec() const { return packed_->spec(); }
+  const PackedExperts& packed() const { return *packed_; }
+  Backend& backend() { return *backend_; }
+
+ private:
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<PackedExperts> packed_;
+};
+
+}  // namespace qmoe

@@ -1,0 +1,50 @@
+// Backend selection and MoeLayer: the only place that knows which backends a build has.
+#include "qmoe/layer.h"
+
+#include "qmoe/error.h"
+#ifdef QMOE_HAVE_CUDA
+#include "qmoe/cuda_backend.h"
+#endif
+
+namespace qmoe {
+
+std::vector<std::string> available_backends() {
+  std::vector<std::string> names;
+#ifdef QMOE_HAVE_CUDA
+  if (cuda_device_count() > 0) names.push_back("cuda");
+#endif
+  names.push_back("cpu");
+  names.push_back("reference");
+  return names;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt) {
+  const std::string chosen = name == "auto" ? available_backends().front() : name;
+  if (chosen == "reference") return make_reference_backend();
+  if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto"});
+#ifdef QMOE_HAVE_CUDA
+  if (chosen == "cuda") {
+    if (cuda_device_count() == 0) throw Error("backend 'cuda': no CUDA device is visible on this machine");
+    return make_cuda_backend(CudaBackendOptions{0, opt.prepack});
+  }
+#endif
+  std::string list;
+  for (const auto& n : available_backends()) list += (list.empty() ? "" : ", ") + n;
+  throw Error("backend: expected auto or one of " + list + ", got '" + name + "'");
+}
+
+MoeLayer::MoeLayer(const MoeSpec& spec, RawExperts raw, const LayerOptions& opt)
+    : backend_(make_backend(opt.backend, opt)) {
+  packed_ = backend_->prepack(spec, std::move(raw));
+}
+
+Tensor MoeLayer::run(const MoeInputs& inputs) {
+  validate_inputs(spec(), inputs);
+  Tensor out(inputs.input.dtype, inputs.input.shape);
+  backend_->run(*packed_, inputs, out);
+  return out;
+}
+
+void MoeLayer::run(const MoeInputs& inputs, Tensor& output) { backend_->run(*packed_, inputs, output); }
+
+}  // namespace qmoe
