@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qmoe/inputs.h"
 #include "qmoe/raw_experts.h"
@@ -17,6 +18,11 @@
 #include "qmoe/tensor.h"
 
 namespace qmoe {
+
+struct NamedTensor {
+  std::string name;
+  Tensor tensor;
+};
 
 struct LayoutTag {
   std::string name;      // e.g. "raw", "cpu-avx512-w4", "cuda-sm80-w4"
@@ -34,6 +40,9 @@ class PackedExperts {
   const MoeSpec& spec() const { return spec_; }
   // Bytes of weights resident after packing (host or device).
   virtual size_t resident_bytes() const = 0;
+  // The payload as named host tensors, for writing a packed file (device data is copied to host).
+  // Backend::from_blobs() must rebuild an identical object from them.
+  virtual std::vector<NamedTensor> to_blobs() const = 0;
 
  protected:
   PackedExperts(LayoutTag tag, MoeSpec spec) : tag_(std::move(tag)), spec_(std::move(spec)) {}
@@ -53,6 +62,11 @@ class Backend {
   // Validates and packs; takes the raw tensors by value so buffers qmoe owns are freed as soon as
   // they are packed.
   virtual std::unique_ptr<PackedExperts> prepack(const MoeSpec& spec, RawExperts raw) = 0;
+  // The layout prepack() would produce for this spec on this machine (what a packed file must hold).
+  virtual LayoutTag layout_for(const MoeSpec& spec) const = 0;
+  // Rebuilds packed experts from a packed file's blobs; the caller has checked the tag equals
+  // layout_for(spec). Throws qmoe::Error naming a missing or mis-sized blob.
+  virtual std::unique_ptr<PackedExperts> from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) = 0;
   // Runs the layer. `output` must have the input's shape and dtype; it is fully overwritten.
   virtual void run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) = 0;
 };
