@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up and runs every test qmoe has on a machine without a GPU:
+#   1. Release build + C++ unit tests (ctest)
+#   2. the same C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   3. the CUDA code compiled (not run) when nvcc is present
+#   4. the Python module installed, then the pytest suites (ORT agreement, CLI errors, Python API)
+# GPU tests run on a GPU machine: see docs/TESTING.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+
+step "setup"
+scripts/setup.sh
+
+step "build (Release)"
+scripts/build.sh
+step "C++ tests"
+ctest --test-dir build --output-on-failure -j "$jobs"
+
+step "C++ tests under ASan + UBSan"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQMOE_SANITIZE=ON -DQMOE_BUILD_BENCH=OFF >/dev/null
+ninja -C build-asan qmoe_tests qmoe
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 build-asan/tests/cpp/qmoe_tests --gtest_brief=1
+
+if command -v nvcc >/dev/null 2>&1; then
+  step "CUDA code compiles (sm_80, sm_90a; not run: no GPU here)"
+  cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=ON >/dev/null
+  ninja -C build-cuda
+fi
+
+step "Python module"
+python3 -m pip install -q --disable-pip-version-check --no-build-isolation .
+
+step "Python tests"
+QMOE_BIN="$PWD/build/tools/qmoe/qmoe" python3 -m pytest -q tests/python
