@@ -1,0 +1,125 @@
+// qmoe run: one forward pass of the QMoE layer in an ONNX file over .npy inputs, output to .npy.
+//
+// Inputs are checked against the model before any work: the files exist, the output directory is
+// writable, and every tensor's dtype is the model's T (qmoe never converts activations silently:
+// an fp16 input to an fp32 model is an error naming both). The output is written atomically.
+#include <cstdio>
+#include <memory>
+#include <optional>
+
+#include "commands.h"
+#include "qmoe/error.h"
+#include "qmoe/inputs.h"
+#include "qmoe/layer.h"
+#include "qmoe/npy.h"
+#include "qmoe/onnx_model.h"
+
+namespace qmoe::cli {
+
+namespace {
+
+struct RunArgs {
+  std::string model, input, router_probs, router_weights, output;
+  std::string weights_layout = "detect";
+  bool bf16 = false;
+  bool json = false;
+  BackendFlags backend;
+};
+
+Tensor read_input(const std::string& flag, const std::string& path, const MoeSpec& spec, bool bf16) {
+  // A bf16 model's inputs can only be stored as uint16 bit patterns, so such a model implies --bf16.
+  NpyReadOptions opt;
+  opt.uint16_as_bf16 = bf16 || spec.act_dtype == DType::bf16;
+  Tensor t = read_npy(path, opt);
+  if (t.dtype() != spec.act_dtype)
+    throw Error(flag + " " + path + ": dtype " + std::string(dtype_name(t.dtype())) + " does not match the model's T = " +
+                std::string(dtype_name(spec.act_dtype)));
+  return t;
+}
+
+void run_command(const RunArgs& a) {
+  require_input_file("MODEL", a.model);
+  require_input_file("--input", a.input);
+  require_input_file("--router-probs", a.router_probs);
+  if (!a.router_weights.empty()) require_input_file("--router-weights", a.router_weights);
+  require_writable_output("--output", a.output);
+
+  OnnxLoadOptions load_opt;
+  load_opt.layout = a.weights_layout == "raw"        ? WeightsLayout::raw
+                    : a.weights_layout == "ort-cuda" ? WeightsLayout::ort_cuda
+                                                     : WeightsLayout::detect;
+  Stopwatch load_clock;
+  OnnxLayer model = load_onnx(a.model, load_opt);
+  const double load_ms = load_clock.ms();
+  const MoeSpec spec = model.spec;
+
+  const Tensor x = read_input("--input", a.input, spec, a.bf16);
+  const Tensor logits = read_input("--router-probs", a.router_probs, spec, a.bf16);
+  std::optional<Tensor> rw;
+  if (!a.router_weights.empty()) rw = read_input("--router-weights", a.router_weights, spec, a.bf16);
+  MoeInputs inputs{x.view(), logits.view(), std::nullopt};
+  if (rw) inputs.router_weights = rw->view();
+  validate_inputs(spec, inputs);
+
+  LayerOptions lopt;
+  lopt.backend = a.backend.backend;
+  lopt.threads = a.backend.threads;
+  lopt.prepack = !a.backend.no_prepack;
+  const size_t raw_bytes = model.raw.nbytes();
+  Stopwatch prepack_clock;
+  MoeLayer layer(spec, std::move(model.raw), lopt);
+  const double prepack_ms = prepack_clock.ms();
+
+  Stopwatch run_clock;
+  const Tensor y = layer.run(inputs);
+  const double run_ms = run_clock.ms();
+  write_npy(a.output, y.view());
+
+  if (a.json) {
+    nlohmann::json j;
+    j["model"] = a.model;
+    j["node"] = model.node_name;
+    j["spec"] = spec_json(spec);
+    j["backend"] = layer.backend().name();
+    j["layout"] = layer.packed().tag().to_string();
+    j["weight_bytes"] = raw_bytes;
+    j["resident_bytes"] = layer.packed().resident_bytes();
+    j["rows"] = input_rows(inputs);
+    j["output"] = {{"path", a.output}, {"shape", y.shape()}, {"dtype", std::string(dtype_name(y.dtype()))}};
+    j["time_ms"] = {{"load", load_ms}, {"prepack", prepack_ms}, {"run", run_ms}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("%s: %s\n", a.model.c_str(), spec.to_string().c_str());
+    std::printf("backend %s (%s): load %.1f ms, prepack %.1f ms, run %.2f ms for %lld rows\n",
+                layer.backend().name().c_str(), layer.packed().tag().to_string().c_str(), load_ms, prepack_ms,
+                run_ms, static_cast<long long>(input_rows(inputs)));
+    std::printf("wrote %s %s %s\n", a.output.c_str(), shape_str(y.shape()).c_str(),
+                std::string(dtype_name(y.dtype())).c_str());
+  }
+}
+
+}  // namespace
+
+Subcommand add_run(CLI::App& root) {
+  auto args = std::make_shared<RunArgs>();
+  CLI::App* app = root.add_subcommand("run", "Run the QMoE layer of an ONNX model on .npy inputs");
+  app->footer(
+      "Example:\n"
+      "  qmoe run layer.onnx --input x.npy --router-probs logits.npy --output y.npy --backend cpu\n"
+      "Inputs must have the model's dtype T (float32, float16; bfloat16 as uint16 .npy).\n");
+  app->add_option("MODEL", args->model, "ONNX file holding one com.microsoft::QMoE node")->required();
+  app->add_option("--input", args->input, ".npy [rows, H] or [B, S, H] (input 0)")->required();
+  app->add_option("--router-probs", args->router_probs, ".npy [rows, E] router logits (input 1)")->required();
+  app->add_option("--router-weights", args->router_weights, ".npy [rows, E] mixing weights (input 14)");
+  app->add_option("--output", args->output, ".npy file to write; written atomically")->required();
+  add_backend_flags(*app, args->backend);
+  app->add_option("--weights-layout", args->weights_layout,
+                  "Layout of fc1/fc2 bytes: raw, ort-cuda (ORT's CUDA prepacked), or detect from the file")
+      ->check(CLI::IsMember({"detect", "raw", "ort-cuda"}))
+      ->capture_default_str();
+  app->add_flag("--bf16", args->bf16, "Read uint16 .npy inputs as bfloat16 bit patterns (implied by a bf16 model)");
+  app->add_flag("--json", args->json, "Print a JSON summary instead of text");
+  return {app, [args] { run_command(*args); }};
+}
+
+}  // namespace qmoe::cli
