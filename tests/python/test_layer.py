@@ -1,0 +1,266 @@
+"""qmoe.Layer built from quantized arrays against a float64 NumPy model of the contract (§4).
+
+The model below is written from the contract alone: it unpacks codes and zero points itself
+(§5.1, §5.3), dequantizes in float64, routes (softmax over all E, top-k with ties to the lower index,
+optional normalization, optional router_weights) and runs each expert's FFN with every activation
+and SwiGLU fusion 0/1/2. It never calls qmoe.dequantize, so a shared bug cannot cancel out.
+
+Tolerance (relative max error, max|qmoe - model| / max|model|):
+- fp32: 1e-5. qmoe accumulates at most H or I <= 256 products in fp32; the rounding error is
+  ~K * 2^-24 * max|a*b| / max|out| ~ 1e-6 even with cancellation, while one wrong code, scale, zero
+  point or route moves the output by >= 1e-3.
+- fp16: 2e-3. The output is rounded once to fp16 (2^-11 relative), inputs are fp16 on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import qmoe
+
+BACKENDS = [b for b in qmoe.available_backends() if b != "cuda"]
+
+
+# ---------------------------------------------------------------- the float64 model of the contract
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], -1).astype(np.int64)
+
+
+def model_dequantize(q, s, z, bits, block, K) -> np.ndarray:
+    """[E, N, K] float64 from raw arrays: W = s * (code - zero point)."""
+    codes = unpack_codes(q, bits)[..., :K]
+    E, N = codes.shape[:2]
+    s = np.asarray(s, np.float64).reshape(E, N, -1)
+    nb = s.shape[2]
+    bs = block if block > 0 else K
+    col_block = np.arange(K) // bs
+    scale = s[:, :, col_block]
+    if z is None:
+        zero = np.full((E, N, K), 1 << (bits - 1))
+    elif block > 0:
+        zero = unpack_codes(z, bits)[:, :, :nb][:, :, col_block]
+    else:
+        zero = np.broadcast_to(unpack_codes(z, bits)[:, :N, None], (E, N, K))
+    return scale * (codes - zero)
+
+
+def activate(name, h, alpha=1.0, beta=0.0, limit=math.inf, fusion=0, h3=None):
+    if name == "relu":
+        return np.maximum(h, 0)
+    if name == "gelu":
+        return 0.5 * h * (1 + np.tanh(0.7978845608 * (h + 0.044715 * h**3)))
+    if name == "silu":
+        return h / (1 + np.exp(-h))
+    if name == "identity":
+        return h
+    assert name == "swiglu"
+    if fusion == 0:
+        g, u = h, h3
+    elif fusion == 1:
+        g, u = h[..., 0::2], h[..., 1::2]
+    else:
+        I = h.shape[-1] // 2
+        g, u = h[..., :I], h[..., I:]
+    g = np.minimum(g, limit)
+    u = np.clip(u, -limit, limit)
+    return g / (1 + np.exp(-alpha * g)) * (u + beta)
+
+
+def model_forward(cfg, W, B, x, logits, router_weights=None):
+    """W/B: dicts fc1/fc2/fc3 -> float64 [E, N, K] / [E, N] or None; x [rows, H]."""
+    x = np.asarray(x, np.float64)
+    logits = np.asarray(logits, np.float64)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        order = np.argsort(-logits[t], kind="stable")[: cfg.k]  # ties: lower index first
+        if router_weights is None:
+            p = np.exp(logits[t] - logits[t].max())
+            w = (p / p.sum())[order]
+        else:
+            w = np.asarray(router_weights, np.float64)[t, order]
+        if cfg.normalize:
+            w = w / w.sum()
+        for e, we in zip(order, w):
+            h = W["fc1"][e] @ x[t] + (B["fc1"][e] if B["fc1"] is not None else 0)
+            h3 = None
+            if W.get("fc3") is not None:
+                h3 = W["fc3"][e] @ x[t] + (B["fc3"][e] if B["fc3"] is not None else 0)
+            a = activate(cfg.act, h, cfg.alpha, cfg.beta, cfg.limit, cfg.fusion, h3)
+            y = W["fc2"][e] @ a + (B["fc2"][e] if B["fc2"] is not None else 0)
+            out[t] += we * y
+    return out
+
+
+# ---------------------------------------------------------------- configurations
+@dataclasses.dataclass
+class Cfg:
+    name: str
+    E: int = 4
+    k: int = 2
+    H: int = 32
+    I: int = 24
+    bits: int = 4
+    block: int = 0
+    symmetric: bool = True
+    act: str = "silu"
+    fusion: int = 0
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = math.inf
+    normalize: bool = True
+    bias: bool = False
+    router_weights: bool = False
+    dtype: str = "float32"
+    scale_dtype: str = "float32"
+    rows: int = 7
+    seed: int = 0
+
+    @property
+    def N1(self) -> int:
+        return 2 * self.I if self.act == "swiglu" and self.fusion != 0 else self.I
+
+
+CONFIGS = [
+    Cfg("relu b4 row-wise", act="relu", seed=1),
+    Cfg("gelu b8 block16 asym bias", act="gelu", bits=8, block=16, symmetric=False, bias=True, seed=2),
+    Cfg("silu b2 block32 H=64 no-normalize", act="silu", bits=2, block=32, H=64, normalize=False, seed=3),
+    Cfg("identity b4 block16 asym k=E", act="identity", block=16, symmetric=False, E=3, k=3, seed=4),
+    Cfg("swiglu fusion0 (fc3) b4 bias", act="swiglu", fusion=0, bias=True, seed=5),
+    Cfg("swiglu fusion1 gpt-oss alpha/beta/limit", act="swiglu", fusion=1, alpha=1.702, beta=1.0, limit=0.9,
+        block=16, seed=6),
+    Cfg("swiglu fusion2 b8 asym router_weights", act="swiglu", fusion=2, bits=8, symmetric=False,
+        router_weights=True, seed=7),
+    Cfg("relu b4 E=8 k=1 router_weights no-normalize", act="relu", E=8, k=1, router_weights=True,
+        normalize=False, H=48, I=40, block=16, seed=8),
+    Cfg("silu b4 block16 K%block!=0", act="silu", H=40, I=24, block=16, symmetric=False, bias=True, seed=9),
+    Cfg("gelu fp16 T2=fp16", act="gelu", dtype="float16", scale_dtype="float16", block=16, bias=True, seed=10),
+]
+
+
+def build(cfg: Cfg):
+    """Random float weights quantized by qmoe.quantize; returns (Layer kwargs, model W, model B)."""
+    rng = np.random.default_rng(cfg.seed)
+    np_t = np.float16 if cfg.dtype == "float16" else np.float32
+    shapes = {"fc1": (cfg.N1, cfg.H), "fc2": (cfg.H, cfg.I)}
+    if cfg.act == "swiglu" and cfg.fusion == 0:
+        shapes["fc3"] = (cfg.I, cfg.H)
+    arrays, W, B = {}, {"fc3": None}, {"fc1": None, "fc2": None, "fc3": None}
+    for fc, (N, K) in shapes.items():
+        w = (rng.standard_normal((cfg.E, N, K)) / math.sqrt(K)).astype(np.float32)
+        q, s, z = qmoe.quantize(w, bits=cfg.bits, block_size=cfg.block, symmetric=cfg.symmetric,
+                                scale_dtype=cfg.scale_dtype)
+        arrays[f"{fc}_weights"], arrays[f"{fc}_scales"] = q, s
+        if z is not None:
+            arrays[f"{fc}_zero_points"] = z
+        W[fc] = model_dequantize(q, s, z, cfg.bits, cfg.block, K)
+        if cfg.bias:
+            b = (0.1 * rng.standard_normal((cfg.E, N))).astype(np_t)
+            arrays[f"{fc}_bias"] = b
+            B[fc] = b.astype(np.float64)
+    kwargs = dict(k=cfg.k, activation=cfg.act, bits=cfg.bits, block_size=cfg.block, swiglu_fusion=cfg.fusion,
+                  swiglu_limit=cfg.limit, activation_alpha=cfg.alpha, activation_beta=cfg.beta,
+                  normalize_routing_weights=cfg.normalize, dtype=cfg.dtype, **arrays)
+    return kwargs, W, B
+
+
+def inputs(cfg: Cfg):
+    rng = np.random.default_rng(cfg.seed + 100)
+    np_t = np.float16 if cfg.dtype == "float16" else np.float32
+    x = rng.standard_normal((cfg.rows, cfg.H)).astype(np_t)
+    logits = rng.standard_normal((cfg.rows, cfg.E)).astype(np_t)  # continuous: no ties
+    rw = rng.uniform(0.1, 1.0, (cfg.rows, cfg.E)).astype(np_t) if cfg.router_weights else None
+    return x, logits, rw
+
+
+def rel_err(got, want) -> float:
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_layer_matches_float64_model(cfg, backend):
+    kwargs, W, B = build(cfg)
+    layer = qmoe.Layer(backend=backend, **kwargs)
+    x, logits, rw = inputs(cfg)
+    out = layer.run(x, logits, rw)
+    assert out.dtype == x.dtype and out.shape == x.shape, f"{cfg}"
+    want = model_forward(cfg, W, B, x, logits, rw)
+    tol = 1e-5 if cfg.dtype == "float32" else 2e-3
+    err = rel_err(out, want)
+    assert err <= tol, f"{cfg} backend={backend}: relative max error {err:.3g} > {tol}"
+
+
+def test_three_d_input_keeps_its_shape():
+    cfg = CONFIGS[0]
+    kwargs, W, B = build(cfg)
+    layer = qmoe.Layer(**kwargs)
+    x, logits, _ = inputs(cfg)
+    x3 = np.concatenate([x, x[:1]]).reshape(2, 4, cfg.H)
+    l2 = np.concatenate([logits, logits[:1]])
+    out = layer.run(x3, l2)
+    assert out.shape == (2, 4, cfg.H)
+    assert rel_err(out.reshape(8, -1), model_forward(cfg, W, B, x3.reshape(8, -1), l2)) <= 1e-5
+
+
+def test_model_detects_a_wrong_route():
+    # Guards the guard: swapping two experts' weights must break agreement by far more than the tolerance.
+    cfg = CONFIGS[0]
+    kwargs, W, B = build(cfg)
+    x, logits, _ = inputs(cfg)
+    out = qmoe.Layer(**kwargs).run(x, logits)
+    W2 = dict(W, fc2=W["fc2"][[1, 0, 2, 3]])
+    assert rel_err(out, model_forward(cfg, W2, B, x, logits)) > 1e-2
+
+
+def test_errors_name_the_tensor():
+    kwargs, _, _ = build(CONFIGS[1])
+    bad = dict(kwargs, fc2_scales=kwargs["fc2_scales"][:, :, :1])
+    with pytest.raises(qmoe.Error, match=r"fc2_scales: expected shape \[4, 32, 2\], got \[4, 32, 1\]"):
+        qmoe.Layer(**bad)
+    with pytest.raises(ValueError, match="fc1_bias: expected dtype float32"):
+        qmoe.Layer(**dict(kwargs, fc1_bias=kwargs["fc1_bias"].astype(np.float64)))
+    with pytest.raises(qmoe.Error, match="activation_type"):
+        qmoe.Layer(**dict(kwargs, activation="tanh"))
+    layer = qmoe.Layer(**kwargs)
+    x, logits, _ = inputs(CONFIGS[1])
+    with pytest.raises(qmoe.Error, match="input"):
+        layer.run(x[:, :-1], logits)
+    with pytest.raises(qmoe.Error, match="router_logits: expected dtype float32"):
+        layer.run(x, logits.astype(np.float16))
+
+
+def test_from_onnx_matches_ort(tmp_path):
+    """A one-node QMoE model written with onnx, loaded by qmoe.Layer.from_onnx, run by both qmoe and
+    ORT's CPU kernel (normalize = 1, symmetric row-wise: shapes free of ORT's quirks, contract §8)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    cfg = Cfg("onnx relu", act="relu", seed=21)
+    kwargs, _, _ = build(cfg)
+    inits = [numpy_helper.from_array(kwargs[n], name=n)
+             for n in ("fc1_weights", "fc1_scales", "fc2_weights", "fc2_scales")]
+    node = helper.make_node(
+        "QMoE", ["input", "router_probs", "fc1_weights", "fc1_scales", "", "fc2_weights", "fc2_scales"],
+        ["output"], domain="com.microsoft", k=cfg.k, activation_type=cfg.act, normalize_routing_weights=1,
+        expert_weight_bits=cfg.bits, weights_prepacked=0)
+    graph = helper.make_graph(
+        [node], "qmoe", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, cfg.H]),
+                         helper.make_tensor_value_info("router_probs", TensorProto.FLOAT, [None, cfg.E])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, cfg.H])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "qmoe.onnx"
+    onnx.save(model, str(path))
+
+    layer = qmoe.Layer.from_onnx(path)
+    assert layer.spec.num_experts == cfg.E and layer.spec.hidden == cfg.H and layer.spec.inter == cfg.I
+    x, logits, _ = inputs(cfg)
+    got = layer.run(x, logits)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"input": x, "router_probs": logits})[0]
+    assert rel_err(got, want.astype(np.float64)) <= 1e-5
