@@ -325,3 +325,66 @@ TEST(OrtCudaLayout, ImportThroughput) {
               x.nbytes() / s2 / 1e6);
   EXPECT_TRUE(same_bytes(y.data_as<uint8_t>(), x.data_as<uint8_t>(), x.nbytes(), "throughput round trip"));
 }
+
+// ---- independent check: ORT's own packer ------------------------------------------------------
+//
+// Goldens made by ONNX Runtime 1.32's packer, onnxruntime.quantization.cuda_quantizer.
+// _pack_weights_for_cuda_mixed_gemm(q, N, K, bits, force_arch=80) (ORT's production PyTorch packer,
+// which ORT tests byte for byte against its CUDA packer), run with torch 2.11 on an H200, one call per
+// expert, experts concatenated. The raw bytes are the low bytes of a SplitMix64 stream from `seed`, so
+// this test regenerates them; the hashes are FNV-1a 64 of the raw and of ORT's packed bytes. This
+// machine's onnxruntime is CPU-only and exposes no int4/int8 packer, hence goldens instead of a call.
+namespace {
+std::vector<uint8_t> splitmix_bytes(uint64_t seed, size_t n) {
+  std::vector<uint8_t> out(n);
+  uint64_t s = seed;
+  for (size_t i = 0; i < n; ++i) {
+    s += 0x9E3779B97F4A7C15ull;
+    uint64_t z = s;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    out[i] = uint8_t(z ^ (z >> 31));
+  }
+  return out;
+}
+uint64_t fnv1a64(const uint8_t* p, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+struct OrtGolden {
+  int bits;
+  int64_t E, N, K;
+  uint64_t seed, raw_fnv, packed_fnv;
+};
+const OrtGolden kOrtGoldens[] = {
+    {4, 1, 16, 64, 4017245u, 0x27b8ec52b26df0cfull, 0xe071b176ea260f76ull},
+    {4, 2, 32, 64, 4033390u, 0x090a5b7009eb190dull, 0xc5ef68b52ec296aeull},
+    {4, 1, 16, 128, 4018333u, 0x3ceb0d0beb6dd0ecull, 0x17191f5534a7a39full},
+    {4, 3, 48, 192, 4051711u, 0x19e701078c041202ull, 0x013691d825ff89feull},
+    {4, 2, 64, 128, 4066766u, 0x5957bd4ff2bacf85ull, 0xca917d0d21427415ull},
+    {4, 1, 128, 256, 4133517u, 0x0866120ad27f3675ull, 0x5d3e8144cb090814ull},
+    {4, 1, 80, 320, 4086173u, 0xcd87932b147b73daull, 0x4d0a0f71ed6e4d40ull},
+    {8, 1, 8, 64, 8009185u, 0x77527921531a4c8full, 0x32314bc8ee4ea11full},
+    {8, 2, 24, 64, 8025330u, 0xc81fb70df8d01ae1ull, 0x4308041bb9a2bc81ull},
+    {8, 1, 16, 128, 8018345u, 0xbac04bfe74f46c5dull, 0x1b6f4819147dec61ull},
+    {8, 3, 40, 192, 8043651u, 0x6059451ba2301d08ull, 0xb8921f49ef17350aull},
+    {8, 1, 128, 256, 8133529u, 0x1451b81b0c0e8753ull, 0x67d058ab292f7451ull},
+};
+}  // namespace
+
+TEST(OrtCudaLayout, MatchesOrtPackerGoldens) {
+  for (const OrtGolden& g : kOrtGoldens) {
+    const std::string what = "ORT golden int" + std::to_string(g.bits) + " E=" + std::to_string(g.E) + " N=" +
+                             std::to_string(g.N) + " K=" + std::to_string(g.K) + " seed " + std::to_string(g.seed);
+    const size_t n = size_t(g.E * g.N * g.K * g.bits / 8);
+    const std::vector<uint8_t> bytes = splitmix_bytes(g.seed, n);
+    ASSERT_EQ(fnv1a64(bytes.data(), n), g.raw_fnv) << what << ": the raw-byte generator drifted";
+    Tensor raw(DType::u8, {g.E, g.N, g.K * g.bits / 8});
+    std::memcpy(raw.data(), bytes.data(), n);
+    const Tensor ort = raw_to_ort_cuda(raw, g.N, g.K, g.bits);
+    EXPECT_EQ(fnv1a64(ort.data_as<uint8_t>(), n), g.packed_fnv) << what << ": forward transform differs from ORT's";
+    const Tensor back = ort_cuda_to_raw(ort, g.N, g.K, g.bits);
+    EXPECT_TRUE(same_bytes(back.data_as<uint8_t>(), bytes.data(), n, what + " import"));
+  }
+}
