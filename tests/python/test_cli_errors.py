@@ -1,0 +1,428 @@
+"""Malformed inputs to `qmoe run`: each must fail cleanly.
+
+For every case the CLI must exit with status 1 (not a signal, not an abort, not a usage error), print
+exactly one line on stderr of the form `qmoe: error: <message>` that names the offending thing (file,
+tensor, attribute), never report an internal error, and leave no output file (nor a temporary one)
+behind. Usage errors (CLI11) are checked separately: status 2.
+
+A well-formed baseline run must succeed first, so the cases cannot pass by the binary failing for
+some unrelated reason. QMOE_WRITE_ERRORS=1 writes the input -> message table to docs/ERRORS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import onnx_builders as ob  # noqa: E402
+from onnx_builders import Cfg  # noqa: E402
+
+# Baselines: block-wise with zero points and biases (most tensors present), and a row-wise one.
+BASE = Cfg("base", E=4, k=2, H=32, I=48, block=16, zero_points=True, bias=True, act="silu", tokens=6)
+ROW = Cfg("row", E=4, k=2, H=32, I=48, zero_points=True, act="relu", tokens=6)
+SWIGLU = Cfg("swiglu", E=4, k=2, H=32, I=48, act="swiglu", fusion=1, tokens=6)
+
+
+class Files:
+    """A case's working directory: a valid model and inputs that the case then breaks."""
+
+    def __init__(self, tmp: Path, cfg: Cfg = BASE):
+        self.tmp = tmp
+        self.L = ob.make_layer(cfg)
+        self.model = tmp / "model.onnx"
+        self.x = tmp / "x.npy"
+        self.r = tmp / "r.npy"
+        self.w = None
+        self.out = tmp / "out" / "y.npy"
+        self.out.parent.mkdir()
+        self.write_model()
+        np.save(self.x, self.L.x)
+        np.save(self.r, self.L.logits)
+
+    def write_model(self, **kw):
+        ob.save_model(ob.build_model(self.L, **kw), self.model)
+
+    def proto(self, **kw):
+        return ob.build_model(self.L, **kw)
+
+    def save(self, proto):
+        ob.save_model(proto, self.model)
+
+    def args(self):
+        a = ["run", self.model, "--input", self.x, "--router-probs", self.r, "--output", self.out]
+        if self.w is not None:
+            a += ["--router-weights", self.w]
+        return a
+
+
+def _attrs(cfg: Cfg, **changes):
+    a = ob.node_attributes(cfg)
+    a.update(changes)
+    return a
+
+
+def _init(proto, name):
+    for t in proto.graph.initializer:
+        if t.name == name:
+            return t
+    raise KeyError(name)
+
+
+def _truncate(path: Path, keep: float):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _set_input_slot(proto, index: int, name: str):
+    node = proto.graph.node[0]
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+    return proto
+
+
+@dataclass
+class Case:
+    name: str  # the malformed input, as the table shows it
+    expect: tuple  # substrings the message must contain (each entry: str, or tuple = any of)
+    setup: Callable[[Path], "Files"]
+    extra: tuple = ()
+
+
+def _c(name, expect, setup, extra=()):
+    return Case(name, tuple(expect), setup, tuple(extra))
+
+
+# ---- the cases ------------------------------------------------------------------------------
+
+
+def not_onnx(tmp):
+    f = Files(tmp)
+    f.model.write_text("this is not an ONNX model\n")
+    return f
+
+
+def empty_model(tmp):
+    f = Files(tmp)
+    f.model.write_bytes(b"")
+    return f
+
+
+def truncated_model(tmp):
+    f = Files(tmp)
+    _truncate(f.model, 0.5)
+    return f
+
+
+def missing_model(tmp):
+    f = Files(tmp)
+    f.model.unlink()
+    return f
+
+
+def no_qmoe_node(tmp):
+    from onnx import helper
+    f = Files(tmp)
+    p = f.proto()
+    p.graph.node[0].CopyFrom(helper.make_node("Identity", ["input"], ["output"]))
+    f.save(p)
+    return f
+
+
+def other_operator(tmp):
+    from onnx import helper
+    f = Files(tmp)
+    p = f.proto()
+    p.graph.node[0].output[0] = "moe_out"
+    p.graph.node.append(helper.make_node("Relu", ["moe_out"], ["output"], name="after"))
+    f.save(p)
+    return f
+
+
+def missing_initializer(tmp):
+    f = Files(tmp)
+    p = f.proto()
+    keep = [t for t in p.graph.initializer if t.name != "fc2_scales"]
+    del p.graph.initializer[:]
+    p.graph.initializer.extend(keep)
+    f.save(p)
+    return f
+
+
+def missing_required_slot(tmp):
+    f = Files(tmp)
+    f.save(_set_input_slot(f.proto(), 2, ""))  # fc1_experts_weights
+    return f
+
+
+def tensor_change(cfg=BASE, types=None, attrs=None, **tensors):
+    def setup(tmp):
+        f = Files(tmp, cfg)
+        f.write_model(tensors={k: v(f.L) for k, v in tensors.items()}, tensor_types=types,
+                      attrs=None if attrs is None else attrs(cfg))
+        return f
+    return setup
+
+
+def attr_change(cfg=BASE, **changes):
+    def setup(tmp):
+        f = Files(tmp, cfg)
+        f.write_model(attrs=_attrs(cfg, **changes))
+        return f
+    return setup
+
+
+def truncated_tensor(tmp):
+    f = Files(tmp)
+    p = f.proto()
+    t = _init(p, "fc1_experts_weights")
+    t.raw_data = t.raw_data[: len(t.raw_data) // 2]
+    f.save(p)
+    return f
+
+
+def fc3_with_fusion1(tmp):
+    f = Files(tmp, SWIGLU)
+    L = f.L
+    f.write_model(tensors={"fc3_experts_weights": L.tensors["fc2_experts_weights"],
+                           "fc3_scales": L.tensors["fc2_scales"]})
+    return f
+
+
+def swiglu_fusion0_without_fc3(tmp):
+    f = Files(tmp, SWIGLU)
+    # fc1 holds I rows as fusion 0 wants, but no fc3 is given
+    L = f.L
+    half = {"fc1_experts_weights": L.tensors["fc1_experts_weights"][:, : SWIGLU.I],
+            "fc1_scales": L.tensors["fc1_scales"][:, : SWIGLU.I]}
+    f.write_model(tensors=half, attrs=_attrs(SWIGLU, swiglu_fusion=0))
+    return f
+
+
+def npy_change(which: str, make: Callable[[ob.Layer], np.ndarray], cfg=BASE):
+    def setup(tmp):
+        f = Files(tmp, cfg)
+        np.save(getattr(f, which), make(f.L))
+        return f
+    return setup
+
+
+def npy_bytes(which: str, edit: Callable[[bytes], bytes]):
+    def setup(tmp):
+        f = Files(tmp)
+        p = getattr(f, which)
+        p.write_bytes(edit(p.read_bytes()))
+        return f
+    return setup
+
+
+def missing_input_file(tmp):
+    f = Files(tmp)
+    f.x.unlink()
+    return f
+
+
+def router_weights(make, cfg=BASE):
+    def setup(tmp):
+        f = Files(tmp, cfg)
+        f.w = tmp / "w.npy"
+        np.save(f.w, make(f.L))
+        return f
+    return setup
+
+
+def output_to(path_fn):
+    def setup(tmp):
+        f = Files(tmp)
+        f.out = path_fn(tmp)
+        return f
+    return setup
+
+
+def fortran_order(tmp):
+    f = Files(tmp)
+    np.save(f.x, np.asfortranarray(f.L.x))
+    return f
+
+
+def ambiguous_layout(tmp):
+    # H == I and no weights_prepacked attribute: raw [E, N, K/pack] and ORT CUDA [E, K, N/pack]
+    # have the same shape, so the file does not say which it holds.
+    cfg = Cfg("ambiguous", E=4, k=2, H=32, I=32, act="relu", prepacked_attr=None, tokens=6)
+    return Files(tmp, cfg)
+
+
+def bf16_into_fp32(tmp):
+    f = Files(tmp)
+    np.save(f.x, ob.f32_to_bf16_bits(f.L.x))
+    return f
+
+
+shape = lambda arr, *s: np.zeros(s, dtype=arr.dtype)  # noqa: E731
+
+CASES = [
+    # the model file
+    _c("model file is text, not ONNX", ["model.onnx"], not_onnx),
+    _c("model file is empty", ["model.onnx"], empty_model),
+    _c("model file truncated to half", ["model.onnx"], truncated_model),
+    _c("model file does not exist", ["model.onnx"], missing_model),
+    _c("graph without a QMoE node (Identity)", ["QMoE"], no_qmoe_node),
+    _c("graph with another operator after QMoE (Relu)", [("Relu", "operator", "node")], other_operator),
+    _c("initializer fc2_scales missing", ["fc2_scales"], missing_initializer),
+    _c("required input fc1_experts_weights not given (empty slot)", ["fc1_experts_weights"], missing_required_slot),
+    _c("fc1_experts_weights truncated raw_data", ["fc1_experts_weights"], truncated_tensor),
+    # tensor shapes and dtypes
+    _c("fc1_experts_weights with one byte too many per row", ["fc1_experts_weights"],
+       tensor_change(fc1_experts_weights=lambda L: np.zeros((4, 48, 17), np.uint8))),
+    _c("fc1_experts_weights stored as float32", ["fc1_experts_weights"],
+       tensor_change(types={"fc1_experts_weights": "float32"},
+                     fc1_experts_weights=lambda L: np.zeros((4, 48, 16), np.float32))),
+    _c("fc2_experts_weights with E+1 experts", ["fc2_experts_weights"],
+       tensor_change(fc2_experts_weights=lambda L: np.zeros((5, 32, 24), np.uint8))),
+    _c("fc2_scales with the wrong block count", ["fc2_scales"],
+       tensor_change(fc2_scales=lambda L: L.tensors["fc2_scales"][:, :, :2])),
+    _c("fc1_scales stored as uint8", ["fc1_scales"],
+       tensor_change(types={"fc1_scales": "uint8"}, fc1_scales=lambda L: np.ones((4, 48, 2), np.uint8))),
+    _c("fc1_experts_bias of the wrong length", ["fc1_experts_bias"],
+       tensor_change(fc1_experts_bias=lambda L: np.zeros((4, 47), np.float32))),
+    _c("fc2_experts_bias float16 in a float32 model", ["fc2_experts_bias"],
+       tensor_change(types={"fc2_experts_bias": "float16"},
+                     fc2_experts_bias=lambda L: L.tensors["fc2_experts_bias"].astype(np.float16))),
+    _c("fc1_zero_points with a block count that does not match the scales", ["fc1_zero_points"],
+       tensor_change(fc1_zero_points=lambda L: np.zeros((4, 48, 3), np.uint8))),
+    _c("row-wise model given block-wise fc2_zero_points", ["fc2_zero_points"],
+       tensor_change(ROW, fc2_zero_points=lambda L: np.zeros((4, 32, 2), np.uint8))),
+    _c("fc3 given with swiglu_fusion = 1", ["fc3"], fc3_with_fusion1),
+    _c("swiglu_fusion = 0 without fc3", ["fc3"], swiglu_fusion0_without_fc3),
+    # attributes
+    _c("k = 5 > E = 4", ["k"], attr_change(k=5)),
+    _c("k = 0", ["k"], attr_change(k=0)),
+    _c("expert_weight_bits = 3", ["expert_weight_bits"], attr_change(expert_weight_bits=3)),
+    _c("block_size = 24 (not a power of two)", ["block_size", "24"], attr_change(block_size=24)),
+    _c("block_size = 8 (below 16)", ["block_size", "8"], attr_change(block_size=8)),
+    _c("activation_type = 'tanh'", ["activation_type", "tanh"], attr_change(activation_type="tanh")),
+    _c("swiglu_fusion = 1 with activation relu", ["swiglu_fusion"], attr_change(ROW, swiglu_fusion=1)),
+    _c("swiglu_fusion = 3", ["swiglu_fusion"], attr_change(SWIGLU, swiglu_fusion=3)),
+    _c("quant_type = 'fp4'", ["quant_type"], attr_change(quant_type="fp4")),
+    _c("use_sparse_mixer = 1 with k = 1", [("k", "sparse")], attr_change(use_sparse_mixer=1, k=1)),
+    _c("swiglu_limit = -1", ["swiglu_limit"], attr_change(SWIGLU, swiglu_limit=-1.0)),
+    _c("no weights_prepacked and H == I (layout ambiguous)", [("layout", "weights_prepacked")], ambiguous_layout),
+    # the .npy inputs
+    _c("input .npy does not exist", ["x.npy"], missing_input_file),
+    _c("input with last dimension H+1", ["input", "33"], npy_change("x", lambda L: np.zeros((6, 33), np.float32))),
+    _c("input of rank 1", ["input"], npy_change("x", lambda L: np.zeros((32,), np.float32))),
+    _c("input of rank 4", ["input"], npy_change("x", lambda L: np.zeros((1, 2, 3, 32), np.float32))),
+    _c("router_probs with E+1 columns", ["router_probs"], npy_change("r", lambda L: np.zeros((6, 5), np.float32))),
+    _c("router_probs with fewer rows than input", ["router_probs"],
+       npy_change("r", lambda L: np.zeros((5, 4), np.float32))),
+    _c("input float16 into a float32 model", ["float16", "float32"], npy_change("x", lambda L: L.x.astype(np.float16))),
+    _c("input bfloat16 (--bf16) into a float32 model", ["bfloat16", "float32"], bf16_into_fp32, ["--bf16"]),
+    _c("input float64", ["x.npy"], npy_change("x", lambda L: L.x.astype(np.float64))),
+    _c("input int32", ["x.npy"], npy_change("x", lambda L: L.x.astype(np.int32))),
+    _c("input .npy truncated (half the data)", ["x.npy"], npy_bytes("x", lambda b: b[: len(b) - 6 * 32 * 2])),
+    _c("input .npy cut inside the header", ["x.npy"], npy_bytes("x", lambda b: b[:40])),
+    _c("input file is not .npy (bad magic)", ["x.npy"], npy_bytes("x", lambda b: b"PK\x03\x04" + b[4:])),
+    _c("input .npy in Fortran order", ["x.npy"], fortran_order),
+    _c("router_weights with E-1 columns", ["router_weights"], router_weights(lambda L: np.ones((6, 3), np.float32))),
+    _c("router_weights float16 in a float32 model", [("router_weights", "w.npy"), "float16"],
+       router_weights(lambda L: np.ones((6, 4), np.float16))),
+    # the output
+    _c("output into a directory that does not exist", ["missing", "y.npy"],
+       output_to(lambda tmp: tmp / "missing" / "y.npy")),
+    _c("output path is a directory", ["--output"], output_to(lambda tmp: tmp / "out")),
+    _c("output where no file can be created (/proc)", ["qmoe_test_y.npy"],
+       output_to(lambda tmp: Path("/proc/qmoe_test_y.npy"))),
+]
+
+RESULTS: dict[str, str] = {}
+
+
+def _run_case(case: Case, tmp: Path):
+    f = case.setup(tmp)
+    # Only a directory of our own is listed (/proc's entries change by themselves).
+    out_dir = f.out.parent if f.out.parent.is_dir() and tmp in f.out.parents else None
+    before = set(os.listdir(out_dir)) if out_dir else set()
+    p = ob.run_qmoe_cli([*f.args(), *case.extra])
+    return f, p, out_dir, before
+
+
+def test_baseline_runs(tmp_path):
+    """The unbroken files must work, or every case below would pass for the wrong reason."""
+    for cfg in (BASE, ROW, SWIGLU):
+        sub = tmp_path / cfg.name
+        sub.mkdir()
+        f = Files(sub, cfg)
+        p = ob.run_qmoe_cli(f.args())
+        assert p.returncode == 0, f"baseline {cfg.name} failed: {p.stderr}"
+        assert f.out.exists()
+
+
+def test_enough_cases():
+    assert len(CASES) >= 25
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path):
+    f, p, out_dir, before = _run_case(case, tmp_path)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    msg = lines[0] if lines else ""
+    # The table shows messages without this run's temporary paths and file-name suffixes.
+    RESULTS[case.name] = re.sub(r"\.tmp\.[0-9.]+", ".tmp.<unique>", msg.replace(str(tmp_path), "<dir>"))
+    assert p.returncode >= 0, f"{case.name}: killed by signal {-p.returncode}; stderr: {p.stderr!r}"
+    assert p.returncode == 1, f"{case.name}: exit code {p.returncode}, expected 1; stderr: {p.stderr!r}"
+    assert len(lines) == 1, f"{case.name}: expected one line on stderr, got {lines!r}"
+    assert msg.startswith("qmoe: error: "), f"{case.name}: message {msg!r}"
+    assert "internal error" not in msg, f"{case.name}: reported as an internal error: {msg!r}"
+    for want in case.expect:
+        options = want if isinstance(want, tuple) else (want,)
+        assert any(o.lower() in msg.lower() for o in options), f"{case.name}: message {msg!r} names none of {options}"
+    assert not f.out.exists() or f.out.is_dir(), f"{case.name}: output {f.out} was written"
+    if out_dir is not None:
+        left = set(os.listdir(out_dir)) - before
+        assert not left, f"{case.name}: files left behind in {out_dir}: {sorted(left)}"
+
+
+USAGE = [
+    ("--output missing", lambda f: [a for a in f.args()[:-2]]),
+    ("unknown option --frobnicate", lambda f: [*f.args(), "--frobnicate"]),
+    ("--backend bogus", lambda f: [*f.args(), "--backend", "bogus"]),
+    ("--threads -1", lambda f: [*f.args(), "--threads", "-1"]),
+    ("--weights-layout sideways", lambda f: [*f.args(), "--weights-layout", "sideways"]),
+    ("no subcommand", lambda f: []),
+]
+
+
+@pytest.mark.parametrize("name,make", USAGE, ids=[u[0] for u in USAGE])
+def test_usage_error(name, make, tmp_path):
+    f = Files(tmp_path)
+    p = ob.run_qmoe_cli(make(f))
+    RESULTS["usage: " + name] = (p.stderr.strip().splitlines() or [""])[0]
+    assert p.returncode == 2, f"{name}: exit code {p.returncode}, expected 2 (usage); stderr {p.stderr!r}"
+    assert p.stderr.strip(), f"{name}: no message"
+    assert not f.out.exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def errors_table():
+    yield
+    if os.environ.get("QMOE_WRITE_ERRORS") != "1" or not RESULTS:
+        return
+    rows = [[c.name, "1", f"`{RESULTS[c.name]}`"] for c in CASES if c.name in RESULTS]
+    rows += [[n, "2", f"`{m}`"] for n, m in RESULTS.items() if n.startswith("usage: ")]
+    header = (
+        "# Errors of `qmoe run` on malformed input\n\n"
+        "Generated by `QMOE_WRITE_ERRORS=1 pytest tests/python/test_cli_errors.py` (do not edit by hand).\n"
+        "Each row breaks one thing in an otherwise valid model or input; the suite checks the exit code, that\n"
+        "stderr is this one line, that it names the broken thing, and that no output file is left behind.\n"
+        "Exit code 1 = bad input, 2 = usage error (CLI11's message, first line shown).\n"
+    )
+    ob.write_table(ob.REPO / "docs" / "ERRORS.md", header, ["malformed input", "exit", "message"], rows)
