@@ -175,6 +175,8 @@ class Cfg:
     sparse_mixer: int = 0
     prepacked_attr: Optional[int] = 0  # weights_prepacked; None = attribute absent
     raw_data: bool = True  # initializers in raw_data (False: typed repeated fields)
+    cuda_layout: bool = False  # fc1/fc2 stored in ORT's CUDA prepacked layout (§7)
+    layout_arg: Optional[str] = None  # qmoe run --weights-layout
     seed: int = 0
 
     @property
@@ -439,13 +441,18 @@ def node_attributes(cfg: Cfg) -> dict:
 
 
 def build_model(L: Layer, attrs: Optional[dict] = None, tensors: Optional[dict] = None,
-                tensor_types: Optional[dict] = None, extra_nodes=()):
+                tensor_types: Optional[dict] = None, extra_nodes=(), cuda_layout: Optional[bool] = None):
     """One-node com.microsoft::QMoE model. `attrs`/`tensors` override the layer's (a value of None
     in `tensors` drops that initializer but keeps the input slot named, so the node points at a
-    missing tensor); `tensor_types` overrides the ONNX dtype of an initializer."""
+    missing tensor); `tensor_types` overrides the ONNX dtype of an initializer. fc1/fc2 are written
+    in ORT's CUDA layout when `cuda_layout` (default: the config's) is set."""
     from onnx import helper
     cfg = L.cfg
-    tensors = {**L.tensors, **(tensors or {})}
+    base = dict(L.tensors)
+    if cfg.cuda_layout if cuda_layout is None else cuda_layout:
+        for name in ("fc1_experts_weights", "fc2_experts_weights"):
+            base[name] = to_ort_cuda_layout(base[name], cfg.bits)
+    tensors = {**base, **(tensors or {})}
     tensor_types = tensor_types or {}
     attrs = node_attributes(cfg) if attrs is None else attrs
     graph_inputs = [helper.make_tensor_value_info("input", onnx_elem_type(cfg.dtype), list(L.x.shape)),
@@ -520,6 +527,8 @@ def run_qmoe(model_path: Path, L: Layer, workdir: Path, extra=()) -> np.ndarray:
         args += ["--router-weights", workdir / "w.npy"]
     if L.cfg.dtype == "bfloat16":
         args.append("--bf16")
+    if L.cfg.layout_arg:
+        args += ["--weights-layout", L.cfg.layout_arg]
     p = run_qmoe_cli(args)
     if p.returncode != 0:
         raise AssertionError(f"qmoe run failed ({p.returncode}) for {L.cfg.name}: {p.stderr.strip()}")
@@ -552,3 +561,45 @@ def write_table(path: Path, header: str, columns, rows) -> None:
 
 def tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="qmoe_test_"))
+
+
+# ---------------------------------------------------------------------------------------------
+# ORT's CUDA prepacked layout (contract §7), forward direction only: raw codes -> the bytes a file
+# made for ORT's CUDA EP holds. Written from the contract's five steps, independently of qmoe's
+# importer, so a CLI run on such a file checks that importer end to end.
+
+_P8 = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+_P4 = [0, 1, 8, 9, 16, 17, 24, 25, 2, 3, 10, 11, 18, 19, 26, 27, 4, 5, 12, 13, 20, 21, 28, 29, 6, 7, 14, 15, 22, 23,
+       30, 31]
+
+
+def ort_cuda_pack_expert(codes: np.ndarray, bits: int) -> np.ndarray:
+    """One expert's unsigned codes [N, K] -> ORT CUDA layout bytes [K, N/pack] (4- or 8-bit)."""
+    N, K = codes.shape
+    R, CI, perm, ew = (32, 4, _P4, 8) if bits == 4 else (16, 2, _P8, 4)
+    VT = 64 // ew
+    assert K % R == 0 and K % (ew * VT) == 0 and N % CI == 0, f"shape [{N}, {K}] not in whole tiles"
+    # 1. transpose to [K][N]. Codes stay unsigned here: subtracting 2^(b-1) in step 1 and adding it
+    #    back in step 5 cancel, and steps 2-4 only move elements.
+    t = codes.T.copy()
+    # 2. row permutation inside each group of R k-rows
+    t = t.reshape(K // R, R, N)[:, perm, :].reshape(K, N)
+    # 3. column-major: element (k, n) at linear position n*K + k
+    lin = t.T.reshape(-1)
+    # 4. column interleave on 32-bit words (ew elements each): word (n, v) -> new index
+    words = lin.reshape(N, K // ew, ew)
+    out = np.zeros((N * K // ew, ew), dtype=np.uint8)
+    n = np.arange(N)[:, None]
+    v = np.arange(K // ew)[None, :]
+    dst = (n // CI) * (CI * K // ew) + CI * (v - v % VT) + VT * (n % CI) + (v % VT)
+    out[dst.reshape(-1)] = words.reshape(-1, ew)
+    # 5. reorder inside each word, then pack slots low bits first
+    slot_src = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
+    out = out[:, slot_src]
+    return pack_codes(out.reshape(-1), bits).reshape(K, N * bits // 8)
+
+
+def to_ort_cuda_layout(packed_raw: np.ndarray, bits: int) -> np.ndarray:
+    """Raw weights [E, N, K/pack] -> ORT CUDA layout [E, K, N/pack]."""
+    codes = unpack_codes(packed_raw, bits)
+    return np.stack([ort_cuda_pack_expert(codes[e], bits) for e in range(codes.shape[0])])

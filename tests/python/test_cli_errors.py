@@ -58,6 +58,8 @@ class Files:
 
     def args(self):
         a = ["run", self.model, "--input", self.x, "--router-probs", self.r, "--output", self.out]
+        if self.L.cfg.layout_arg:
+            a += ["--weights-layout", self.L.cfg.layout_arg]
         if self.w is not None:
             a += ["--router-weights", self.w]
         return a
@@ -266,7 +268,21 @@ def bf16_into_fp32(tmp):
     return f
 
 
-shape = lambda arr, *s: np.zeros(s, dtype=arr.dtype)  # noqa: E731
+def cuda_file_read_as_raw(tmp):
+    cfg = Cfg("cuda", E=4, k=2, H=64, I=128, act="relu", cuda_layout=True, prepacked_attr=1, tokens=6,
+              layout_arg="raw")
+    return Files(tmp, cfg)
+
+
+def cuda_layout_partial_tile(tmp):
+    # Declared in ORT's CUDA layout [E, K, N/pack], but K = H = 32 is not a whole tile (64 for 4-bit).
+    cfg = Cfg("tile", E=4, k=2, H=32, I=96, act="relu", prepacked_attr=1, tokens=6)
+    f = Files(tmp, cfg)
+    f.write_model(tensors={"fc1_experts_weights": np.zeros((4, 32, 48), np.uint8),
+                           "fc2_experts_weights": np.zeros((4, 96, 16), np.uint8)})
+    return f
+
+
 
 CASES = [
     # the model file
@@ -315,6 +331,8 @@ CASES = [
     _c("use_sparse_mixer = 1 with k = 1", [("k", "sparse")], attr_change(use_sparse_mixer=1, k=1)),
     _c("swiglu_limit = -1", ["swiglu_limit"], attr_change(SWIGLU, swiglu_limit=-1.0)),
     _c("no weights_prepacked and H == I (layout ambiguous)", [("layout", "weights_prepacked")], ambiguous_layout),
+    _c("ORT CUDA layout file run with --weights-layout raw", ["fc1_experts_weights"], cuda_file_read_as_raw),
+    _c("ORT CUDA layout with K = 32, not a whole tile", [("fc1_experts_weights", "tile")], cuda_layout_partial_tile),
     # the .npy inputs
     _c("input .npy does not exist", ["x.npy"], missing_input_file),
     _c("input with last dimension H+1", ["input", "33"], npy_change("x", lambda L: np.zeros((6, 33), np.float32))),
@@ -389,6 +407,27 @@ def test_bad_input(case: Case, tmp_path: Path):
     if out_dir is not None:
         left = set(os.listdir(out_dir)) - before
         assert not left, f"{case.name}: files left behind in {out_dir}: {sorted(left)}"
+
+
+def test_failed_run_keeps_existing_output(tmp_path):
+    """A failing run must not touch an output file that already exists (atomic write: all or nothing)."""
+    f = Files(tmp_path)
+    f.out.write_bytes(b"previous contents")
+    np.save(f.r, np.zeros((6, 5), np.float32))  # router_probs with E+1 columns
+    p = ob.run_qmoe_cli(f.args())
+    assert p.returncode == 1, p.stderr
+    assert f.out.read_bytes() == b"previous contents"
+    assert sorted(os.listdir(f.out.parent)) == ["y.npy"]
+
+
+def test_successful_run_replaces_output(tmp_path):
+    f = Files(tmp_path)
+    f.out.write_bytes(b"previous contents")
+    p = ob.run_qmoe_cli(f.args())
+    assert p.returncode == 0, p.stderr
+    y = np.load(f.out)
+    assert y.shape == f.L.x.shape and y.dtype == f.L.x.dtype
+    assert sorted(os.listdir(f.out.parent)) == ["y.npy"]
 
 
 USAGE = [
