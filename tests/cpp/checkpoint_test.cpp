@@ -15,6 +15,8 @@
 
 #include "qmoe/checkpoint.h"
 #include "qmoe/error.h"
+#include "qmoe/onnx_export.h"
+#include "qmoe/onnx_model.h"
 #include "qmoe/quantize.h"
 #include "qmoe/safetensors.h"
 
@@ -590,4 +592,80 @@ TEST(Checkpoint, RawFileRejectsInconsistentFiles) {
   m2.erase("k");
   expect_error([&] { read_raw_safetensors(rewrite(m2, "", nullptr)); }, "__metadata__ has no 'k'");
   EXPECT_NO_THROW(read_raw_safetensors(rewrite(meta, "", nullptr)));
+}
+
+// ---- ONNX export: load_onnx (src/io) must give back the same spec and bytes ----
+
+namespace {
+
+void expect_same_layer(const MoeSpec& a, const RawExperts& ra, const MoeSpec& b, const RawExperts& rb) {
+  EXPECT_EQ(a.to_string(), b.to_string());
+  auto same = [](const Tensor& x, const Tensor& y, const char* what) {
+    ASSERT_EQ(x.dtype(), y.dtype()) << what;
+    ASSERT_EQ(shape_numel(x.shape()), shape_numel(y.shape())) << what;  // [E, N, 1] vs [E, N] is the same
+    EXPECT_EQ(std::memcmp(x.data(), y.data(), x.nbytes()), 0) << what;
+  };
+  same(ra.fc1.weights, rb.fc1.weights, "fc1 weights");
+  same(ra.fc1.scales, rb.fc1.scales, "fc1 scales");
+  same(ra.fc2.weights, rb.fc2.weights, "fc2 weights");
+  same(ra.fc2.scales, rb.fc2.scales, "fc2 scales");
+  ASSERT_EQ(ra.fc1.bias.has_value(), rb.fc1.bias.has_value());
+  if (ra.fc1.bias) same(*ra.fc1.bias, *rb.fc1.bias, "fc1 bias");
+  ASSERT_EQ(ra.fc2.zero_points.has_value(), rb.fc2.zero_points.has_value());
+  if (ra.fc2.zero_points) same(*ra.fc2.zero_points, *rb.fc2.zero_points, "fc2 zero points");
+  ASSERT_EQ(ra.fc3.has_value(), rb.fc3.has_value());
+  if (ra.fc3) same(ra.fc3->weights, rb.fc3->weights, "fc3 weights");
+}
+
+}  // namespace
+
+TEST(OnnxExport, RoundTripsThroughTheLoader) {
+  TempDir dir;
+  Builder b;
+  const std::string p = "model.layers.0.mlp.";
+  b.add(p + "router.weight", DType::bf16, {E, H});
+  b.add(p + "experts.gate_up_proj", DType::bf16, {E, H, 2 * I});
+  b.add(p + "experts.gate_up_proj_bias", DType::bf16, {E, 2 * I});
+  b.add(p + "experts.down_proj", DType::bf16, {E, I, H});
+  b.add(p + "experts.down_proj_bias", DType::bf16, {E, H});
+  b.write(dir / "model.safetensors");
+  const CheckpointLayer L = open_checkpoint_layer(dir.str(), 0);
+  for (SwigluFusion fusion : {SwigluFusion::interleaved, SwigluFusion::separate})
+    for (bool external : {false, true}) {
+      SCOPED_TRACE("fusion " + std::to_string(int(fusion)) + " external " + std::to_string(external));
+      CheckpointQuantizeOptions opt;
+      opt.fusion = fusion;
+      opt.quant.bits = 4;
+      opt.quant.block_size = 16;
+      opt.quant.symmetric = fusion == SwigluFusion::interleaved;
+      opt.act_dtype = DType::f16;
+      opt.quant.scale_dtype = DType::f16;
+      const RawLayer r = quantize_checkpoint_layer(L, opt);
+      OnnxExportOptions eo;
+      eo.metadata = r.metadata;
+      if (external) eo.external_data_threshold = 0;
+      eo.router_weights_name = external ? "router_weights" : "";
+      const std::string path = dir / "layer.onnx";
+      export_onnx(path, r.spec, r.raw, eo);
+      EXPECT_EQ(fs::exists(dir / "layer.onnx.data"), external);
+      const OnnxLayer back = load_onnx(path);
+      expect_same_layer(r.spec, r.raw, back.spec, back.raw);
+      EXPECT_EQ(back.input_name, "input");
+      EXPECT_EQ(back.router_probs_name, "router_probs");
+      EXPECT_EQ(back.router_weights_name, external ? "router_weights" : "");
+      EXPECT_EQ(back.output_name, "output");
+      fs::remove(dir / "layer.onnx.data");
+    }
+}
+
+TEST(OnnxExport, RefusesInvalidInputAndLeavesNothing) {
+  TempDir dir;
+  MoeSpec s;
+  s.num_experts = 2;
+  s.hidden = 16;
+  s.inter = 16;
+  RawExperts raw;  // empty: validate_raw must refuse it
+  expect_error([&] { export_onnx(dir / "x.onnx", s, raw); }, "fc1_experts_weights: missing");
+  EXPECT_FALSE(fs::exists(dir / "x.onnx"));
+  EXPECT_TRUE(fs::is_empty(dir.str()));
 }
