@@ -1,0 +1,594 @@
+// The CUDA backend: owns device buffers, packs raw experts into the cuda-sm80 layout on the GPU,
+// picks a launch configuration per run (problem -> config), and launches (cuda_kernels.h).
+//
+// run() with host tensors = copy inputs in, the capturable core (no allocation, no sync), copy the
+// output out. The core is also reachable with device pointers through cuda_run_device().
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+
+#include "cuda_kernels.h"
+#include "qmoe/cuda_backend.h"
+#include "qmoe/error.h"
+#include "qmoe/reference.h"
+#include "qmoe/routing.h"
+
+namespace qmoe {
+
+namespace {
+
+using cuda::Elt;
+using cuda::MatrixGeom;
+using cuda::RowMap;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(e));
+}
+#define QMOE_CU(call) check((call), #call)
+
+Elt to_elt(DType t) {
+  switch (t) {
+    case DType::f32: return Elt::f32;
+    case DType::f16: return Elt::f16;
+    case DType::bf16: return Elt::bf16;
+    default: throw Error("cuda backend: uint8 is not a float type");
+  }
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// An owned device allocation.
+class DevBuf {
+ public:
+  DevBuf() = default;
+  explicit DevBuf(size_t bytes) : bytes_(bytes) {
+    if (bytes) QMOE_CU(cudaMalloc(&ptr_, bytes));
+  }
+  ~DevBuf() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  DevBuf(DevBuf&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr, o.bytes_ = 0; }
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) {
+      if (ptr_) cudaFree(ptr_);
+      ptr_ = o.ptr_, bytes_ = o.bytes_;
+      o.ptr_ = nullptr, o.bytes_ = 0;
+    }
+    return *this;
+  }
+  void* get() const { return ptr_; }
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+const char* kLayoutName4 = "cuda-sm80-w4";  // 4-bit codes (and 2-bit codes stored as 4-bit)
+const char* kLayoutName8 = "cuda-sm80-w8";
+
+LayoutTag tag_for(const MoeSpec& s) {
+  return LayoutTag{s.bits == 8 ? kLayoutName8 : kLayoutName4, 1, "cuda-sm80"};
+}
+
+// Layout geometry of a spec: fc1 (with fc3 merged as SwiGLU's linear rows) and fc2.
+struct LayerGeom {
+  int64_t H64 = 0, I64 = 0;  // x / a row lengths (multiples of 64, covering every span)
+  MatrixGeom fc1, fc2;
+};
+
+LayerGeom layer_geom(const MoeSpec& s) {
+  LayerGeom g;
+  g.H64 = round_up(s.hidden, 64);
+  g.I64 = round_up(s.inter, 64);
+  if (s.is_swiglu())
+    g.fc1 = cuda::make_geom(s.inter, s.hidden, g.I64, s.bits, s.block_size, RowMap::swiglu);
+  else
+    g.fc1 = cuda::make_geom(s.inter, s.hidden, g.I64, s.bits, s.block_size, RowMap::plain);
+  g.fc2 = cuda::make_geom(s.hidden, s.inter, round_up(s.hidden, 16), s.bits, s.block_size, RowMap::plain);
+  return g;
+}
+
+struct PackedMatrixBufs {
+  DevBuf w, s, z;
+};
+
+class CudaPacked final : public PackedExperts {
+ public:
+  CudaPacked(const MoeSpec& spec, int device) : PackedExperts(tag_for(spec), spec), device(device), geom(layer_geom(spec)) {}
+
+  int device;
+  LayerGeom geom;
+  PackedMatrixBufs fc1, fc2;
+  DevBuf bias_g, bias_l, bias2;  // fp32: [E][I64] gate/plain, [E][I64] linear, [E][H]
+
+  size_t resident_bytes() const override {
+    size_t n = 0;
+    for (const DevBuf* b : all()) n += b->bytes();
+    return n;
+  }
+
+  std::vector<const DevBuf*> all() const {
+    return {&fc1.w, &fc1.s, &fc1.z, &fc2.w, &fc2.s, &fc2.z, &bias_g, &bias_l, &bias2};
+  }
+  static std::vector<std::string> names() {
+    return {"fc1.weights", "fc1.scales", "fc1.zero_points", "fc2.weights", "fc2.scales",
+            "fc2.zero_points", "fc1.bias_gate", "fc1.bias_linear", "fc2.bias"};
+  }
+
+  std::vector<NamedTensor> to_blobs() const override {
+    QMOE_CU(cudaSetDevice(device));
+    std::vector<NamedTensor> out;
+    const auto bufs = all();
+    const auto nm = names();
+    for (size_t i = 0; i < bufs.size(); ++i) {
+      if (!bufs[i]->bytes()) continue;
+      Tensor t(DType::u8, {int64_t(bufs[i]->bytes())});
+      QMOE_CU(cudaMemcpy(t.data(), bufs[i]->get(), bufs[i]->bytes(), cudaMemcpyDeviceToHost));
+      out.push_back({nm[i], std::move(t)});
+    }
+    return out;
+  }
+};
+
+// Sizes the packed buffers must have for a spec (used by prepack and from_blobs alike).
+std::vector<size_t> expected_sizes(const MoeSpec& s) {
+  const LayerGeom g = layer_geom(s);
+  const int64_t E = s.num_experts;
+  const size_t se = dtype_size(s.scale_dtype);
+  auto wb = [&](const MatrixGeom& m) { return size_t(E * m.weight_bytes_per_expert()); };
+  auto sb = [&](const MatrixGeom& m) { return size_t(E * m.scale_count_per_expert()) * se; };
+  auto zb = [&](const MatrixGeom& m, bool has) { return has ? size_t(E * m.scale_count_per_expert()) : 0; };
+  const bool z1 = s.fc1_zero_points || (s.has_fc3() && s.fc3_zero_points);
+  const bool bg = s.fc1_bias, bl = s.is_swiglu() && (s.has_fc3() ? s.fc3_bias : s.fc1_bias);
+  return {wb(g.fc1),
+          sb(g.fc1),
+          zb(g.fc1, z1),
+          wb(g.fc2),
+          sb(g.fc2),
+          zb(g.fc2, s.fc2_zero_points),
+          bg ? size_t(E * g.I64) * 4 : 0,
+          bl ? size_t(E * g.I64) * 4 : 0,
+          s.fc2_bias ? size_t(E * s.hidden) * 4 : 0};
+}
+
+// Per-run configuration (printable): problem -> config.
+struct RunConfig {
+  int nt = 1, chunk = 8, max_items = 0, splits = 1;
+  int64_t spans_per_split = 0;
+  std::string str() const {
+    std::ostringstream os;
+    os << "nt=" << nt << " max_items=" << max_items << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
+    return os.str();
+  }
+};
+
+// Workspace layout for up to `rows` tokens.
+struct Workspace {
+  int64_t rows = 0;
+  DevBuf counts, route_e, route_w, sorted, items, n_items, xbuf, abuf, ybuf, in, logits, rw, out;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& opt) : opt_(opt) {
+    if (cuda_device_count() <= opt.device)
+      throw Error("cuda backend: device " + std::to_string(opt.device) + " is not visible (" +
+                  std::to_string(cuda_device_count()) + " CUDA devices)");
+    QMOE_CU(cudaSetDevice(opt.device));
+    cudaDeviceProp p{};
+    QMOE_CU(cudaGetDeviceProperties(&p, opt.device));
+    if (p.major < 8)
+      throw Error("cuda backend: compute capability " + std::to_string(p.major) + "." + std::to_string(p.minor) +
+                  " is not supported (the mma.sync kernels need sm_80 or newer)");
+    sms_ = p.multiProcessorCount;
+    QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  ~CudaBackend() override {
+    ws_ = Workspace{};
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  LayoutTag layout_for(const MoeSpec& spec) const override { return tag_for(spec); }
+
+  std::unique_ptr<PackedExperts> prepack(const MoeSpec& spec, RawExperts raw) override;
+  std::unique_ptr<PackedExperts> from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) override;
+  void run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) override;
+
+  size_t reserve(const CudaPacked& p, int64_t rows);
+  void run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out, int64_t rows,
+                cudaStream_t st);
+  RunConfig config_for(const CudaPacked& p, int64_t rows) const;
+
+  const CudaPacked& check_packed(const PackedExperts& packed) const {
+    require_layout(packed, tag_for(packed.spec()), "cuda backend");
+    const auto* p = dynamic_cast<const CudaPacked*>(&packed);
+    if (!p) throw Error("cuda backend: packed weights carry the cuda tag but were not made by the cuda backend");
+    if (p->device != opt_.device)
+      throw Error("cuda backend: weights live on device " + std::to_string(p->device) + ", backend runs on " +
+                  std::to_string(opt_.device));
+    return *p;
+  }
+
+ private:
+  CudaBackendOptions opt_;
+  int sms_ = 0;
+  cudaStream_t stream_ = nullptr;
+  Workspace ws_;
+  std::mutex mu_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// prepack
+// ---------------------------------------------------------------------------------------------
+
+void upload_bias(const MoeSpec& s, const std::optional<Tensor>& b, int64_t rows_per_expert_raw, int64_t first_row,
+                 int64_t stride_rows, int64_t count, int64_t ld, std::vector<float>& host) {
+  // host[e * ld + i] = bias[e][first_row + stride_rows * i] for i < count
+  for (int64_t e = 0; e < s.num_experts; ++e)
+    for (int64_t i = 0; i < count; ++i)
+      host[size_t(e * ld + i)] =
+          load_as_float(s.act_dtype, b->data(), e * rows_per_expert_raw + first_row + stride_rows * i);
+}
+
+std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExperts raw) {
+  spec.validate();
+  validate_raw(spec, raw);
+  if (spec.num_experts > 4096)
+    throw Error("cuda backend: num_experts " + std::to_string(spec.num_experts) + " > 4096 is not supported");
+  std::lock_guard<std::mutex> lock(mu_);
+  QMOE_CU(cudaSetDevice(opt_.device));
+  auto p = std::make_unique<CudaPacked>(spec, opt_.device);
+  const LayerGeom& g = p->geom;
+  if ((g.fc1.MT + 3) / 4 > 65535 || (g.fc2.MT + 3) / 4 > 65535)
+    throw Error("cuda backend: inter/hidden size too large for the launch grid");
+  const auto sizes = expected_sizes(spec);
+  DevBuf* dst[] = {&p->fc1.w, &p->fc1.s, &p->fc1.z, &p->fc2.w, &p->fc2.s, &p->fc2.z, &p->bias_g, &p->bias_l, &p->bias2};
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    *dst[i] = DevBuf(sizes[i]);
+    if (sizes[i]) QMOE_CU(cudaMemset(dst[i]->get(), 0, sizes[i]));
+  }
+
+  // One staging buffer, sized for one expert of the largest matrix (weights + scales + zero points).
+  const int pack = spec.pack();
+  struct Src {
+    const RawMatrix* m;
+    Fc fc;
+  };
+  std::vector<Src> srcs = {{&raw.fc1, Fc::fc1}, {&raw.fc2, Fc::fc2}};
+  if (spec.has_fc3()) srcs.push_back({&*raw.fc3, Fc::fc3});
+  size_t stage_bytes = 0;
+  for (const Src& s : srcs) {
+    const int64_t N = fc_rows(spec, s.fc), K = fc_cols(spec, s.fc), nb = spec.blocks(K);
+    const size_t wb = size_t(N * (K / pack)), sb = size_t(N * nb) * dtype_size(spec.scale_dtype);
+    const size_t zb = s.m->zero_points ? size_t(s.m->zero_points->nbytes() / spec.num_experts) : 0;
+    stage_bytes = std::max(stage_bytes, round_up(int64_t(wb), 256) + round_up(int64_t(sb), 256) + zb);
+  }
+  DevBuf stage(stage_bytes);
+  for (const Src& s : srcs) {
+    const int64_t N = fc_rows(spec, s.fc), K = fc_cols(spec, s.fc), nb = spec.blocks(K);
+    const size_t wb = size_t(N * (K / pack)), sb = size_t(N * nb) * dtype_size(spec.scale_dtype);
+    const size_t zb = s.m->zero_points ? size_t(s.m->zero_points->nbytes() / spec.num_experts) : 0;
+    const bool is2 = s.fc == Fc::fc2;
+    const MatrixGeom& mg = is2 ? g.fc2 : g.fc1;
+    PackedMatrixBufs& out = is2 ? p->fc2 : p->fc1;
+    cuda::PackArgs a;
+    a.geom = mg;
+    a.bits = spec.bits;
+    a.raw_rows = N;
+    a.raw_k = K;
+    a.nb = nb;
+    a.bs = spec.block_size;
+    a.scale_elt = to_elt(spec.scale_dtype);
+    a.zdefault = spec.default_zero_point();
+    if (!is2 && spec.is_swiglu()) {
+      a.swiglu_fusion = int(spec.swiglu_fusion);
+      a.swiglu_src = spec.has_fc3() ? (s.fc == Fc::fc1 ? 0 : 1) : 2;
+    }
+    uint8_t* sw = stage.as<uint8_t>();
+    uint8_t* ss = sw + round_up(int64_t(wb), 256);
+    uint8_t* sz = ss + round_up(int64_t(sb), 256);
+    for (int64_t e = 0; e < spec.num_experts; ++e) {
+      // Synchronous copies from pageable memory: each waits for the previous pack to finish with the
+      // staging buffer (same legacy stream), so one buffer suffices.
+      QMOE_CU(cudaMemcpy(sw, s.m->weights.data_as<uint8_t>() + e * wb, wb, cudaMemcpyHostToDevice));
+      QMOE_CU(cudaMemcpy(ss, static_cast<const uint8_t*>(s.m->scales.data()) + e * sb, sb, cudaMemcpyHostToDevice));
+      if (zb) QMOE_CU(cudaMemcpy(sz, s.m->zero_points->data_as<uint8_t>() + e * zb, zb, cudaMemcpyHostToDevice));
+      a.raw_w = sw;
+      a.raw_s = ss;
+      a.raw_z = zb ? sz : nullptr;
+      a.dst_w = out.w.as<uint8_t>() + e * mg.weight_bytes_per_expert();
+      a.dst_s = out.s.as<uint8_t>() + size_t(e * mg.scale_count_per_expert()) * dtype_size(spec.scale_dtype);
+      a.dst_z = out.z.bytes() ? out.z.as<uint8_t>() + e * mg.scale_count_per_expert() : nullptr;
+      cuda::launch_pack(a, nullptr);
+      QMOE_CU(cudaGetLastError());
+    }
+  }
+  // Biases (tiny): converted to fp32 on the host.
+  const int64_t E = spec.num_experts, I = spec.inter, H = spec.hidden;
+  if (p->bias_g.bytes()) {
+    std::vector<float> h(size_t(E * g.I64), 0.f);
+    const int64_t N1 = spec.fc1_rows();
+    if (!spec.is_swiglu()) upload_bias(spec, raw.fc1.bias, N1, 0, 1, I, g.I64, h);
+    else if (spec.swiglu_fusion == SwigluFusion::interleaved) upload_bias(spec, raw.fc1.bias, N1, 0, 2, I, g.I64, h);
+    else upload_bias(spec, raw.fc1.bias, N1, 0, 1, I, g.I64, h);
+    QMOE_CU(cudaMemcpy(p->bias_g.get(), h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  if (p->bias_l.bytes()) {
+    std::vector<float> h(size_t(E * g.I64), 0.f);
+    const int64_t N1 = spec.fc1_rows();
+    if (spec.has_fc3()) upload_bias(spec, raw.fc3->bias, I, 0, 1, I, g.I64, h);
+    else if (spec.swiglu_fusion == SwigluFusion::interleaved) upload_bias(spec, raw.fc1.bias, N1, 1, 2, I, g.I64, h);
+    else upload_bias(spec, raw.fc1.bias, N1, I, 1, I, g.I64, h);
+    QMOE_CU(cudaMemcpy(p->bias_l.get(), h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  if (p->bias2.bytes()) {
+    std::vector<float> h(size_t(E * H));
+    upload_bias(spec, raw.fc2.bias, H, 0, 1, H, H, h);
+    QMOE_CU(cudaMemcpy(p->bias2.get(), h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  QMOE_CU(cudaDeviceSynchronize());
+  return p;
+}
+
+std::unique_ptr<PackedExperts> CudaBackend::from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) {
+  spec.validate();
+  QMOE_CU(cudaSetDevice(opt_.device));
+  auto p = std::make_unique<CudaPacked>(spec, opt_.device);
+  const auto sizes = expected_sizes(spec);
+  const auto names = CudaPacked::names();
+  DevBuf* dst[] = {&p->fc1.w, &p->fc1.s, &p->fc1.z, &p->fc2.w, &p->fc2.s, &p->fc2.z, &p->bias_g, &p->bias_l, &p->bias2};
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const NamedTensor* b = nullptr;
+    for (const auto& nb : blobs)
+      if (nb.name == names[i]) b = &nb;
+    if (!sizes[i]) {
+      if (b) throw Error("packed file: unexpected blob " + names[i] + " for spec " + spec.to_string());
+      continue;
+    }
+    if (!b) throw Error("packed file: blob " + names[i] + " is missing");
+    if (b->tensor.nbytes() != sizes[i])
+      throw Error("packed file: blob " + names[i] + " has " + std::to_string(b->tensor.nbytes()) + " bytes, expected " +
+                  std::to_string(sizes[i]));
+    *dst[i] = DevBuf(sizes[i]);
+    QMOE_CU(cudaMemcpy(dst[i]->get(), b->tensor.data(), sizes[i], cudaMemcpyHostToDevice));
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// run
+// ---------------------------------------------------------------------------------------------
+
+Elt compute_elt(DType act) { return act == DType::f16 ? Elt::f16 : Elt::bf16; }
+
+// x can be read straight from the input when it already is the compute type and rows are span-padded.
+bool input_direct(const MoeSpec& s) {
+  return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
+}
+
+RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
+  const MoeSpec& s = p.spec();
+  RunConfig c;
+  const int64_t slots = rows * s.k;
+  const int64_t touched = std::min<int64_t>(s.num_experts, slots);
+  const int64_t avg = touched ? (slots + touched - 1) / touched : 0;
+  c.nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
+  c.chunk = 8 * c.nt;
+  c.max_items = int(touched + slots / c.chunk);
+  // fc2 split-K: aim for ~24 warps per SM; each split keeps >= 8 spans so the pipeline fills.
+  const int64_t warps = std::max<int64_t>(1, int64_t(std::max(c.max_items, 1)) * p.geom.fc2.MT);
+  const int64_t target = int64_t(sms_) * 24;
+  int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / 8));
+  c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;
+  c.splits = int((p.geom.fc2.S + c.spans_per_split - 1) / c.spans_per_split);
+  return c;
+}
+
+size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
+  if (rows <= ws_.rows) {
+    size_t n = 0;
+    for (DevBuf* b : {&ws_.counts, &ws_.route_e, &ws_.route_w, &ws_.sorted, &ws_.items, &ws_.n_items, &ws_.xbuf,
+                      &ws_.abuf, &ws_.ybuf, &ws_.in, &ws_.logits, &ws_.rw, &ws_.out})
+      n += b->bytes();
+    return n;
+  }
+  const MoeSpec& s = p.spec();
+  QMOE_CU(cudaSetDevice(opt_.device));
+  QMOE_CU(cudaStreamSynchronize(stream_));
+  ws_ = Workspace{};
+  const int64_t R = std::max<int64_t>(rows, 1), slots = R * s.k;
+  // Exact maxima over every row count up to R (config_for is a few arithmetic operations).
+  int64_t max_items = 0, ysize = 0;
+  for (int64_t r = 1; r <= R; ++r) {
+    const RunConfig c = config_for(p, r);
+    max_items = std::max<int64_t>(max_items, c.max_items);
+    ysize = std::max<int64_t>(ysize, int64_t(c.splits) * r * s.k);
+  }
+  const size_t ct = 2, at = dtype_size(s.act_dtype);
+  Workspace w;
+  w.rows = R;
+  w.counts = DevBuf(size_t(s.num_experts) * 4);
+  QMOE_CU(cudaMemset(w.counts.get(), 0, w.counts.bytes()));
+  w.route_e = DevBuf(size_t(slots) * 4);
+  w.route_w = DevBuf(size_t(slots) * 4);
+  w.sorted = DevBuf(size_t(slots) * 4);
+  w.items = DevBuf(size_t(std::max<int64_t>(max_items, 1)) * 16);
+  w.n_items = DevBuf(4);
+  if (!input_direct(s)) w.xbuf = DevBuf(size_t(R * p.geom.H64) * ct);
+  w.abuf = DevBuf(size_t(slots * p.geom.I64) * ct);
+  w.ybuf = DevBuf(size_t(ysize * s.hidden) * 4);
+  w.in = DevBuf(size_t(R * s.hidden) * at);
+  w.logits = DevBuf(size_t(R * s.num_experts) * at);
+  w.rw = DevBuf(size_t(R * s.num_experts) * at);
+  w.out = DevBuf(size_t(R * s.hidden) * at);
+  QMOE_CU(cudaDeviceSynchronize());
+  ws_ = std::move(w);
+  return reserve(p, rows);
+}
+
+void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out,
+                           int64_t rows, cudaStream_t st) {
+  const MoeSpec& s = p.spec();
+  if (rows > ws_.rows)
+    throw Error("cuda backend: workspace holds " + std::to_string(ws_.rows) + " rows, run has " + std::to_string(rows) +
+                " (call cuda_reserve_workspace first)");
+  if (rows == 0) return;
+  const RunConfig c = config_for(p, rows);
+  const Elt ae = to_elt(s.act_dtype), ct = compute_elt(s.act_dtype);
+  const int64_t slots = rows * s.k;
+
+  cuda::RouteArgs ra;
+  ra.logits = logits;
+  ra.router_weights = rw;
+  ra.elt = ae;
+  ra.T = rows;
+  ra.E = int(s.num_experts);
+  ra.k = int(s.k);
+  ra.normalize = s.normalize_routing_weights;
+  ra.sparse_mixer = s.use_sparse_mixer;
+  ra.jitter_eps = kSparseMixerJitterEps;
+  ra.route_e = ws_.route_e.as<int>();
+  ra.route_w = ws_.route_w.as<float>();
+  ra.counts = ws_.counts.as<int>();
+  cuda::launch_route(ra, st);
+
+  cuda::GroupArgs ga;
+  ga.E = int(s.num_experts);
+  ga.slots = slots;
+  ga.chunk = c.chunk;
+  ga.route_e = ra.route_e;
+  ga.counts = ra.counts;
+  ga.items = ws_.items.as<int4>();
+  ga.n_items = ws_.n_items.as<int>();
+  ga.sorted_slot = ws_.sorted.as<int>();
+  cuda::launch_group(ga, st);
+
+  const void* x = in;
+  int64_t x_ld = s.hidden;
+  if (!input_direct(s)) {
+    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, st);
+    x = ws_.xbuf.get();
+    x_ld = p.geom.H64;
+  }
+
+  cuda::FcArgs f1;
+  f1.geom = p.geom.fc1;
+  f1.w = p.fc1.w.as<uint8_t>();
+  f1.s = p.fc1.s.get();
+  f1.scale_elt = to_elt(s.scale_dtype);
+  f1.z = p.fc1.z.bytes() ? p.fc1.z.as<uint8_t>() : nullptr;
+  f1.zdefault = s.default_zero_point();
+  f1.ct = ct;
+  f1.items = ga.items;
+  f1.n_items = ga.n_items;
+  f1.sorted_slot = ga.sorted_slot;
+  f1.max_items = c.max_items;
+  f1.nt = c.nt;
+  f1.k = int(s.k);
+  f1.x = x;
+  f1.x_ld = x_ld;
+  f1.a = ws_.abuf.get();
+  f1.a_ld = p.geom.I64;
+  f1.I = s.inter;
+  f1.bias_g = p.bias_g.bytes() ? p.bias_g.as<float>() : nullptr;
+  f1.bias_l = p.bias_l.bytes() ? p.bias_l.as<float>() : nullptr;
+  f1.act = int(s.activation);
+  f1.limit = s.swiglu_limit;
+  f1.alpha = s.activation_alpha;
+  f1.beta = s.activation_beta;
+  f1.slots = slots;
+  f1.H = s.hidden;
+  f1.splits = 1;
+  f1.spans_per_split = p.geom.fc1.S;
+  cuda::launch_fc1(f1, st);
+
+  cuda::FcArgs f2 = f1;
+  f2.geom = p.geom.fc2;
+  f2.w = p.fc2.w.as<uint8_t>();
+  f2.s = p.fc2.s.get();
+  f2.z = p.fc2.z.bytes() ? p.fc2.z.as<uint8_t>() : nullptr;
+  f2.x = ws_.abuf.get();
+  f2.x_ld = p.geom.I64;
+  f2.y = ws_.ybuf.as<float>();
+  f2.splits = c.splits;
+  f2.spans_per_split = c.spans_per_split;
+  cuda::launch_fc2(f2, st);
+
+  cuda::CombineArgs ca;
+  ca.y = f2.y;
+  ca.splits = c.splits;
+  ca.slots = slots;
+  ca.T = rows;
+  ca.H = s.hidden;
+  ca.k = int(s.k);
+  ca.route_e = ra.route_e;
+  ca.route_w = ra.route_w;
+  ca.bias2 = p.bias2.bytes() ? p.bias2.as<float>() : nullptr;
+  ca.out = out;
+  ca.out_elt = ae;
+  cuda::launch_combine(ca, st);
+  QMOE_CU(cudaGetLastError());
+}
+
+void CudaBackend::run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) {
+  const CudaPacked& p = check_packed(packed);
+  const MoeSpec& s = p.spec();
+  validate_inputs(s, inputs);
+  if (output.dtype() != inputs.input.dtype || output.shape() != inputs.input.shape)
+    throw Error("output: expected " + std::string(dtype_name(inputs.input.dtype)) + " " +
+                shape_str(inputs.input.shape) + ", got " + std::string(dtype_name(output.dtype())) + " " +
+                shape_str(output.shape()));
+  std::lock_guard<std::mutex> lock(mu_);
+  QMOE_CU(cudaSetDevice(opt_.device));
+  const int64_t rows = input_rows(inputs);
+  if (rows == 0) return;
+  reserve(p, rows);
+  const size_t at = dtype_size(s.act_dtype);
+  QMOE_CU(cudaMemcpyAsync(ws_.in.get(), inputs.input.data, size_t(rows * s.hidden) * at, cudaMemcpyHostToDevice, stream_));
+  QMOE_CU(cudaMemcpyAsync(ws_.logits.get(), inputs.router_probs.data, size_t(rows * s.num_experts) * at,
+                          cudaMemcpyHostToDevice, stream_));
+  if (inputs.router_weights)
+    QMOE_CU(cudaMemcpyAsync(ws_.rw.get(), inputs.router_weights->data, size_t(rows * s.num_experts) * at,
+                            cudaMemcpyHostToDevice, stream_));
+  run_core(p, ws_.in.get(), ws_.logits.get(), inputs.router_weights ? ws_.rw.get() : nullptr, ws_.out.get(), rows,
+           stream_);
+  QMOE_CU(cudaMemcpyAsync(output.data(), ws_.out.get(), size_t(rows * s.hidden) * at, cudaMemcpyDeviceToHost, stream_));
+  QMOE_CU(cudaStreamSynchronize(stream_));
+  QMOE_CU(cudaGetLastError());
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opt) { return std::make_unique<CudaBackend>(opt); }
+
+void cuda_run_device(Backend& backend, const PackedExperts& packed, const CudaRunArgs& args) {
+  auto* b = dynamic_cast<CudaBackend*>(&backend);
+  if (!b) throw Error("cuda_run_device: backend '" + backend.name() + "' is not the cuda backend");
+  const CudaPacked& p = b->check_packed(packed);
+  b->run_core(p, args.input, args.router_probs, args.router_weights, args.output, args.rows,
+              static_cast<cudaStream_t>(args.stream));
+}
+
+size_t cuda_reserve_workspace(Backend& backend, const PackedExperts& packed, int64_t rows) {
+  auto* b = dynamic_cast<CudaBackend*>(&backend);
+  if (!b) throw Error("cuda_reserve_workspace: backend '" + backend.name() + "' is not the cuda backend");
+  return b->reserve(b->check_packed(packed), rows);
+}
+
+}  // namespace qmoe

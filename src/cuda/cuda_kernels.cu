@@ -1,0 +1,658 @@
+// The CUDA backend's kernels: prepack, routing, grouping, the two grouped mixed-input GEMMs, combine.
+//
+// A run is five launches (six with an input conversion): route -> group -> fc1 -> fc2 -> combine.
+// fc1 and fc2 are one templated weight-streaming kernel (fc_kernel): a warp owns one 16-row tile of
+// one expert's packed matrix and streams it along K with one 16-byte load per lane per span (layout in
+// cuda_sm80_layout.h), several spans in flight, dequantizes in registers and runs mma.sync m16n8k16
+// with up to NT*8 tokens as the B operand. Scales are applied per scale block in fp32 AFTER the mma
+// (the mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation
+// and the fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere;
+// the grouping uses integer atomics only to place rows, and every row's result is independent of its
+// position in a tile (each mma output column depends only on its own B column), so outputs are
+// bitwise reproducible.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdio>
+#include <type_traits>
+
+#include "cuda_kernels.h"
+
+namespace qmoe::cuda {
+
+namespace {
+
+constexpr int kWarps = 4;  // warps (= 16-row tiles) per FC block
+
+__device__ __forceinline__ float load_elt(const void* p, int64_t i, Elt e) {
+  switch (e) {
+    case Elt::f32: return static_cast<const float*>(p)[i];
+    case Elt::f16: return __half2float(static_cast<const __half*>(p)[i]);
+    case Elt::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+  return 0.f;
+}
+
+__device__ __forceinline__ void store_elt(void* p, int64_t i, Elt e, float v) {
+  switch (e) {
+    case Elt::f32: static_cast<float*>(p)[i] = v; break;
+    case Elt::f16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case Elt::bf16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// prepack
+// ----------------------------------------------------------------------------------------------
+
+// Tile row f of tile mt -> raw row of the matrix this call packs; false if the row is not this
+// call's (another source fills it) . `valid` false marks padding (code 0, scale 0).
+__device__ bool raw_row_of(const PackArgs& a, int64_t mt, int f, int64_t& raw, bool& valid) {
+  if (a.swiglu_src < 0) {
+    const int64_t n = 16 * mt + f;
+    valid = n < a.geom.N;
+    raw = n;
+    return true;
+  }
+  const int part = f >> 3;  // 0 gate, 1 linear
+  const int64_t i = 8 * mt + (f & 7);
+  valid = i < a.geom.N;
+  if (a.swiglu_src != 2 && a.swiglu_src != part) return false;
+  switch (a.swiglu_fusion) {
+    case 1: raw = 2 * i + part; break;
+    case 2: raw = part * a.geom.N + i; break;
+    default: raw = i; break;
+  }
+  return true;
+}
+
+__device__ int raw_code_dev(const PackArgs& a, int64_t row, int64_t c) {
+  const int pack = 8 / a.bits;
+  const uint8_t byte = a.raw_w[row * (a.raw_k / pack) + c / pack];
+  return (byte >> ((c % pack) * a.bits)) & ((1 << a.bits) - 1);
+}
+
+__global__ void pack_weights_kernel(PackArgs a) {
+  const int64_t total = a.geom.MT * a.geom.S * kSpanBytes;
+  const int sk = span_k(a.geom.sbits);
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int byte = int(idx % kVecBytes);
+    const int lane = int((idx / kVecBytes) % kLanes);
+    const int64_t s = (idx / kSpanBytes) % a.geom.S;
+    const int64_t mt = idx / kSpanBytes / a.geom.S;
+    uint8_t out = a.dst_w[idx];
+    const int nparts = a.geom.sbits == 4 ? 2 : 1;
+    for (int hi = 0; hi < nparts; ++hi) {
+      int f, kk;
+      element_of(a.geom.sbits, lane, byte, hi, f, kk);
+      int64_t raw;
+      bool valid;
+      if (!raw_row_of(a, mt, f, raw, valid)) continue;
+      const int64_t c = s * sk + kk;
+      const int code = (valid && c < a.geom.K) ? raw_code_dev(a, raw, c) : 0;
+      if (a.geom.sbits == 8) {
+        out = uint8_t(code);
+      } else {
+        out = uint8_t((out & (hi ? 0x0f : 0xf0)) | (code << (4 * hi)));
+      }
+    }
+    a.dst_w[idx] = out;
+  }
+}
+
+__global__ void pack_scales_kernel(PackArgs a) {
+  const int64_t total = a.geom.MT * a.geom.NBP * kTileRows;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int f = int(idx % kTileRows);
+    const int64_t b = (idx / kTileRows) % a.geom.NBP;
+    const int64_t mt = idx / kTileRows / a.geom.NBP;
+    int64_t raw;
+    bool valid;
+    if (!raw_row_of(a, mt, f, raw, valid)) continue;
+    valid = valid && b < a.nb;
+    switch (a.scale_elt) {
+      case Elt::f32:
+        static_cast<float*>(a.dst_s)[idx] = valid ? static_cast<const float*>(a.raw_s)[raw * a.nb + b] : 0.f;
+        break;
+      default:  // f16 / bf16: copy the 2-byte pattern
+        static_cast<uint16_t*>(a.dst_s)[idx] = valid ? static_cast<const uint16_t*>(a.raw_s)[raw * a.nb + b] : 0;
+        break;
+    }
+    if (a.dst_z) {
+      int code = a.raw_z ? 0 : a.zdefault;
+      if (valid && a.raw_z) {
+        const int zpack = 8 / a.bits;
+        int64_t byte;
+        int shift;
+        if (a.bs > 0) {
+          const int64_t per_row = (a.nb + zpack - 1) / zpack;
+          byte = raw * per_row + b / zpack;
+          shift = int(b % zpack) * a.bits;
+        } else {
+          byte = raw / zpack;
+          shift = int(raw % zpack) * a.bits;
+        }
+        code = (a.raw_z[byte] >> shift) & ((1 << a.bits) - 1);
+      }
+      a.dst_z[idx] = uint8_t(code);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// routing (one warp per token) -- the same selection as route_token() in src/core/routing.cpp
+// ----------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ int warp_min_int(int v) {
+  for (int o = 16; o; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sparse mixer weight of `chosen` (see routing.cpp): 1 / sum over unmasked e of exp(score_e - max).
+__device__ float sparse_mixer_weight_dev(const RouteArgs& a, int64_t row, int chosen, int removed) {
+  const float max_val = load_elt(a.logits, row + chosen, a.elt);
+  float denom = 0.f;
+  for (int e = threadIdx.x & 31; e < a.E; e += 32) {
+    const float l = load_elt(a.logits, row + e, a.elt);
+    if (e == removed) continue;                    // score set to -inf
+    if (isinf(l) && l < 0) continue;               // already -inf
+    const float al = fabsf(l);
+    const float factor = (al < max_val) ? max_val : al;  // std::max(|l|, max_val)
+    if ((max_val - l) / factor > 2 * a.jitter_eps) continue;
+    denom += expf(l - max_val);
+  }
+  return 1.0f / warp_sum(denom);
+}
+
+__global__ void route_kernel(RouteArgs a) {
+  extern __shared__ uint32_t route_mask[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (t >= a.T) return;
+  const int E = a.E, words = (E + 31) >> 5;
+  uint32_t* mask = route_mask + warp * words;
+  for (int i = lane; i < words; i += 32) mask[i] = 0;
+  __syncwarp();
+  const int64_t row = t * E;
+  for (int j = 0; j < a.k; ++j) {
+    // Sequential argmax semantics: best starts at the first non-excluded expert; a later one wins
+    // only with a strictly larger value (NaN never wins, a NaN first stays). Equivalent: if the first
+    // is NaN pick it, else the lowest index of the largest non-NaN value.
+    int first = INT_MAX, bi = -1;
+    float bv = 0.f;
+    for (int e = lane; e < E; e += 32) {
+      if ((mask[e >> 5] >> (e & 31)) & 1u) continue;
+      const float v = load_elt(a.logits, row + e, a.elt);
+      if (first == INT_MAX) first = e;
+      if (v == v && (bi < 0 || v > bv)) bv = v, bi = e;
+    }
+    first = warp_min_int(first);
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
+    }
+    const float fv = load_elt(a.logits, row + first, a.elt);
+    const int sel = (fv != fv || bi < 0) ? first : bi;
+    if (lane == 0) {
+      mask[sel >> 5] |= 1u << (sel & 31);
+      a.route_e[t * a.k + j] = sel;
+    }
+    __syncwarp();
+  }
+  const int* re = a.route_e + t * a.k;
+  float* rw = a.route_w + t * a.k;
+  if (a.sparse_mixer) {  // k == 2
+    const int e0 = re[0], e1 = re[1];
+    const float w0 = sparse_mixer_weight_dev(a, row, e0, -1);
+    const float w1 = sparse_mixer_weight_dev(a, row, e1, e0);
+    if (lane == 0) rw[0] = w0, rw[1] = w1;
+  } else if (a.router_weights) {
+    if (lane == 0)
+      for (int j = 0; j < a.k; ++j) rw[j] = load_elt(a.router_weights, row + re[j], a.elt);
+  } else {
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, load_elt(a.logits, row + e, a.elt));
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) sum += expf(load_elt(a.logits, row + e, a.elt) - mx);
+    sum = warp_sum(sum);
+    if (lane == 0)
+      for (int j = 0; j < a.k; ++j) rw[j] = expf(load_elt(a.logits, row + re[j], a.elt) - mx) / sum;
+  }
+  __syncwarp();
+  if (lane == 0) {
+    if (a.normalize && !a.sparse_mixer) {
+      float s = 0.f;
+      for (int j = 0; j < a.k; ++j) s += rw[j];
+      for (int j = 0; j < a.k; ++j) rw[j] /= s;
+    }
+    for (int j = 0; j < a.k; ++j) atomicAdd(&a.counts[re[j]], 1);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// grouping (one block): per-expert offsets, work items, slot order
+// ----------------------------------------------------------------------------------------------
+
+__global__ void group_kernel(GroupArgs a) {
+  extern __shared__ int gsm[];
+  int* cnt = gsm;            // [E] counts, later cursors
+  int* off = gsm + a.E;      // [E] first position
+  int* ioff = gsm + 2 * a.E; // [E] first item
+  const int E = a.E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    cnt[e] = a.counts[e];
+    a.counts[e] = 0;  // ready for the next run (routing adds into it)
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int run_p = 0, run_i = 0;
+    for (int base = 0; base < E; base += 32) {
+      const int e = base + lane;
+      const int c = e < E ? cnt[e] : 0;
+      const int ni = (c + a.chunk - 1) / a.chunk;
+      int ip = c, ii = ni;  // inclusive scans
+      for (int o = 1; o < 32; o <<= 1) {
+        const int vp = __shfl_up_sync(0xffffffffu, ip, o), vi = __shfl_up_sync(0xffffffffu, ii, o);
+        if (lane >= o) ip += vp, ii += vi;
+      }
+      if (e < E) off[e] = run_p + ip - c, ioff[e] = run_i + ii - ni;
+      run_p += __shfl_sync(0xffffffffu, ip, 31);
+      run_i += __shfl_sync(0xffffffffu, ii, 31);
+    }
+    if (lane == 0) *a.n_items = run_i;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int c = cnt[e];
+    for (int i = 0, p = 0; p < c; ++i, p += a.chunk)
+      a.items[ioff[e] + i] = make_int4(e, off[e] + p, min(a.chunk, c - p), 0);
+    cnt[e] = 0;
+  }
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < a.slots; s += blockDim.x) {
+    const int e = a.route_e[s];
+    const int p = off[e] + atomicAdd(&cnt[e], 1);
+    a.sorted_slot[p] = int(s);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// input conversion
+// ----------------------------------------------------------------------------------------------
+
+__global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld) {
+  const int64_t total = T * ld;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / ld, c = i % ld;
+    store_elt(out, i, oe, c < H ? load_elt(in, t * H + c, ie) : 0.f);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// the FC kernels
+// ----------------------------------------------------------------------------------------------
+
+// LOP3 (PTX ISA "lop3"): d = (a & b) | c, immLut 0xEA = (0xF0 & 0xCC) | 0xAA.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Weight loads: read once, never reused by this kernel -> skip L1 (.L1::no_allocate) and give the
+// L2 lines an evict-first policy made by createpolicy (PTX ISA "createpolicy", "ld" with
+// .L2::cache_hint; sm_80+), so weights streaming through L2 do not push out x, a, scales or y.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ uint4 ld_stream(const uint4* p, uint64_t pol) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(pol));
+  return v;
+}
+
+template <class CT> struct CtTraits;
+template <> struct CtTraits<__half> {
+  // 1024 + q is exact in fp16 for q < 1024 (ulp 1 in [1024, 2048)); 0x6400 = 1024.0.
+  static constexpr uint32_t kMagic4 = 0x64006400u;
+  static __device__ __forceinline__ uint32_t zero_pair4(int z) { return (0x6400u + z) * 0x10001u; }
+  static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+template <> struct CtTraits<__nv_bfloat16> {
+  // 128 + q is exact in bf16 for q < 128 (ulp 1 in [128, 256)); 0x4300 = 128.0.
+  static constexpr uint32_t kMagic4 = 0x43004300u;
+  static __device__ __forceinline__ uint32_t zero_pair4(int z) { return (0x4300u + z) * 0x10001u; }
+  static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Zero point of a tile row in the form the dequantizer subtracts.
+template <class CT, int SB> struct ZeroRep {
+  uint32_t zg, zg8;   // packed pairs (magic + z) for 4-bit or 8-bit fp16
+  float fg, fg8;      // 2^23 + z for 8-bit bf16
+  __device__ __forceinline__ void set(int z0, int z1) {
+    if constexpr (SB == 4) {
+      zg = CtTraits<CT>::zero_pair4(z0), zg8 = CtTraits<CT>::zero_pair4(z1);
+    } else if constexpr (std::is_same_v<CT, __half>) {
+      zg = (0x6400u + z0) * 0x10001u, zg8 = (0x6400u + z1) * 0x10001u;
+    } else {
+      fg = 8388608.f + float(z0), fg8 = 8388608.f + float(z1);
+    }
+  }
+};
+
+// A fragments of k-step j of a span vector: integer-valued (q - z), exact in CT.
+template <class CT, int SB>
+__device__ __forceinline__ void dequant(const uint4& v, int j, const ZeroRep<CT, SB>& z, uint32_t (&a)[4]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (SB == 4) {
+    const uint32_t q = w[j];
+    const uint32_t m = CtTraits<CT>::kMagic4;
+    a[0] = CtTraits<CT>::sub2(lop3_and_or(q, 0x000f000fu, m), z.zg);
+    a[1] = CtTraits<CT>::sub2(lop3_and_or(q >> 4, 0x000f000fu, m), z.zg8);
+    a[2] = CtTraits<CT>::sub2(lop3_and_or(q >> 8, 0x000f000fu, m), z.zg);
+    a[3] = CtTraits<CT>::sub2(lop3_and_or(q >> 12, 0x000f000fu, m), z.zg8);
+  } else if constexpr (std::is_same_v<CT, __half>) {
+    // PRMT (PTX ISA "prmt"): bytes of {0x64646464, w}; selector 0x4140 -> [w.b0, 0x64, w.b1, 0x64].
+    const uint32_t q0 = w[2 * j], q1 = w[2 * j + 1];
+    a[0] = CtTraits<CT>::sub2(__byte_perm(q0, 0x64646464u, 0x4140), z.zg);
+    a[1] = CtTraits<CT>::sub2(__byte_perm(q0, 0x64646464u, 0x4342), z.zg8);
+    a[2] = CtTraits<CT>::sub2(__byte_perm(q1, 0x64646464u, 0x4140), z.zg);
+    a[3] = CtTraits<CT>::sub2(__byte_perm(q1, 0x64646464u, 0x4342), z.zg8);
+  } else {
+    // bf16 cannot hold 128 + q exactly for q >= 128: build 2^23 + q as fp32 (exact), subtract in
+    // fp32 (exact), and pack two results with one cvt.rn.bf16x2.f32 (|q - z| <= 255 is exact in bf16).
+    const uint32_t q0 = w[2 * j], q1 = w[2 * j + 1];
+    auto pair = [](uint32_t q, int b0, float zf) {
+      const float lo = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540 | b0)) - zf;
+      const float hi = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540 | (b0 + 1))) - zf;
+      __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<uint32_t*>(&r);
+    };
+    a[0] = pair(q0, 0, z.fg);
+    a[1] = pair(q0, 2, z.fg8);
+    a[2] = pair(q1, 0, z.fg);
+    a[3] = pair(q1, 2, z.fg8);
+  }
+}
+
+__device__ __forceinline__ float act_dev(int act, float v) {
+  switch (act) {
+    case 0: return fmaxf(0.f, v);                                                          // relu
+    case 1: return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));  // gelu
+    case 2: return v * (1.0f / (1.0f + expf(-v)));                                         // silu
+    default: return v;                                                                     // identity
+  }
+}
+
+template <class CT, int SB, int NT, bool FC1>
+__global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
+  constexpr int SPAN = SB == 4 ? 64 : 32;
+  constexpr int KSTEPS = SPAN / 16;
+  constexpr int D = 4;  // spans in flight per warp (2 KB of weights per warp)
+  const int item = blockIdx.x;
+  if (item >= *a.n_items) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t mt = int64_t(blockIdx.y) * kWarps + warp;
+  const MatrixGeom& G = a.geom;
+  if (mt >= G.MT) return;
+  const int4 it = a.items[item];
+  const int e = it.x, p0 = it.y, cnt = it.z;
+  const int g = lane >> 2, t = lane & 3;
+
+  // B rows: this lane feeds token column g of each n-tile.
+  const CT* xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int idx = nt * 8 + g;
+    xrow[nt] = nullptr;
+    if (idx < cnt) {
+      const int pos = p0 + idx;
+      const int64_t r = FC1 ? int64_t(a.sorted_slot[pos] / a.k) : int64_t(pos);
+      xrow[nt] = static_cast<const CT*>(a.x) + r * a.x_ld + 4 * t;
+    }
+  }
+
+  const int64_t s_begin = int64_t(blockIdx.z) * a.spans_per_split;
+  const int64_t s_end = min(G.S, s_begin + a.spans_per_split);
+  const uint4* wp = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mt) * G.S * kLanes + lane;
+  const int64_t sbase = (int64_t(e) * G.MT + mt) * G.NBP * kTileRows;
+
+  float acc[NT][4], part[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[nt][r] = 0.f;
+
+  int64_t ks = s_begin * KSTEPS;  // global k-step
+  int64_t blk = ks / G.kpb;
+  int kc = int(ks % G.kpb);
+  ZeroRep<CT, SB> zr;
+  float sc0 = 0.f, sc1 = 0.f;
+  auto load_block = [&](int64_t b) {
+    const int64_t si = sbase + b * kTileRows;
+    sc0 = load_elt(a.s, si + g, a.scale_elt);
+    sc1 = load_elt(a.s, si + g + 8, a.scale_elt);
+    if (a.z) zr.set(a.z[si + g], a.z[si + g + 8]);
+    else zr.set(a.zdefault, a.zdefault);
+  };
+  auto flush = [&]() {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[nt][0] = fmaf(sc0, part[nt][0], acc[nt][0]);
+      acc[nt][1] = fmaf(sc0, part[nt][1], acc[nt][1]);
+      acc[nt][2] = fmaf(sc1, part[nt][2], acc[nt][2]);
+      acc[nt][3] = fmaf(sc1, part[nt][3], acc[nt][3]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) part[nt][r] = 0.f;
+    }
+  };
+  if (s_begin < s_end) load_block(blk);
+
+  const uint64_t pol = evict_first_policy();
+  uint4 buf[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (s_begin + d < s_end) buf[d] = ld_stream(wp + (s_begin + d) * kLanes, pol);
+
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int64_t s = s0 + d;
+      if (s < s_end) {
+        const uint4 v = buf[d];
+        if (s + D < s_end) buf[d] = ld_stream(wp + (s + D) * kLanes, pol);
+        // B fragments of the whole span for every n-tile: 8 bytes per k-step (x is L1/L2 resident).
+        uint2 bx[NT][KSTEPS];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < KSTEPS; ++j)
+            bx[nt][j] = xrow[nt] ? __ldg(reinterpret_cast<const uint2*>(xrow[nt] + s * SPAN + 16 * j))
+                                 : make_uint2(0u, 0u);
+#pragma unroll
+        for (int j = 0; j < KSTEPS; ++j) {
+          uint32_t af[4];
+          dequant<CT, SB>(v, j, zr, af);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[nt], af, bx[nt][j].x, bx[nt][j].y);
+          if (++kc == G.kpb) {
+            flush();
+            kc = 0;
+            ++blk;
+            if (s < s_end - 1 || j < KSTEPS - 1) load_block(blk);
+          }
+        }
+      }
+    }
+  }
+  if (kc != 0) flush();
+
+  if constexpr (FC1) {
+    const bool swiglu = G.map == RowMap::swiglu;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int idx = nt * 8 + 2 * t + c;
+        if (idx >= cnt) continue;
+        CT* arow = static_cast<CT*>(a.a) + int64_t(p0 + idx) * a.a_ld;
+        if (swiglu) {
+          const int64_t i = 8 * mt + g;
+          float v = 0.f;
+          if (i < a.I) {
+            float gt = acc[nt][c], ln = acc[nt][2 + c];
+            if (a.bias_g) gt += a.bias_g[int64_t(e) * a.a_ld + i];
+            if (a.bias_l) ln += a.bias_l[int64_t(e) * a.a_ld + i];
+            gt = (a.limit < gt) ? a.limit : gt;                        // std::min(g, limit)
+            ln = ln < -a.limit ? -a.limit : (a.limit < ln ? a.limit : ln);  // std::clamp
+            v = gt * (1.0f / (1.0f + expf(-a.alpha * gt))) * (ln + a.beta);
+          }
+          arow[i] = CtTraits<CT>::from_float(v);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t n = 16 * mt + g + 8 * h;
+            float v = 0.f;
+            if (n < a.I) {
+              v = acc[nt][2 * h + c];
+              if (a.bias_g) v += a.bias_g[int64_t(e) * a.a_ld + n];
+              v = act_dev(a.act, v);
+            }
+            arow[n] = CtTraits<CT>::from_float(v);
+          }
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int idx = nt * 8 + 2 * t + c;
+        if (idx >= cnt) continue;
+        const int slot = a.sorted_slot[p0 + idx];
+        float* yrow = a.y + (int64_t(blockIdx.z) * a.slots + slot) * a.H;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = 16 * mt + g + 8 * h;
+          if (n < a.H) yrow[n] = acc[nt][2 * h + c];
+        }
+      }
+    }
+  }
+}
+
+template <bool FC1, class CT, int SB>
+void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
+  const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + kWarps - 1) / kWarps), unsigned(a.splits));
+  switch (a.nt) {
+    case 1: fc_kernel<CT, SB, 1, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
+    case 2: fc_kernel<CT, SB, 2, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
+    case 4: fc_kernel<CT, SB, 4, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
+    default: break;  // the host checks nt
+  }
+}
+
+template <bool FC1>
+void launch_fc(const FcArgs& a, cudaStream_t st) {
+  if (a.max_items == 0) return;
+  const bool h = a.ct == Elt::f16;
+  if (a.geom.sbits == 4) h ? launch_fc_nt<FC1, __half, 4>(a, st) : launch_fc_nt<FC1, __nv_bfloat16, 4>(a, st);
+  else h ? launch_fc_nt<FC1, __half, 8>(a, st) : launch_fc_nt<FC1, __nv_bfloat16, 8>(a, st);
+}
+
+__global__ void combine_kernel(CombineArgs a) {
+  const int64_t h = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (h >= a.H) return;
+  for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
+  float out = 0.f;
+  for (int j = 0; j < a.k; ++j) {
+    const int64_t slot = t * a.k + j;
+    float y = 0.f;
+    for (int s = 0; s < a.splits; ++s) y += a.y[(s * a.slots + slot) * a.H + h];
+    if (a.bias2) y += a.bias2[int64_t(a.route_e[slot]) * a.H + h];
+    out += a.route_w[slot] * y;
+  }
+  store_elt(a.out, t * a.H + h, a.out_elt, out);
+  }
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return int(b < 1 ? 1 : (b > 65535 * 16 ? 65535 * 16 : b));
+}
+
+}  // namespace
+
+void launch_pack(const PackArgs& a, cudaStream_t st) {
+  pack_weights_kernel<<<grid_for(a.geom.weight_bytes_per_expert(), 256), 256, 0, st>>>(a);
+  pack_scales_kernel<<<grid_for(a.geom.scale_count_per_expert(), 256), 256, 0, st>>>(a);
+}
+
+void launch_route(const RouteArgs& a, cudaStream_t st) {
+  if (a.T == 0) return;
+  const int warps = 4;
+  const size_t smem = size_t(warps) * ((a.E + 31) / 32) * 4;
+  route_kernel<<<unsigned((a.T + warps - 1) / warps), warps * 32, smem, st>>>(a);
+}
+
+void launch_group(const GroupArgs& a, cudaStream_t st) {
+  group_kernel<<<1, 1024, size_t(3) * a.E * sizeof(int), st>>>(a);
+}
+
+void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
+                          cudaStream_t st) {
+  if (T == 0) return;
+  convert_kernel<<<grid_for(T * ld, 256), 256, 0, st>>>(in, ie, out, oe, T, H, ld);
+}
+
+void launch_fc1(const FcArgs& a, cudaStream_t st) { launch_fc<true>(a, st); }
+void launch_fc2(const FcArgs& a, cudaStream_t st) { launch_fc<false>(a, st); }
+
+void launch_combine(const CombineArgs& a, cudaStream_t st) {
+  if (a.T == 0) return;
+  const dim3 grid(unsigned((a.H + 127) / 128), unsigned(a.T < 65535 ? a.T : 65535));
+  combine_kernel<<<grid, 128, 0, st>>>(a);
+}
+
+}  // namespace qmoe::cuda
