@@ -1,8 +1,387 @@
-// Placeholder until the SIMD CPU backend lands: the CPU backend runs the scalar reference.
+// The CPU backend: prepack into cpu-t16 (cpu_layout.h), then per layer call
+//   route every token (route_all, the contract's scalar routing) -> group (token, route) pairs by
+//   expert (counting sort; idle experts get no work) -> FC1 + activation -> FC2 + bias -> combine each
+//   token's k routes in selection order, round to T once.
+// FC1 and FC2 are each one parallel_for over (active expert x chunk of 32-row pairs), so at decode two
+// threads split one expert's rows; within a pair, tokens go through the kernel kMaxTokens at a time,
+// so a pair's weights (L1/L2 resident) are reused across all the expert's tokens at prefill. Every
+// output element is computed by exactly one task in a fixed order, so results are bitwise identical
+// for any thread count, and the prepack-off path (which packs each pair into scratch with the same
+// pack_tile right before the same kernel) is bitwise identical to the prepacked one.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "cpu/thread_pool.h"
 #include "qmoe/backend.h"
+#include "qmoe/error.h"
+#include "qmoe/routing.h"
 
 namespace qmoe {
 
-std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions&) { return make_reference_backend(); }
+namespace cpu {
+namespace {
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+const KernelSet& select_kernels(const std::string& isa) {
+  if (isa == "auto") {
+    if (cpu_has_avx512()) return avx512_kernels();
+    if (cpu_has_avx2()) return avx2_kernels();
+    return portable_kernels();
+  }
+  if (isa == "portable") return portable_kernels();
+  if (isa == "avx2") {
+    if (!cpu_has_avx2()) throw Error("cpu backend: isa 'avx2' requested, but this CPU lacks AVX2/FMA");
+    return avx2_kernels();
+  }
+  if (isa == "avx512") {
+    if (!cpu_has_avx512()) throw Error("cpu backend: isa 'avx512' requested, but this CPU lacks AVX-512 F/BW/VL");
+    return avx512_kernels();
+  }
+  throw Error("cpu backend: isa: expected auto, portable, avx2 or avx512, got '" + isa + "'");
+}
+
+// Prepack off: the raw tensors, validated, plus the plan that says how to pack a tile on the fly.
+class CpuRawExperts final : public PackedExperts {
+ public:
+  CpuRawExperts(const MoeSpec& spec, RawExperts raw) : PackedExperts(raw_path_tag(), spec), raw_(std::move(raw)), plan_(make_plan(spec)) {}
+  size_t resident_bytes() const override { return raw_.nbytes(); }
+  std::vector<NamedTensor> to_blobs() const override {
+    std::vector<NamedTensor> out;
+    auto add = [&](const std::string& p, const RawMatrix& m) {
+      out.push_back({p + ".weights", m.weights});
+      out.push_back({p + ".scales", m.scales});
+      if (m.zero_points) out.push_back({p + ".zero_points", *m.zero_points});
+      if (m.bias) out.push_back({p + ".bias", *m.bias});
+    };
+    add("fc1", raw_.fc1);
+    add("fc2", raw_.fc2);
+    if (raw_.fc3) add("fc3", *raw_.fc3);
+    return out;
+  }
+  const RawExperts& raw() const { return raw_; }
+  const LayerPlan& plan() const { return plan_; }
+
+ private:
+  RawExperts raw_;
+  LayerPlan plan_;
+};
+
+// One packed tile as the kernel sees it.
+struct TileRef {
+  const uint8_t* codes;
+  const void* scales;
+  const uint8_t* zero_points;
+  const float* bias;
+};
+
+// Per-task scratch for the prepack-off path: two packed tiles.
+struct Scratch {
+  std::vector<uint8_t> codes[2], zp[2], scales[2];
+  std::vector<float> bias[2];
+};
+
+struct PackedSource {
+  const CpuPackedExperts& p;
+  TileRef tile(const PartPlan& part, int64_t e, int64_t t, Scratch&, int) const {
+    const MatGeom& g = part.geom;
+    const PackedMat& m = p.mat(g.part);
+    const size_t ssz = dtype_size(g.scale_dtype);
+    const int64_t mo = e * g.meta_per_expert() + g.meta_offset(t, 0, 0);
+    return {m.codes.data_as<uint8_t>() + e * g.codes_per_expert() + g.code_offset(t, 0, 0),
+            static_cast<const uint8_t*>(m.scales.data()) + size_t(mo) * ssz,
+            g.zero_points ? m.zero_points.data_as<uint8_t>() + mo : nullptr,
+            g.bias ? m.bias.data_as<float>() + e * g.rows() + t * kTileRows : nullptr};
+  }
+};
+
+struct RawSource {
+  const CpuRawExperts& r;
+  TileRef tile(const PartPlan& part, int64_t e, int64_t t, Scratch& sc, int slot) const {
+    const MatGeom& g = part.geom;
+    const RawExperts& raw = r.raw();
+    const RawMatrix& src = part.source == Fc::fc1 ? raw.fc1 : part.source == Fc::fc2 ? raw.fc2 : *raw.fc3;
+    sc.codes[slot].resize(size_t(g.jbytes * kTileRows));
+    sc.scales[slot].resize(size_t(g.nb * kTileRows) * dtype_size(g.scale_dtype));
+    sc.zp[slot].resize(g.zero_points ? size_t(g.nb * kTileRows) : 0);
+    sc.bias[slot].resize(g.bias ? size_t(kTileRows) : 0);
+    TileDst d{sc.codes[slot].data(), sc.scales[slot].data(), g.zero_points ? sc.zp[slot].data() : nullptr,
+              g.bias ? sc.bias[slot].data() : nullptr};
+    pack_tile(r.spec(), part, src, e, t, d);
+    return {d.codes, d.scales, d.zero_points, d.bias};
+  }
+};
+
+float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The contract's activations, written exactly as the reference writes them (same fp32 operations, no
+// contraction in this translation unit), so equal FC1 outputs give equal activations.
+float act_scalar(Activation a, float v) {
+  switch (a) {
+    case Activation::relu: return std::max(0.0f, v);
+    case Activation::silu: return v * sigmoid(v);
+    case Activation::gelu: return 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+    case Activation::identity: return v;
+    case Activation::swiglu: break;
+  }
+  throw Error("cpu backend: act_scalar: swiglu needs two inputs");
+}
+
+PairKernel kernel_for(const KernelSet& ks, int bits) {
+  switch (bits) {
+    case 2: return ks.w2;
+    case 4: return ks.w4;
+    case 8: return ks.w8;
+  }
+  throw Error("cpu backend: expert_weight_bits: expected 2, 4 or 8, got " + std::to_string(bits));
+}
+
+PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
+  PairJob jb;
+  jb.codes[0] = a.codes, jb.codes[1] = b.codes;
+  jb.scales[0] = a.scales, jb.scales[1] = b.scales;
+  jb.zero_points[0] = a.zero_points, jb.zero_points[1] = b.zero_points;
+  jb.jbytes = g.jbytes;
+  jb.nb = g.nb;
+  jb.block_bytes = g.block_bytes;
+  jb.bits = g.bits;
+  jb.scale_dtype = g.scale_dtype;
+  return jb;
+}
+
+struct Task {
+  int32_t e;
+  int64_t p0, p1;  // pair range
+};
+
+// Splits each active expert's pairs into chunks: ~8 tasks per thread over the whole stage, so dynamic
+// scheduling balances experts with different token counts; a chunk is at least one pair.
+std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, int threads) {
+  const int64_t total = int64_t(active.size()) * pairs;
+  const int64_t chunk = std::max<int64_t>(1, total / (int64_t(threads) * 8));
+  std::vector<Task> tasks;
+  for (int32_t e : active)
+    for (int64_t p = 0; p < pairs; p += chunk) tasks.push_back({e, p, std::min(p + chunk, pairs)});
+  return tasks;
+}
+
+template <class Source>
+void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
+               const MoeInputs& in, Tensor& out) {
+  const int64_t rows = input_rows(in), H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
+  if (rows == 0) return;
+  const PairKernel kernel = kernel_for(ks, s.bits);
+
+  // Routing and grouping: slots t*k+j sorted by expert (stable, so by token within an expert).
+  const std::vector<Route> routes = route_all(s, in);
+  std::vector<int64_t> off(size_t(E + 1), 0);
+  for (const Route& r : routes) ++off[size_t(r.expert) + 1];
+  for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] += off[size_t(e)];
+  std::vector<int64_t> order(routes.size());
+  {
+    std::vector<int64_t> fill(off.begin(), off.end() - 1);
+    for (int64_t slot = 0; slot < int64_t(routes.size()); ++slot)
+      order[size_t(fill[size_t(routes[size_t(slot)].expert)]++)] = slot;
+  }
+  std::vector<int32_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[size_t(e + 1)] > off[size_t(e)]) active.push_back(int32_t(e));
+
+  // fp32 activations, zero-padded: the kernels read up to jbytes*pack (<= K + 8) columns.
+  const int64_t XW = round_up(H + 8, 16), AW = round_up(I + 8, 16);
+  std::vector<float> X(size_t(rows * XW), 0.f);
+  std::vector<float> A(size_t(rows * k * AW), 0.f);  // FC1 activations per grouped position
+  std::vector<float> Y(size_t(rows * k * H));         // FC2 output per slot (every slot written)
+  const int threads = pool.threads();
+  const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
+  pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
+    for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t)
+      for (int64_t i = 0; i < H; ++i) X[size_t(t * XW + i)] = load_as_float(in.input.dtype, in.input.data, t * H + i);
+  });
+
+  // FC1 + bias + activation -> A.
+  const bool swiglu = plan.swiglu;
+  const PartPlan& pa = swiglu ? plan.fc1_gate : plan.fc1;
+  const PartPlan& pb = swiglu ? plan.fc1_linear : plan.fc1;
+  const std::vector<Task> t1 = make_tasks(active, plan.fc1_pairs(), threads);
+  pool.parallel_for(int64_t(t1.size()), [&](int64_t ti) {
+    const Task& task = t1[size_t(ti)];
+    Scratch sc;
+    float acc[kMaxTokens * kPairRows];
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    for (int64_t p = task.p0; p < task.p1; ++p) {
+      const TileRef ta = src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0);
+      const TileRef tb = src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1);
+      PairJob jb = job_for(pa.geom, ta, tb);
+      jb.acc = acc;
+      for (int64_t g = 0; g < m; g += kMaxTokens) {
+        jb.tokens = int(std::min<int64_t>(kMaxTokens, m - g));
+        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = &X[size_t(order[size_t(o + g + i)] / k * XW)];
+        kernel(jb);
+        for (int i = 0; i < jb.tokens; ++i) {
+          float* a = &A[size_t((o + g + i) * AW)];
+          const float* h = acc + i * kPairRows;
+          if (swiglu) {
+            for (int l = 0; l < kTileRows; ++l) {
+              const int64_t r = p * kTileRows + l;
+              if (r >= I) break;
+              float gv = h[l], uv = h[kTileRows + l];
+              if (ta.bias) gv += ta.bias[l];
+              if (tb.bias) uv += tb.bias[l];
+              gv = std::min(gv, s.swiglu_limit);
+              uv = std::clamp(uv, -s.swiglu_limit, s.swiglu_limit);
+              a[r] = gv * sigmoid(s.activation_alpha * gv) * (uv + s.activation_beta);
+            }
+          } else {
+            for (int l = 0; l < kPairRows; ++l) {
+              const int64_t r = p * kPairRows + l;
+              if (r >= I) break;
+              const TileRef& tr = l < kTileRows ? ta : tb;
+              float v = h[l];
+              if (tr.bias) v += tr.bias[l % kTileRows];
+              a[r] = act_scalar(s.activation, v);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  // FC2 + bias -> Y[slot].
+  const PartPlan& p2 = plan.fc2;
+  const std::vector<Task> t2 = make_tasks(active, plan.fc2_pairs(), threads);
+  pool.parallel_for(int64_t(t2.size()), [&](int64_t ti) {
+    const Task& task = t2[size_t(ti)];
+    Scratch sc;
+    float acc[kMaxTokens * kPairRows];
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    for (int64_t p = task.p0; p < task.p1; ++p) {
+      const TileRef ta = src.tile(p2, task.e, 2 * p, sc, 0);
+      const TileRef tb = src.tile(p2, task.e, 2 * p + 1, sc, 1);
+      PairJob jb = job_for(p2.geom, ta, tb);
+      jb.acc = acc;
+      for (int64_t g = 0; g < m; g += kMaxTokens) {
+        jb.tokens = int(std::min<int64_t>(kMaxTokens, m - g));
+        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = &A[size_t((o + g + i) * AW)];
+        kernel(jb);
+        for (int i = 0; i < jb.tokens; ++i) {
+          float* y = &Y[size_t(order[size_t(o + g + i)] * H)];
+          const float* h = acc + i * kPairRows;
+          for (int l = 0; l < kPairRows; ++l) {
+            const int64_t r = p * kPairRows + l;
+            if (r >= H) break;
+            const TileRef& tr = l < kTileRows ? ta : tb;
+            y[r] = tr.bias ? h[l] + tr.bias[l % kTileRows] : h[l];
+          }
+        }
+      }
+    }
+  });
+
+  // Combine in selection order (as the reference does), round to T once.
+  pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
+    for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t)
+      for (int64_t i = 0; i < H; ++i) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; ++j) acc += routes[size_t(t * k + j)].weight * Y[size_t((t * k + j) * H + i)];
+        store_from_float(out.dtype(), out.data(), t * H + i, acc);
+      }
+  });
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(const CpuBackendOptions& opt)
+      : opt_(opt), kernels_(&select_kernels(opt.isa)) {
+    if (opt.threads < 0) throw Error("cpu backend: threads: expected >= 0 (0 = all cores), got " + std::to_string(opt.threads));
+    const int n = opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()));
+    pool_ = std::make_unique<ThreadPool>(n);
+  }
+
+  std::string name() const override { return "cpu"; }
+
+  std::unique_ptr<PackedExperts> prepack(const MoeSpec& spec, RawExperts raw) override {
+    spec.validate();
+    validate_raw(spec, raw);
+    if (!opt_.prepack) return std::make_unique<CpuRawExperts>(spec, std::move(raw));
+    std::lock_guard<std::mutex> lk(mu_);
+    return pack_experts(spec, std::move(raw), pool_.get());
+  }
+
+  LayoutTag layout_for(const MoeSpec& spec) const override { return opt_.prepack ? packed_tag(spec) : raw_path_tag(); }
+
+  std::unique_ptr<PackedExperts> from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) override {
+    spec.validate();
+    if (opt_.prepack) return packed_from_blobs(spec, blobs);
+    RawExperts raw;
+    std::vector<bool> used(blobs.size(), false);
+    auto find = [&](const std::string& name) -> std::optional<Tensor> {
+      for (size_t i = 0; i < blobs.size(); ++i)
+        if (blobs[i].name == name) {
+          used[i] = true;
+          return blobs[i].tensor;
+        }
+      return std::nullopt;
+    };
+    auto matrix = [&](const std::string& p) {
+      RawMatrix m;
+      auto w = find(p + ".weights"), sc = find(p + ".scales");
+      if (!w || !sc) throw Error("packed file: blob " + p + (w ? ".scales" : ".weights") + " is missing");
+      m.weights = *w;
+      m.scales = *sc;
+      m.zero_points = find(p + ".zero_points");
+      m.bias = find(p + ".bias");
+      return m;
+    };
+    raw.fc1 = matrix("fc1");
+    raw.fc2 = matrix("fc2");
+    if (spec.has_fc3()) raw.fc3 = matrix("fc3");
+    for (size_t i = 0; i < blobs.size(); ++i)
+      if (!used[i]) throw Error("packed file: unexpected blob " + blobs[i].name + " for layout cpu-raw");
+    validate_raw(spec, raw);  // every shape and dtype against the spec
+    return std::make_unique<CpuRawExperts>(spec, std::move(raw));
+  }
+
+  void run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) override {
+    const MoeSpec& s = packed.spec();
+    require_layout(packed, layout_for(s), "cpu backend");
+    validate_inputs(s, inputs);
+    if (output.dtype() != inputs.input.dtype || output.shape() != inputs.input.shape)
+      throw Error("output: expected " + std::string(dtype_name(inputs.input.dtype)) + " " + shape_str(inputs.input.shape) +
+                  ", got " + std::string(dtype_name(output.dtype())) + " " + shape_str(output.shape()));
+    std::lock_guard<std::mutex> lk(mu_);  // the pool runs one layer at a time
+    if (opt_.prepack) {
+      const auto& p = static_cast<const CpuPackedExperts&>(packed);
+      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output);
+    } else {
+      const auto& r = static_cast<const CpuRawExperts&>(packed);
+      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output);
+    }
+  }
+
+  const KernelSet& kernels() const { return *kernels_; }
+
+ private:
+  CpuBackendOptions opt_;
+  const KernelSet* kernels_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::mutex mu_;
+};
+
+}  // namespace
+}  // namespace cpu
+
+std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& opt) { return std::make_unique<cpu::CpuBackend>(opt); }
 
 }  // namespace qmoe

@@ -1,0 +1,52 @@
+// The CPU micro-kernel interface: one call computes a pair of packed tiles (32 output rows) for up to
+// kMaxTokens token rows, reading the format of cpu_layout.h. Each instruction set has its own
+// translation unit (kernels_portable.cpp, kernels_avx2.cpp, kernels_avx512.cpp) compiled with its own
+// flags; cpu_backend.cpp picks one at run time.
+//
+// The arithmetic contract every kernel implements, so all paths agree bit for bit (tested):
+//   for each output lane (row) and token, for each scale block b in order:
+//     ev = sum over even columns k of the block, in increasing k, of fma(float(q - z), x[k], ev)
+//     od = the same over odd columns
+//     acc = fma(scale_b, ev + od, acc)                (acc starts at +0)
+//   q - z is an exact small integer, so float(q - z) is exact; the FMAs are IEEE fused, and the chain
+//   split (even/odd) gives a single token two independent FMA chains per tile.
+// Bias, activation and route mixing happen outside the kernel (cpu_backend.cpp), in shared scalar code.
+#pragma once
+
+#include <cstdint>
+
+#include "qmoe/dtype.h"
+
+namespace qmoe::cpu {
+
+inline constexpr int kMaxTokens = 4;  // token rows per kernel call (AVX-512: 16 FMA chains at 4)
+
+struct PairJob {
+  const uint8_t* codes[2];        // tile starts: [J][16] bytes each
+  const void* scales[2];          // [B][16] of scale_dtype
+  const uint8_t* zero_points[2];  // [B][16], or null: the default zero point 2^(bits-1)
+  int64_t jbytes = 0;             // J (even)
+  int64_t nb = 1;                 // B
+  int64_t block_bytes = 0;        // bytes of a row per block (even)
+  int bits = 4;
+  DType scale_dtype = DType::f32;
+  int tokens = 1;                 // 1..kMaxTokens
+  const float* x[kMaxTokens];     // fp32 activation rows, readable and zero up to jbytes * (8/bits)
+  float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
+};
+
+using PairKernel = void (*)(const PairJob&);
+
+struct KernelSet {
+  const char* isa;  // "portable", "avx2", "avx512"
+  PairKernel w2, w4, w8;
+};
+
+const KernelSet& portable_kernels();
+const KernelSet& avx2_kernels();    // call only where the CPU has AVX2+FMA+F16C
+const KernelSet& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/VL
+
+// Loads a scale element as fp32 (portable; the SIMD kernels convert 16 at a time).
+inline float scale_at(DType t, const void* p, int64_t i) { return load_as_float(t, p, i); }
+
+}  // namespace qmoe::cpu

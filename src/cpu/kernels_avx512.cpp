@@ -1,0 +1,176 @@
+// AVX-512 pair kernels (built with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c; called only after
+// __builtin_cpu_supports says so). One tile = one zmm of 16 fp32 row accumulators.
+//
+// int4 dequant, per code byte j of a tile (16 rows x 2 columns): vpmovzxbd widens the 16 bytes to
+// dwords; vpermps with a 16-entry table indexed by the dword's low 4 bits turns the low nibble
+// straight into float(q - 8) (the table ignores the high bits, so no mask), and a 4-bit shift does
+// the same for the high nibble. With explicit zero points the table holds float(q) and a vsubps of
+// the block's zero points follows (one more op per 16 weights). int8: vpmovzxbd, vpsubd, vcvtdq2ps.
+// The FMAs then broadcast x[k] from memory (embedded {1to16}), one per token. Everything follows the
+// arithmetic contract in cpu_kernels.h, so results equal the portable kernel bit for bit.
+//
+// Registers at 4 tokens: 16 accumulators (4 tokens x 2 tiles x even/odd) + table + 2 zero-point
+// vectors + 4 weight vectors: 23 of 32 zmm, so no spills. Block results go to a small stack array.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <string>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "qmoe/error.h"
+
+namespace qmoe::cpu {
+
+namespace {
+
+inline __m512 load_scales16(DType t, const void* p, int64_t i) {
+  switch (t) {
+    case DType::f16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+    case DType::bf16: {
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    }
+    default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+inline __m512i load_codes16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Accumulates block results: acc[t][tile] = fma(scale, ev + od, acc[t][tile]).
+template <int MT>
+inline void finish_block(const PairJob& jb, int64_t b, __m512 ev[MT][2], __m512 od[MT][2], __m512 acc[MT][2]) {
+  for (int tile = 0; tile < 2; ++tile) {
+    const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
+    for (int t = 0; t < MT; ++t) acc[t][tile] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile]);
+  }
+}
+
+template <int MT>
+inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
+  for (int t = 0; t < MT; ++t) {
+    _mm512_storeu_ps(jb.acc + t * kPairRows, acc[t][0]);
+    _mm512_storeu_ps(jb.acc + t * kPairRows + kTileRows, acc[t][1]);
+  }
+}
+
+template <int MT, bool ZP>
+void pair_w4(const PairJob& jb) {
+  // Table for vpermps: lane i holds float(i - 8) without zero points, float(i) with them.
+  const __m512 tbl = ZP ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                        : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const uint8_t* c0 = jb.codes[0];
+  const uint8_t* c1 = jb.codes[1];
+  for (int64_t b = 0; b < jb.nb; ++b) {
+    const int64_t j0 = b * jb.block_bytes, j1 = std::min(j0 + jb.block_bytes, jb.jbytes);
+    // With zero points on only one tile of the pair (SwiGLU gate from fc1, linear half from fc3),
+    // the other tile subtracts the default 8.
+    __m512 z0 = _mm512_set1_ps(8.f), z1 = _mm512_set1_ps(8.f);
+    if constexpr (ZP) {
+      if (jb.zero_points[0]) z0 = _mm512_cvtepi32_ps(load_codes16(jb.zero_points[0] + b * kTileRows));
+      if (jb.zero_points[1]) z1 = _mm512_cvtepi32_ps(load_codes16(jb.zero_points[1] + b * kTileRows));
+    }
+    __m512 ev[MT][2], od[MT][2];
+    for (int t = 0; t < MT; ++t) ev[t][0] = ev[t][1] = od[t][0] = od[t][1] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      // ~1 KB ahead of the stream: the hardware prefetcher follows two streams well, this covers the
+      // block and tile boundaries where it restarts.
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      const __m512i v0 = load_codes16(c0 + j * kTileRows);
+      const __m512i v1 = load_codes16(c1 + j * kTileRows);
+      __m512 lo0 = _mm512_permutexvar_ps(v0, tbl);
+      __m512 hi0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), tbl);
+      __m512 lo1 = _mm512_permutexvar_ps(v1, tbl);
+      __m512 hi1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), tbl);
+      if constexpr (ZP) {
+        lo0 = _mm512_sub_ps(lo0, z0);
+        hi0 = _mm512_sub_ps(hi0, z0);
+        lo1 = _mm512_sub_ps(lo1, z1);
+        hi1 = _mm512_sub_ps(hi1, z1);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xe = _mm512_set1_ps(jb.x[t][2 * j]);
+        const __m512 xo = _mm512_set1_ps(jb.x[t][2 * j + 1]);
+        ev[t][0] = _mm512_fmadd_ps(lo0, xe, ev[t][0]);
+        od[t][0] = _mm512_fmadd_ps(hi0, xo, od[t][0]);
+        ev[t][1] = _mm512_fmadd_ps(lo1, xe, ev[t][1]);
+        od[t][1] = _mm512_fmadd_ps(hi1, xo, od[t][1]);
+      }
+    }
+    finish_block<MT>(jb, b, ev, od, acc);
+  }
+  store_acc<MT>(jb, acc);
+}
+
+template <int MT, bool ZP>
+void pair_w8(const PairJob& jb) {
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const uint8_t* c0 = jb.codes[0];
+  const uint8_t* c1 = jb.codes[1];
+  const __m512i mid = _mm512_set1_epi32(128);
+  for (int64_t b = 0; b < jb.nb; ++b) {
+    const int64_t j0 = b * jb.block_bytes, j1 = std::min(j0 + jb.block_bytes, jb.jbytes);
+    __m512i z0 = mid, z1 = mid;
+    if constexpr (ZP) {
+      if (jb.zero_points[0]) z0 = load_codes16(jb.zero_points[0] + b * kTileRows);
+      if (jb.zero_points[1]) z1 = load_codes16(jb.zero_points[1] + b * kTileRows);
+    }
+    __m512 ev[MT][2], od[MT][2];
+    for (int t = 0; t < MT; ++t) ev[t][0] = ev[t][1] = od[t][0] = od[t][1] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      const __m512 e0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c0 + j * kTileRows), z0));
+      const __m512 o0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c0 + (j + 1) * kTileRows), z0));
+      const __m512 e1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c1 + j * kTileRows), z1));
+      const __m512 o1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c1 + (j + 1) * kTileRows), z1));
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xe = _mm512_set1_ps(jb.x[t][j]);
+        const __m512 xo = _mm512_set1_ps(jb.x[t][j + 1]);
+        ev[t][0] = _mm512_fmadd_ps(e0, xe, ev[t][0]);
+        od[t][0] = _mm512_fmadd_ps(o0, xo, od[t][0]);
+        ev[t][1] = _mm512_fmadd_ps(e1, xe, ev[t][1]);
+        od[t][1] = _mm512_fmadd_ps(o1, xo, od[t][1]);
+      }
+    }
+    finish_block<MT>(jb, b, ev, od, acc);
+  }
+  store_acc<MT>(jb, acc);
+}
+
+#define QMOE_DISPATCH(NAME, FN)                                                   \
+  void NAME(const PairJob& jb) {                                                  \
+    const bool zp = jb.zero_points[0] || jb.zero_points[1];                                 \
+    switch (jb.tokens * 2 + (zp ? 1 : 0)) {                                       \
+      case 2: return FN<1, false>(jb);                                            \
+      case 3: return FN<1, true>(jb);                                             \
+      case 4: return FN<2, false>(jb);                                            \
+      case 5: return FN<2, true>(jb);                                             \
+      case 6: return FN<3, false>(jb);                                            \
+      case 7: return FN<3, true>(jb);                                             \
+      case 8: return FN<4, false>(jb);                                            \
+      case 9: return FN<4, true>(jb);                                             \
+    }                                                                             \
+    throw Error("avx512 kernel: tokens per call must be 1..4, got " + std::to_string(jb.tokens)); \
+  }
+
+QMOE_DISPATCH(avx512_w4, pair_w4)
+QMOE_DISPATCH(avx512_w8, pair_w8)
+#undef QMOE_DISPATCH
+
+}  // namespace
+
+const KernelSet& avx512_kernels() {
+  // 2-bit weights take the portable kernel (same arithmetic, so results still agree bit for bit).
+  static const KernelSet k{"avx512", portable_kernels().w2, avx512_w4, avx512_w8};
+  return k;
+}
+
+}  // namespace qmoe::cpu
