@@ -381,11 +381,12 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   c.nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
   c.chunk = 8 * c.nt;
   c.max_items = int(touched + slots / c.chunk);
-  // fc2 split-K: aim for ~24 warps per SM; each split keeps >= 8 spans so the pipeline fills.
+  // fc2 split-K: aim for ~24 warps per SM; each split keeps >= 4 spans (2 KB per warp) so the
+  // 4-deep load pipeline fills.
   const int64_t warps = std::max<int64_t>(1, int64_t(std::max(c.max_items, 1)) * p.geom.fc2.MT);
   const int64_t target = int64_t(sms_) * 24;
   int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / 8));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / 4));
   c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;
   c.splits = int((p.geom.fc2.S + c.spans_per_split - 1) / c.spans_per_split);
   return c;

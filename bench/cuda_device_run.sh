@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call: build the CUDA targets, run the GPU tests, compute-sanitizer (memcheck, racecheck,
+# initcheck on the --quick subset) in parallel with them, then the benchmark and the PyTorch peers.
+# Usage (repository root, on the GPU machine): bench/cuda_device_run.sh [tests] [bench] [peer] [quickbench]
+# Logs go to $OUT (or /tmp/qmoe-out).
+set -uo pipefail
+OUT=${OUT:-/tmp/qmoe-out}
+mkdir -p "$OUT"
+stages=" ${*:-tests bench peer} "
+{
+  date -u
+  git rev-parse HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+B=build-dev
+if [ ! -x $B/src/cuda/qmoe_cuda_bench ] || [ -n "${QMOE_REBUILD:-}" ]; then
+  cmake -S . -B $B -G Ninja -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF \
+    -DQMOE_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" > "$OUT/build.log" 2>&1
+fi
+ninja -C $B qmoe_cuda_tests qmoe_cuda_bench >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build ok"
+T=$B/src/cuda/qmoe_cuda_tests
+if [[ $stages == *" tests "* ]]; then
+  timeout 300 $T > "$OUT/tests.log" 2>&1 & p0=$!
+  timeout 300 compute-sanitizer --tool memcheck --leak-check full $T --quick > "$OUT/memcheck.log" 2>&1 & p1=$!
+  timeout 300 compute-sanitizer --tool racecheck $T --quick > "$OUT/racecheck.log" 2>&1 & p2=$!
+  timeout 300 compute-sanitizer --tool initcheck $T --quick > "$OUT/initcheck.log" 2>&1 & p3=$!
+  wait $p0; echo "tests rc=$?"; wait $p1; echo "memcheck rc=$?"; wait $p2; echo "racecheck rc=$?"; wait $p3; echo "initcheck rc=$?"
+  grep -E "FAIL|passed" "$OUT/tests.log" | head -20
+  for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
+fi
+if [[ $stages == *" quickbench "* ]]; then
+  timeout 300 $B/src/cuda/qmoe_cuda_bench --quick > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+  cat "$OUT/bench.log"
+fi
+if [[ $stages == *" bench "* ]]; then
+  timeout 400 $B/src/cuda/qmoe_cuda_bench > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+  cat "$OUT/bench.log"
+fi
+if [[ $stages == *" peer "* ]]; then
+  PYTHONUNBUFFERED=1 timeout 200 python3 bench/cuda_bench.py > "$OUT/peer.log" 2>&1; echo "peer rc=$?"
+  cat "$OUT/peer.log"
+fi
