@@ -92,6 +92,7 @@ ORT_CONFIGS = [
     Cfg("router_weights E6 k3 block16", E=6, k=3, H=32, I=32, block=16, router_weights=True, act="relu"),
     Cfg("biases relu block16", bias=True, act="relu", H=48, I=32, block=16),
     Cfg("1 token", tokens=1),
+    Cfg("0 tokens", tokens=0, block=16),
     Cfg("300 tokens", E=8, k=2, H=64, I=64, block=32, tokens=300, act="swiglu"),
     # odd sizes: K not a multiple of the block, H != I, small odd dims at 8 bits
     Cfg("odd b8 H13 I7 row-wise bias", bits=8, H=13, I=7, bias=True),

@@ -59,7 +59,17 @@ void run_command(const RunArgs& a) {
   if (!a.router_weights.empty()) rw = read_input("--router-weights", a.router_weights, spec, a.bf16);
   MoeInputs inputs{x.view(), logits.view(), std::nullopt};
   if (rw) inputs.router_weights = rw->view();
-  validate_inputs(spec, inputs);
+  try {
+    validate_inputs(spec, inputs);
+  } catch (const Error& e) {
+    // The library names the tensor (input, router_probs, router_weights); add the file it came from.
+    const std::string what = e.what();
+    auto starts = [&](const char* p) { return what.rfind(p, 0) == 0; };
+    const std::string from = starts("router_probs")   ? "--router-probs " + a.router_probs
+                             : starts("router_weights") ? "--router-weights " + a.router_weights
+                                                        : "--input " + a.input;
+    throw Error(what + " (from " + from + ")");
+  }
 
   LayerOptions lopt;
   lopt.backend = a.backend.backend;
