@@ -511,7 +511,9 @@ def run_ort(model_path: Path, L: Layer) -> np.ndarray:
 
 
 def run_qmoe_cli(args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([QMOE_BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    # errors="replace": a message may quote bytes of a corrupt file that are not UTF-8
+    return subprocess.run([QMOE_BIN, *map(str, args)], capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
 
 
 def run_qmoe(model_path: Path, L: Layer, workdir: Path, extra=()) -> np.ndarray:

@@ -430,6 +430,54 @@ def test_successful_run_replaces_output(tmp_path):
     assert sorted(os.listdir(f.out.parent)) == ["y.npy"]
 
 
+def _check_no_crash(p, what: str):
+    assert p.returncode in (0, 1), f"{what}: exit code {p.returncode}; stderr {p.stderr[:500]!r}"
+    if p.returncode == 1:
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("qmoe: error: "), f"{what}: {p.stderr[:500]!r}"
+        assert "internal error" not in lines[0], f"{what}: {lines[0]!r}"
+
+
+@pytest.mark.parametrize("mode", ["random bytes", "truncation", "header and tail bytes"])
+def test_corrupt_model_never_crashes(mode, tmp_path):
+    """Seeded random damage to a valid model: qmoe either runs (weights bytes are any bytes) or
+    refuses with one line; never a signal, an abort or an internal error."""
+    f = Files(tmp_path)
+    good = f.model.read_bytes()
+    rng = np.random.default_rng({"random bytes": 1, "truncation": 2, "header and tail bytes": 3}[mode])
+    for i in range(60):
+        b = bytearray(good)
+        if mode == "random bytes":
+            for _ in range(int(rng.integers(1, 8))):
+                b[int(rng.integers(len(b)))] = int(rng.integers(256))
+        elif mode == "truncation":
+            b = b[: int(rng.integers(len(b)))]
+        else:  # the graph structure sits around the initializer payloads
+            for _ in range(int(rng.integers(1, 4))):
+                j = int(rng.integers(400)) if rng.random() < 0.5 else len(b) - 1 - int(rng.integers(400))
+                b[j] = int(rng.integers(256))
+        f.model.write_bytes(bytes(b))
+        if f.out.exists():
+            f.out.unlink()
+        p = ob.run_qmoe_cli(f.args())
+        _check_no_crash(p, f"{mode} #{i}")
+        assert (p.returncode == 0) == f.out.exists(), f"{mode} #{i}: output present = {f.out.exists()}"
+
+
+def test_corrupt_npy_header_never_crashes(tmp_path):
+    f = Files(tmp_path)
+    good = f.x.read_bytes()
+    header_len = 10 + int.from_bytes(good[8:10], "little")
+    rng = np.random.default_rng(4)
+    for i in range(80):
+        b = bytearray(good)
+        for _ in range(int(rng.integers(1, 4))):
+            b[int(rng.integers(header_len))] = int(rng.integers(32, 127) if rng.random() < 0.7 else rng.integers(256))
+        f.x.write_bytes(bytes(b))
+        p = ob.run_qmoe_cli(f.args())
+        _check_no_crash(p, f"npy header #{i}: {bytes(b[:header_len])!r}")
+
+
 USAGE = [
     ("--output missing", lambda f: [a for a in f.args()[:-2]]),
     ("unknown option --frobnicate", lambda f: [*f.args(), "--frobnicate"]),

@@ -9,12 +9,12 @@
 
 namespace {
 
-// Messages go out on exactly one line so scripts can grep them; a library message with embedded
-// newlines is folded.
+// Messages go out on exactly one line so scripts can grep them. A message may quote names read from
+// a corrupt file, so control characters (newlines, terminal escapes) are replaced.
 int fail(const std::string& prefix, const std::string& what) {
   std::string line = what;
   for (char& c : line)
-    if (c == '\n' || c == '\r') c = ' ';
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = c == '\n' || c == '\r' || c == '\t' ? ' ' : '?';
   std::fprintf(stderr, "qmoe: %s%s\n", prefix.c_str(), line.c_str());
   return 1;
 }
