@@ -305,17 +305,19 @@ Tensor ort_cuda_to_raw(const Tensor& packed, int64_t N, int64_t K, int bits) {
 
   // Line (group of CI columns, 64-row K tile) holds every code of those columns in that tile, and the
   // placement inside a line is the same for every line: line (cg, t) is line (0, 0) shifted by
-  // 128 * (cg * K/64 + t) bytes and by (CI*cg, 64*t) in (n, k). So one table for line (0, 0) drives all.
+  // 128 * (cg * K/64 + t) bytes and by (CI*cg, 64*t) in (n, k). Inside a line, column c owns the
+  // contiguous block of VT words starting at word VT*c, with the same placement for every c. So one
+  // 64-entry table, "slot of k inside a column block", drives the whole import.
   const int CI = g.interleave, TK = OrtCudaGeometry::kTileK;
-  std::vector<uint16_t> src_bit(size_t(CI) * TK);  // bit offset inside the 128-byte line
-  for (int c = 0; c < CI; ++c)
-    for (int k = 0; k < TK; ++k) {
-      const OrtCudaPos p = ort_cuda_locate(c, k, N, K, bits);
-      src_bit[size_t(c) * TK + k] = uint16_t(p.byte * 8 + p.shift);
-    }
+  const int block_bytes = OrtCudaGeometry::kLineBytes / CI;  // 32 (4-bit) or 64 (8-bit)
+  uint8_t slot_of[OrtCudaGeometry::kTileK];
+  for (int k = 0; k < TK; ++k) {
+    const OrtCudaPos p = ort_cuda_locate(0, k, N, K, bits);
+    slot_of[k] = uint8_t((p.byte * 8 + p.shift) / bits);  // < 64: column 0's block of line (0, 0)
+  }
   const int64_t tiles = K / TK, groups = N / CI;
-  const int64_t raw_row = K / pack;        // bytes per raw row
-  const int64_t tile_bytes = TK / pack;    // bytes of one raw row inside one tile
+  const int64_t raw_row = K / pack;      // bytes per raw row
+  const int64_t tile_bytes = TK / pack;  // bytes of one raw row inside one tile
   for (int64_t e = 0; e < E; ++e) {
     const uint8_t* src = packed.data_as<uint8_t>() + e * nbytes;
     uint8_t* dst = out.data_as<uint8_t>() + e * nbytes;
@@ -323,16 +325,19 @@ Tensor ort_cuda_to_raw(const Tensor& packed, int64_t N, int64_t K, int bits) {
       for (int64_t t = 0; t < tiles; ++t) {
         const uint8_t* line = src + (cg * tiles + t) * OrtCudaGeometry::kLineBytes;
         for (int c = 0; c < CI; ++c) {
+          const uint8_t* block = line + c * block_bytes;
           uint8_t* row = dst + (cg * CI + c) * raw_row + t * tile_bytes;
-          const uint16_t* tab = &src_bit[size_t(c) * TK];
           if (bits == 8) {
-            for (int k = 0; k < TK; ++k) row[k] = line[tab[k] >> 3];
+            for (int k = 0; k < TK; ++k) row[k] = block[slot_of[k]];
           } else {
-            for (int k = 0; k < TK; k += 2) {
-              const int lo = (line[tab[k] >> 3] >> (tab[k] & 7)) & 0xF;
-              const int hi = (line[tab[k + 1] >> 3] >> (tab[k + 1] & 7)) & 0xF;
-              row[k / 2] = uint8_t(lo | (hi << 4));
+            // Spread the block's 64 nibbles to bytes (slot order = nibble order in memory), then
+            // gather them in k order and repack two per byte.
+            uint8_t nib[64];
+            for (int i = 0; i < 32; ++i) {
+              nib[2 * i] = block[i] & 0xF;
+              nib[2 * i + 1] = block[i] >> 4;
             }
+            for (int j = 0; j < 32; ++j) row[j] = uint8_t(nib[slot_of[2 * j]] | (nib[slot_of[2 * j + 1]] << 4));
           }
         }
       }
