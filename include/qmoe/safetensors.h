@@ -89,7 +89,7 @@ class SafetensorsCheckpoint {
 };
 
 // A tensor to write: its name and bytes (not copied; must stay valid during the call).
-struct NamedTensor {
+struct NamedView {
   std::string name;
   TensorView view;
 };
@@ -98,7 +98,7 @@ struct NamedTensor {
 // a failure never leaves a partial file. Tensors are laid out by decreasing element size so each
 // starts aligned for its dtype (the header is padded to a multiple of 8 bytes with spaces, as the
 // format allows). Throws on duplicate or reserved names and on I/O errors.
-void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
+void write_safetensors(const std::string& path, const std::vector<NamedView>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
 // "F32" etc. for qmoe's dtypes (the safetensors spelling).

@@ -97,7 +97,7 @@ void write_raw_safetensors(const std::string& path, const RawLayer& layer) {
   meta["act_dtype"] = std::string(dtype_name(s.act_dtype));
   meta["scale_dtype"] = std::string(dtype_name(s.scale_dtype));
 
-  std::vector<NamedTensor> tensors;
+  std::vector<NamedView> tensors;
   auto add = [&](Fc fc, const RawMatrix& m) {
     const std::string p = fc_prefix(fc);
     tensors.push_back({p + "_experts_weights", m.weights.view()});

@@ -376,21 +376,21 @@ Tensor SafetensorsCheckpoint::tensor(const std::string& name) const { return fil
 
 // ---- writer ----
 
-void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
+void write_safetensors(const std::string& path, const std::vector<NamedView>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   // Largest elements first: with the header padded to 8 bytes, every tensor then starts at a
   // multiple of its element size, so readers can use the mapping without copies. stable_sort keeps
   // the caller's order within one element size.
-  std::vector<const NamedTensor*> order;
+  std::vector<const NamedView*> order;
   std::set<std::string> seen;
-  for (const NamedTensor& t : tensors) {
+  for (const NamedView& t : tensors) {
     if (t.name.empty() || t.name == "__metadata__")
       throw Error(path + ": tensor name '" + t.name + "' is reserved or empty");
     if (!seen.insert(t.name).second) throw Error(path + ": tensor '" + t.name + "' given twice");
     if (t.view.nbytes() && !t.view.data) throw Error(path + ": tensor '" + t.name + "' has no data");
     order.push_back(&t);
   }
-  std::stable_sort(order.begin(), order.end(), [](const NamedTensor* a, const NamedTensor* b) {
+  std::stable_sort(order.begin(), order.end(), [](const NamedView* a, const NamedView* b) {
     return dtype_size(a->view.dtype) > dtype_size(b->view.dtype);
   });
   json h = json::object();
@@ -400,7 +400,7 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
     h["__metadata__"] = m;
   }
   uint64_t offset = 0;
-  for (const NamedTensor* t : order) {
+  for (const NamedView* t : order) {
     const uint64_t n = t->view.nbytes();
     h[t->name] = {{"dtype", safetensors_dtype_name(t->view.dtype)}, {"shape", t->view.shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
@@ -413,7 +413,7 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
   for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
   out.write(len, 8);
   out.write(header.data(), header.size());
-  for (const NamedTensor* t : order) out.write(t->view.data, t->view.nbytes());
+  for (const NamedView* t : order) out.write(t->view.data, t->view.nbytes());
   out.commit();
 }
 

@@ -68,7 +68,7 @@ struct Builder {
   void write(const std::string& path) const { write_subset(path, [](const std::string&) { return true; }); }
   template <class Pred>
   void write_subset(const std::string& path, Pred keep) const {
-    std::vector<NamedTensor> v;
+    std::vector<NamedView> v;
     for (const auto& [n, t] : tensors)
       if (keep(n)) v.push_back({n, t.view()});
     write_safetensors(path, v);
@@ -559,8 +559,8 @@ TEST(Checkpoint, RawFileRejectsInconsistentFiles) {
   const SafetensorsFile f = SafetensorsFile::open(good);
 
   // Rewrites the file with edited metadata and/or tensors.
-  auto rewrite = [&](std::map<std::string, std::string> meta, const std::string& drop, const NamedTensor* extra) {
-    std::vector<NamedTensor> t;
+  auto rewrite = [&](std::map<std::string, std::string> meta, const std::string& drop, const NamedView* extra) {
+    std::vector<NamedView> t;
     std::vector<Tensor> keep;
     for (const std::string& n : f.names()) {
       if (n == drop) continue;
@@ -586,7 +586,7 @@ TEST(Checkpoint, RawFileRejectsInconsistentFiles) {
   expect_error([&] { read_raw_safetensors(rewrite(with("swiglu_fusion", "0"), "", nullptr)); }, "fc1_experts_weights: expected shape");
   expect_error([&] { read_raw_safetensors(rewrite(meta, "fc2_scales", nullptr)); }, "fc2_scales is missing");
   Tensor junk(DType::f32, {3});
-  const NamedTensor extra{"junk", junk.view()};
+  const NamedView extra{"junk", junk.view()};
   expect_error([&] { read_raw_safetensors(rewrite(meta, "", &extra)); }, "unexpected tensor 'junk'");
   auto m2 = meta;
   m2.erase("k");
