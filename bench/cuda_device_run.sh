@@ -15,7 +15,10 @@ stages=" ${*:-tests bench peer} "
 cat "$OUT/gpu.txt"
 B=build-dev
 if [ ! -x $B/src/cuda/qmoe_cuda_bench ] || [ -n "${QMOE_REBUILD:-}" ]; then
-  cmake -S . -B $B -G Ninja -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF \
+  # The GPU image has no libonnx-dev; the onnx Python package ships the same onnx.proto.
+  proto=()
+  [ -f /usr/include/onnx/onnx.proto ] || proto=(-DQMOE_ONNX_PROTO="$(python3 -c 'import onnx,os;print(os.path.join(os.path.dirname(onnx.__file__),"onnx.proto"))')")
+  cmake -S . -B $B -G Ninja -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF "${proto[@]}" \
     -DQMOE_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" > "$OUT/build.log" 2>&1
 fi
 ninja -C $B qmoe_cuda_tests qmoe_cuda_bench >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
@@ -31,8 +34,21 @@ if [[ $stages == *" tests "* ]]; then
   for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
 fi
 if [[ $stages == *" quickbench "* ]]; then
-  timeout 300 $B/src/cuda/qmoe_cuda_bench --quick > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+  timeout 300 $B/src/cuda/qmoe_cuda_bench ${BENCH_ARGS:---quick} > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
   cat "$OUT/bench.log"
+fi
+if [[ $stages == *" ncu "* ]]; then
+  # Per-kernel durations and DRAM throughput of one decode and one small-batch case.
+  for c in "qwen3-30b-a3b 1" "mixtral 1" "mixtral 64" "gpt-oss-20b 1"; do
+    set -- $c
+    timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+      -k regex:"fc_kernel|route_kernel|group_kernel|combine_kernel|convert_kernel" --launch-skip 20 --launch-count 5 \
+      $B/src/cuda/qmoe_cuda_bench --shapes $1 --quants int4b128 --tokens $2 --iters 3 > "$OUT/ncu_one.log" 2>&1
+    echo "== ncu $1 T=$2" | tee -a "$OUT/ncu.log"
+    cat "$OUT/ncu_one.log" >> "$OUT/ncu.log"
+    grep -E "fc_kernel|route_kernel|group_kernel|combine_kernel|gpu__time|dram__|warps_active|grid_size" "$OUT/ncu_one.log" | sed -E 's/\(anonymous namespace\):://g; s/qmoe::cuda:://g' | cut -c1-140 | head -16
+  done
+  rm -f "$OUT/ncu_one.log"
 fi
 if [[ $stages == *" bench "* ]]; then
   timeout 400 $B/src/cuda/qmoe_cuda_bench > "$OUT/bench.log" 2>&1; echo "bench rc=$?"

@@ -25,7 +25,10 @@ using cuda::MatrixGeom;
 using cuda::RowMap;
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(e));
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call does not report it again
+    throw Error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(e));
+  }
 }
 #define QMOE_CU(call) check((call), #call)
 
@@ -167,9 +170,22 @@ struct RunConfig {
   }
 };
 
-// Workspace layout for up to `rows` tokens.
+// What a workspace's sizes depend on besides the row count.
+struct WsKey {
+  int64_t E = 0, k = 0, H = 0, H64 = 0, I64 = 0, MT2 = 0, S2 = 0;
+  DType act = DType::f32;
+  bool operator==(const WsKey&) const = default;
+};
+WsKey ws_key(const CudaPacked& p) {
+  const MoeSpec& s = p.spec();
+  return WsKey{s.num_experts, s.k, s.hidden, p.geom.H64, p.geom.I64, p.geom.fc2.MT, p.geom.fc2.S, s.act_dtype};
+}
+
+// Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
+// time; running a differently shaped layer reallocates on the next host run() or reserve).
 struct Workspace {
   int64_t rows = 0;
+  WsKey key;
   DevBuf counts, route_e, route_w, sorted, items, n_items, xbuf, abuf, ybuf, in, logits, rw, out;
 };
 
@@ -393,7 +409,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
 }
 
 size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
-  if (rows <= ws_.rows) {
+  if (rows <= ws_.rows && ws_.key == ws_key(p)) {
     size_t n = 0;
     for (DevBuf* b : {&ws_.counts, &ws_.route_e, &ws_.route_w, &ws_.sorted, &ws_.items, &ws_.n_items, &ws_.xbuf,
                       &ws_.abuf, &ws_.ybuf, &ws_.in, &ws_.logits, &ws_.rw, &ws_.out})
@@ -415,6 +431,7 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   const size_t ct = 2, at = dtype_size(s.act_dtype);
   Workspace w;
   w.rows = R;
+  w.key = ws_key(p);
   w.counts = DevBuf(size_t(s.num_experts) * 4);
   QMOE_CU(cudaMemset(w.counts.get(), 0, w.counts.bytes()));
   w.route_e = DevBuf(size_t(slots) * 4);
@@ -437,9 +454,9 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
 void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out,
                            int64_t rows, cudaStream_t st) {
   const MoeSpec& s = p.spec();
-  if (rows > ws_.rows)
-    throw Error("cuda backend: workspace holds " + std::to_string(ws_.rows) + " rows, run has " + std::to_string(rows) +
-                " (call cuda_reserve_workspace first)");
+  if (rows > ws_.rows || !(ws_.key == ws_key(p)))
+    throw Error("cuda backend: the workspace holds " + std::to_string(ws_.rows) + " rows for another layer shape or " +
+                "fewer rows than " + std::to_string(rows) + " (call cuda_reserve_workspace for this layer first)");
   if (rows == 0) return;
   const RunConfig c = config_for(p, rows);
   const Elt ae = to_elt(s.act_dtype), ct = compute_elt(s.act_dtype);

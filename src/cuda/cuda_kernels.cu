@@ -428,7 +428,11 @@ template <class CT, int SB, int NT, bool FC1>
 __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
-  constexpr int D = 4;  // spans in flight per warp (2 KB of weights per warp)
+  // Spans of weights in flight per warp (512 B each): 8 at decode (NT = 1), where few warps exist
+  // and each must keep ~4 KB in flight; 4 when registers go to accumulators.
+  constexpr int D = NT == 1 ? 8 : 4;
+  constexpr int DX = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // spans of B fragments in flight
+  static_assert(D % DX == 0, "x ring index must be a compile-time constant");
   const int item = blockIdx.x;
   if (item >= *a.n_items) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -489,10 +493,24 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   if (s_begin < s_end) load_block(blk);
 
   const uint64_t pol = evict_first_policy();
+  // Software pipeline: weight vectors D spans ahead (the HBM stream), B fragments (x or a, L1/L2
+  // resident but still hundreds of cycles away on first touch) DX spans ahead, so no span waits on
+  // a load issued in the same span.
+  auto load_x = [&](uint2 (&bx)[NT][KSTEPS], int64_t s) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < KSTEPS; ++j)
+        bx[nt][j] = xrow[nt] ? __ldg(reinterpret_cast<const uint2*>(xrow[nt] + s * SPAN + 16 * j)) : make_uint2(0u, 0u);
+  };
   uint4 buf[D];
+  uint2 xb[DX][NT][KSTEPS];
 #pragma unroll
   for (int d = 0; d < D; ++d)
     if (s_begin + d < s_end) buf[d] = ld_stream(wp + (s_begin + d) * kLanes, pol);
+#pragma unroll
+  for (int d = 0; d < DX; ++d)
+    if (s_begin + d < s_end) load_x(xb[d], s_begin + d);
 
   for (int64_t s0 = s_begin; s0 < s_end; s0 += D) {
 #pragma unroll
@@ -501,14 +519,12 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
       if (s < s_end) {
         const uint4 v = buf[d];
         if (s + D < s_end) buf[d] = ld_stream(wp + (s + D) * kLanes, pol);
-        // B fragments of the whole span for every n-tile: 8 bytes per k-step (x is L1/L2 resident).
         uint2 bx[NT][KSTEPS];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int j = 0; j < KSTEPS; ++j)
-            bx[nt][j] = xrow[nt] ? __ldg(reinterpret_cast<const uint2*>(xrow[nt] + s * SPAN + 16 * j))
-                                 : make_uint2(0u, 0u);
+          for (int j = 0; j < KSTEPS; ++j) bx[nt][j] = xb[d % DX][nt][j];
+        if (s + DX < s_end) load_x(xb[d % DX], s + DX);
 #pragma unroll
         for (int j = 0; j < KSTEPS; ++j) {
           uint32_t af[4];
