@@ -74,8 +74,10 @@ std::unique_ptr<PackedExperts> load_packed(const std::string& path, Backend& bac
                                            const std::optional<MoeSpec>& expected = std::nullopt);
 
 // What `qmoe inspect FILE` prints: header fields, the spec, the blob table and whether both
-// checksums hold. Throws qmoe::Error only when the file is not a packed file at all (bad magic, too
-// short, unknown version); a damaged header or payload is reported in the description.
+// checksums hold. Throws qmoe::Error (as load_packed would) when the file is not a packed file (magic,
+// version) or its header fields cannot be decoded within the file (truncated, sizes past the end,
+// invalid spec); a header that decodes but fails its checksum, and a payload that fails its
+// checksum, are reported in the description instead (header_ok / payload_ok / problem).
 struct PackedFileInfo {
   std::string path;
   uint64_t file_bytes = 0;

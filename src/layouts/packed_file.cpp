@@ -722,19 +722,20 @@ PackedFileInfo inspect_packed(const std::string& path) {
   const uint64_t hb = check_prelude(f.prelude.data(), f.prelude.size(), f.size, path);
   std::vector<uint8_t> head(static_cast<size_t>(hb));
   pread_all(f.fd.fd, head.data(), head.size(), 0, path);
-  // Checksum first, then the fields: a damaged header is reported as damaged even when its fields
-  // still decode, and its fields are shown (marked unreliable) when they do.
+  // Checksum first, then the fields. A header whose fields do not decode (sizes past the end of the
+  // file, bad strings, an invalid spec) is refused like load_packed refuses it: there is nothing
+  // trustworthy to print. One whose fields decode but whose checksum fails is shown, marked damaged.
   const uint64_t stored = get_u64(head.data() + kOffHeaderHash), computed = header_hash_of(head.data(), head.size());
   const bool hash_ok = stored == computed;
-  if (!hash_ok)
-    info.problem = "header checksum mismatch (stored xxh64 " + hex64(stored) + ", computed " + hex64(computed) +
-                   "): the header is corrupted; fields shown may be wrong";
+  const std::string hash_problem = "header checksum mismatch (stored xxh64 " + hex64(stored) + ", computed " +
+                                   hex64(computed) + "): the header is corrupted";
   try {
     info.header = decode_impl(head.data(), head.size(), f.size, path, false);
   } catch (const Error& e) {
-    info.problem += std::string(info.problem.empty() ? "" : "; ") + e.what();
-    return info;
+    if (hash_ok) throw;
+    throw Error(path + ": " + hash_problem + "; its fields do not decode either: " + e.what());
   }
+  if (!hash_ok) info.problem = hash_problem + "; the fields shown may be wrong";
   if (!hash_ok) return info;
   info.header_ok = true;
   try {

@@ -263,9 +263,13 @@ TEST_F(PackedFile, Truncated) {
                     {"truncated: the header alone needs"});
   expect_load_error(write("cut_prelude.qmoe", Bytes(f.begin(), f.begin() + 30)),
                     {"truncated", "shorter than the 64-byte fixed header"});
-  const PackedFileInfo info = inspect_packed(path("cut_payload.qmoe"));
-  EXPECT_FALSE(info.header_ok && info.payload_ok);
-  EXPECT_NE(info.to_string().find("truncated"), std::string::npos) << info.to_string();
+  // inspect refuses a header whose sizes run past the end of the file, with the same message.
+  try {
+    (void)inspect_packed(path("cut_payload.qmoe"));
+    ADD_FAILURE() << "inspect accepted a truncated file";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(PackedFile, FlippedPayloadByte) {
@@ -376,7 +380,10 @@ TEST_F(PackedFile, HostileHeadersNeverCrash) {
     } catch (const Error&) {
       ++errors;
     }
-    (void)inspect_packed(p);
+    try {
+      (void)inspect_packed(p).to_string();
+    } catch (const Error&) {
+    }
   }
   EXPECT_GT(errors, 1000);
   for (size_t len = 0; len < h0.header_bytes + 80; len += 3) {
