@@ -22,6 +22,7 @@ QMOE_WRITE_AGREEMENT=1 writes the results table to docs/AGREEMENT.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -253,7 +254,7 @@ def _describe(cfg: Cfg) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def agreement_table():
+def agreement_table(request):
     yield
     rows = []
     for cfg in ORT_CONFIGS + MODEL_CONFIGS:
@@ -270,9 +271,12 @@ def agreement_table():
         return
     columns = ["configuration", "shape", "compared with", *[f"qmoe {b}" for b in SELECTED], "fp64 model vs ORT"]
     width = max(len(r[0]) for r in rows)
-    print("\nconfiguration".ljust(width + 2) + "  ".join(f"{c:>12}" for c in columns[3:]))
-    for r in rows:
-        print(r[0].ljust(width + 1) + "  ".join(f"{c:>12}" for c in r[3:]))
+    # Shown even when pytest captures output: the table is the suite's report, not debug noise.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + "configuration".ljust(width + 1) + "  ".join(f"{c:>17}" for c in columns[3:]))
+        for r in rows:
+            print(r[0].ljust(width + 1) + "  ".join(f"{c:>17}" for c in r[3:]))
     if os.environ.get("QMOE_WRITE_AGREEMENT") == "1":
         by_dtype = {}
         for cfg in ORT_CONFIGS + MODEL_CONFIGS:
