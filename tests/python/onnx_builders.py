@@ -177,6 +177,7 @@ class Cfg:
     raw_data: bool = True  # initializers in raw_data (False: typed repeated fields)
     cuda_layout: bool = False  # fc1/fc2 stored in ORT's CUDA prepacked layout (§7)
     layout_arg: Optional[str] = None  # qmoe run --weights-layout
+    external_data: bool = False  # initializers in an ONNX external-data file
     seed: int = 0
 
     @property
@@ -489,8 +490,15 @@ def build_model(L: Layer, attrs: Optional[dict] = None, tensors: Optional[dict] 
                              ir_version=9)
 
 
-def save_model(model, path: Path) -> Path:
-    path.write_bytes(model.SerializeToString())
+def save_model(model, path: Path, external: bool = False) -> Path:
+    """Writes the model; `external` puts every initializer in one ONNX external-data file next to it
+    (how layers over protobuf's 2 GB limit are stored)."""
+    if external:
+        import onnx
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+    else:
+        path.write_bytes(model.SerializeToString())
     return path
 
 

@@ -268,6 +268,33 @@ def bf16_into_fp32(tmp):
     return f
 
 
+def external_data(edit):
+    def setup(tmp):
+        import onnx
+        f = Files(tmp)
+        ob.save_model(f.proto(), f.model, external=True)
+        edit(f, onnx)
+        return f
+    return setup
+
+
+def _drop_data_file(f, onnx):
+    (f.tmp / "model.onnx.data").unlink()
+
+
+def _truncate_data_file(f, onnx):
+    _truncate(f.tmp / "model.onnx.data", 0.5)
+
+
+def _escape_location(f, onnx):
+    m = onnx.load(str(f.model), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../etc/passwd"
+    f.model.write_bytes(m.SerializeToString())
+
+
 def cuda_file_read_as_raw(tmp):
     cfg = Cfg("cuda", E=4, k=2, H=64, I=128, act="relu", cuda_layout=True, prepacked_attr=1, tokens=6,
               layout_arg="raw")
@@ -295,6 +322,9 @@ CASES = [
     _c("initializer fc2_scales missing", ["fc2_scales"], missing_initializer),
     _c("required input fc1_experts_weights not given (empty slot)", ["fc1_experts_weights"], missing_required_slot),
     _c("fc1_experts_weights truncated raw_data", ["fc1_experts_weights"], truncated_tensor),
+    _c("external data file missing", ["model.onnx.data"], external_data(_drop_data_file)),
+    _c("external data file truncated to half", [("model.onnx.data", "external")], external_data(_truncate_data_file)),
+    _c("external data location escapes the model's folder", ["../../etc/passwd"], external_data(_escape_location)),
     # tensor shapes and dtypes
     _c("fc1_experts_weights with one byte too many per row", ["fc1_experts_weights"],
        tensor_change(fc1_experts_weights=lambda L: np.zeros((4, 48, 17), np.uint8))),

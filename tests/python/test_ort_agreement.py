@@ -103,6 +103,7 @@ ORT_CONFIGS = [
     Cfg("no weights_prepacked attribute (H != I)", prepacked_attr=None),
     Cfg("typed fields instead of raw_data", raw_data=False, bias=True),
     Cfg("typed fields fp16 zp", raw_data=False, dtype="float16", zero_points=True, block=16, H=48, I=32),
+    Cfg("external data file", external_data=True, bias=True, block=16, zero_points=True, H=64, I=48),
     # ORT's CUDA prepacked layout (§7) imported by qmoe; ORT's CPU runs the same codes in the raw layout
     Cfg("ORT CUDA layout int4 swiglu block32 (weights_prepacked 1)", H=64, I=128, act="swiglu", block=32,
         cuda_layout=True, prepacked_attr=1),
@@ -192,7 +193,7 @@ def _check(L, ref: np.ndarray, ref_name: str, tol: float, results: dict, model_p
 def test_agrees_with_ort(cfg: Cfg, tmp_path: Path):
     assert ort_safe(cfg) == "", f"{cfg.name}: not ORT-comparable: {ort_safe(cfg)}"
     L = ob.make_layer(cfg)
-    path = ob.save_model(ob.build_model(L), tmp_path / "layer.onnx")
+    path = ob.save_model(ob.build_model(L), tmp_path / "layer.onnx", external=cfg.external_data)
     # ORT's CPU kernel reads raw bytes whatever weights_prepacked says (§7): give it the raw file.
     ort_path = ob.save_model(ob.build_model(L, cuda_layout=False, attrs={**ob.node_attributes(cfg), "weights_prepacked": 0}),
                              tmp_path / "layer_raw.onnx")
@@ -211,7 +212,7 @@ def test_agrees_with_model(cfg: Cfg, tmp_path: Path):
     assert ort_safe(cfg) != "", f"{cfg.name}: ORT can run this; move it to ORT_CONFIGS"
     assert SELECTED, "QMOE_BACKENDS selects no backend: nothing would be checked"
     L = ob.make_layer(cfg)
-    path = ob.save_model(ob.build_model(L), tmp_path / "layer.onnx")
+    path = ob.save_model(ob.build_model(L), tmp_path / "layer.onnx", external=cfg.external_data)
     results = {"ref": "float64 model", "model_vs_ort": None}
     RESULTS[cfg.name] = results
     _check(L, ob.model_forward(L), "float64 model", TOL[cfg.dtype], results, path, tmp_path)
