@@ -54,6 +54,9 @@ struct CheckpointLayer {
   std::string prefix;  // e.g. "model.layers.3."
   int64_t num_experts = 0, hidden = 0, inter = 0;
   std::string source_dtype;  // safetensors dtype of the expert weights, e.g. "BF16"
+  // Block-scaled FP8 experts (DeepSeek-V3/R1, Qwen3 "-FP8"): F8_E4M3 weights with a "<name>_scale_inv"
+  // tensor [ceil(out/bo), ceil(in/bi)] multiplying each bo x bi block; 0 when not FP8.
+  int64_t fp8_block_out = 0, fp8_block_in = 0;
   bool has_bias = false;     // expert biases present (gpt-oss)
 
   // Routing, from config.json or the family's fixed facts; unset = unknown (the caller must say).

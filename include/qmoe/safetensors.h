@@ -54,6 +54,9 @@ class SafetensorsFile {
   // A view into the mapping (kept alive by the returned Tensor). Throws for dtypes qmoe does not
   // compute with. A tensor whose offset is not aligned for its dtype is copied into an aligned buffer.
   Tensor tensor(const std::string& name) const;
+  // The bytes of any tensor, whatever its dtype, as a 1-D U8 view (for formats qmoe decodes itself,
+  // such as FP8 weights).
+  Tensor bytes(const std::string& name) const;
 
  private:
   std::string path_;
@@ -78,6 +81,7 @@ class SafetensorsCheckpoint {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const SafetensorsEntry& entry(const std::string& name) const;
   Tensor tensor(const std::string& name) const;
+  Tensor bytes(const std::string& name) const;
   // The file holding `name` (opened on first use).
   const SafetensorsFile& file_of(const std::string& name) const;
 

@@ -7,10 +7,12 @@
 //     DeepSeek's shared_experts, Qwen2-MoE's shared_expert), which decide the routing facts.
 // Only headers are read here; expert bytes are converted to fp32 one expert at a time in expert().
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -178,6 +180,75 @@ const SafetensorsEntry& expect_u8(const SafetensorsCheckpoint& c, const std::str
   return en;
 }
 
+// fp32 copy of `count` elements starting at element `offset` of t, as `shape`.
+Tensor to_f32(const Tensor& t, int64_t offset, Shape shape) {
+  Tensor out(DType::f32, std::move(shape));
+  float* o = out.data_as<float>();
+  const int64_t n = out.numel();
+  for (int64_t i = 0; i < n; ++i) o[i] = load_as_float(t.dtype(), t.data(), offset + i);
+  return out;
+}
+
+// FP8 E4M3 ("fn": no infinities, S.1111.111 = NaN), as DeepSeek-V3 stores weights: 1 sign, 4 exponent
+// bits (bias 7), 3 mantissa bits; (8 + m) * 2^(e - 10) for normal numbers, m * 2^-9 for subnormals.
+float fp8_e4m3_to_float(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  float v;
+  if (e == 15 && m == 7) v = std::numeric_limits<float>::quiet_NaN();
+  else if (e == 0) v = std::ldexp(float(m), -9);
+  else v = std::ldexp(float(8 + m), e - 10);
+  return (b & 0x80) ? -v : v;
+}
+
+// A Linear weight [out, in]: float, or F8_E4M3 with its block scales "<name>_scale_inv". The FP8 block
+// size comes from config.json's quantization_config.weight_block_size (DeepSeek: [128, 128]), else 128.
+const SafetensorsEntry& expect_linear(const SafetensorsCheckpoint& c, const std::string& name, const Shape& shape,
+                                      CheckpointLayer& L, const json* block_cfg) {
+  if (!c.contains(name)) throw Error(c.folder() + ": tensor '" + name + "' is missing");
+  const SafetensorsEntry& en = c.entry(name);
+  if (en.dtype_name != "F8_E4M3") return expect_tensor(c, name, shape);
+  if (en.shape != shape)
+    throw Error(c.folder() + ": tensor '" + name + "': expected shape " + shape_str(shape) + ", got " + shape_str(en.shape));
+  const std::string sn = name + "_scale_inv";
+  if (!c.contains(sn))
+    throw Error(c.folder() + ": tensor '" + name + "' has dtype F8_E4M3 but no block scales '" + sn +
+                "'; qmoe reads F32, F16, BF16, or block-scaled FP8 weights");
+  if (L.fp8_block_out == 0) {
+    L.fp8_block_out = L.fp8_block_in = 128;
+    if (block_cfg && block_cfg->is_array() && block_cfg->size() == 2 && (*block_cfg)[0].is_number_integer() &&
+        (*block_cfg)[1].is_number_integer()) {
+      L.fp8_block_out = (*block_cfg)[0].get<int64_t>();
+      L.fp8_block_in = (*block_cfg)[1].get<int64_t>();
+    }
+    if (L.fp8_block_out < 1 || L.fp8_block_in < 1 || L.fp8_block_out > (1 << 20) || L.fp8_block_in > (1 << 20))
+      throw Error(c.folder() + ": config.json quantization_config.weight_block_size must hold two integers in [1, 2^20]");
+  }
+  const Shape want{(shape[0] + L.fp8_block_out - 1) / L.fp8_block_out, (shape[1] + L.fp8_block_in - 1) / L.fp8_block_in};
+  expect_tensor(c, sn, want);
+  return en;
+}
+
+// fp32 [out, in] of a Linear weight checked by expect_linear.
+Tensor load_linear(const CheckpointLayer& L, const std::string& name, int64_t out, int64_t in) {
+  const SafetensorsCheckpoint& c = L.checkpoint;
+  if (c.entry(name).dtype_name != "F8_E4M3") return to_f32(c.tensor(name), 0, {out, in});
+  static const auto lut = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[size_t(i)] = fp8_e4m3_to_float(uint8_t(i));
+    return t;
+  }();
+  const Tensor q = c.bytes(name);  // out * in bytes: the header check tied the byte count to the shape
+  const Tensor s = c.tensor(name + "_scale_inv");
+  const int64_t sc = s.dim(1);
+  Tensor w(DType::f32, {out, in});
+  float* o = w.data_as<float>();
+  const uint8_t* b = q.data_as<uint8_t>();
+  for (int64_t i = 0; i < out; ++i)
+    for (int64_t j = 0; j < in; ++j)
+      o[i * in + j] = lut[b[i * in + j]] * load_as_float(s.dtype(), s.data(), (i / L.fp8_block_out) * sc + j / L.fp8_block_in);
+  return w;
+}
+
 Shape shape_of(const SafetensorsCheckpoint& c, const std::string& name, const std::string& what) {
   if (!c.contains(name)) throw Error(c.folder() + ": " + what + " '" + name + "' is missing");
   return c.entry(name).shape;
@@ -198,15 +269,6 @@ int64_t count_experts(const std::vector<std::string>& names, const std::string& 
                 std::to_string(*idx.rbegin()) + " with " + std::to_string(n) + " present (expected 0.." +
                 std::to_string(n - 1) + ")");
   return n;
-}
-
-// fp32 copy of `count` elements starting at element `offset` of t, as `shape`.
-Tensor to_f32(const Tensor& t, int64_t offset, Shape shape) {
-  Tensor out(DType::f32, std::move(shape));
-  float* o = out.data_as<float>();
-  const int64_t n = out.numel();
-  for (int64_t i = 0; i < n; ++i) o[i] = load_as_float(t.dtype(), t.data(), offset + i);
-  return out;
 }
 
 // MXFP4 (OCP microscaling): 32 E2M1 codes share one E8M0 exponent (bias 127); the low nibble of a
@@ -258,6 +320,9 @@ CheckpointLayer open_checkpoint_layer(const std::string& path, int64_t layer) {
   L.layer = layer;
   const SafetensorsCheckpoint& c = L.checkpoint;
   const std::vector<std::string> names = c.names();
+  const Config cfg = read_config(c.folder());
+  const json* qcfg = cfg.find("quantization_config");
+  const json* fp8_block = qcfg && qcfg->is_object() && qcfg->contains("weight_block_size") ? &(*qcfg)["weight_block_size"] : nullptr;
 
   const auto layers = scan_moe_layers(names);
   if (layers.empty()) {
@@ -352,9 +417,9 @@ CheckpointLayer open_checkpoint_layer(const std::string& path, int64_t layer) {
     case ExpertNaming::block_sparse_moe:
     case ExpertNaming::mlp_experts:
       for (int64_t e = 0; e < E; ++e) {
-        const auto& g = expect_tensor(c, replace_e(L.source_names[0], e), {I, H});
-        expect_tensor(c, replace_e(L.source_names[1], e), {I, H});
-        expect_tensor(c, replace_e(L.source_names[2], e), {H, I});
+        const auto& g = expect_linear(c, replace_e(L.source_names[0], e), {I, H}, L, fp8_block);
+        expect_linear(c, replace_e(L.source_names[1], e), {I, H}, L, fp8_block);
+        expect_linear(c, replace_e(L.source_names[2], e), {H, I}, L, fp8_block);
         if (e == 0) L.source_dtype = g.dtype_name;
       }
       break;
@@ -395,7 +460,6 @@ CheckpointLayer open_checkpoint_layer(const std::string& path, int64_t layer) {
     throw Error(path + ": router bias '" + L.router_bias_name + "': expected shape [" + std::to_string(E) + "]");
 
   // ---- family and routing facts ----
-  const Config cfg = read_config(c.folder());
   const std::string model_type = cfg.get_string("model_type");
   static const std::set<std::string> kKnown = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe",
                                                 "deepseek_v2", "deepseek_v3", "gpt_oss"};
@@ -476,9 +540,9 @@ ExpertWeights CheckpointLayer::expert(int64_t e) const {
     case ExpertNaming::block_sparse_moe:
     case ExpertNaming::mlp_experts:
       // source_names order: gate, up, down.
-      w.gate = to_f32(c.tensor(replace_e(source_names[0], e)), 0, {I, H});
-      w.up = to_f32(c.tensor(replace_e(source_names[1], e)), 0, {I, H});
-      w.down = to_f32(c.tensor(replace_e(source_names[2], e)), 0, {H, I});
+      w.gate = load_linear(*this, replace_e(source_names[0], e), I, H);
+      w.up = load_linear(*this, replace_e(source_names[1], e), I, H);
+      w.down = load_linear(*this, replace_e(source_names[2], e), H, I);
       return w;
     case ExpertNaming::gpt_oss_fused: {
       // gate_up_proj[e] is [H, 2I] (x @ W layout, the transpose of Linear.weight) with gate at even

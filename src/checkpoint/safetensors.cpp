@@ -259,6 +259,11 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
   return t;
 }
 
+Tensor SafetensorsFile::bytes(const std::string& name) const {
+  const SafetensorsEntry& e = entry(name);
+  return Tensor::wrap(DType::u8, {int64_t(e.end - e.begin)}, const_cast<uint8_t*>(data_ + e.begin), mapping_);
+}
+
 // ---- checkpoint (one file or shards) ----
 
 namespace {
@@ -373,6 +378,8 @@ const SafetensorsFile& SafetensorsCheckpoint::file_of(const std::string& name) c
 const SafetensorsEntry& SafetensorsCheckpoint::entry(const std::string& name) const { return file_of(name).entry(name); }
 
 Tensor SafetensorsCheckpoint::tensor(const std::string& name) const { return file_of(name).tensor(name); }
+
+Tensor SafetensorsCheckpoint::bytes(const std::string& name) const { return file_of(name).bytes(name); }
 
 // ---- writer ----
 

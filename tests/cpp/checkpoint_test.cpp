@@ -669,3 +669,82 @@ TEST(OnnxExport, RefusesInvalidInputAndLeavesNothing) {
   EXPECT_FALSE(fs::exists(dir / "x.onnx"));
   EXPECT_TRUE(fs::is_empty(dir.str()));
 }
+
+namespace {
+
+// A safetensors file from raw byte blobs with any dtype string (the writer only knows qmoe's dtypes).
+void write_raw_st(const std::string& path, const std::vector<std::tuple<std::string, std::string, Shape, std::string>>& ts) {
+  std::string hdr = "{", data;
+  for (const auto& [name, dt, shape, bytes] : ts) {
+    std::string dims;
+    for (int64_t d : shape) dims += (dims.empty() ? "" : ",") + std::to_string(d);
+    hdr += (hdr.size() > 1 ? "," : "") + ("\"" + name + "\":{\"dtype\":\"" + dt + "\",\"shape\":[" + dims +
+                                          "],\"data_offsets\":[" + std::to_string(data.size()) + "," +
+                                          std::to_string(data.size() + bytes.size()) + "]}");
+    data += bytes;
+  }
+  hdr += "}";
+  hdr.append((8 - hdr.size() % 8) % 8, ' ');
+  std::string len(8, '\0');
+  for (int i = 0; i < 8; ++i) len[size_t(i)] = char(uint8_t(uint64_t(hdr.size()) >> (8 * i)));
+  write_text(path, len + hdr + data);
+}
+
+// E4M3 decoded by building the fp32 bit pattern (independent of the library's ldexp form).
+float e4m3_ref(uint8_t b) {
+  const uint32_t s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+  if (e == 0) return (s ? -1.f : 1.f) * float(m) / 512.f;
+  return bits_to_float((s << 31) | ((e - 7 + 127) << 23) | (m << 20));
+}
+
+}  // namespace
+
+TEST(Checkpoint, DeepSeekFp8BlockScaledExperts) {
+  EXPECT_EQ(e4m3_ref(0x38), 1.0f);
+  EXPECT_EQ(e4m3_ref(0x7E), 448.0f);
+  TempDir dir;
+  // Block 24 x 40 does not divide I=32 or H=64: partial blocks on both axes.
+  const int64_t bo = 24, bi = 40;
+  std::mt19937 rng(5);
+  std::vector<std::tuple<std::string, std::string, Shape, std::string>> ts;
+  std::map<std::string, std::pair<std::string, std::vector<float>>> src;  // name -> (fp8 bytes, scales)
+  for (int64_t e = 0; e < E; ++e)
+    for (auto [proj, out, in] : {std::tuple{"gate_proj", I, H}, std::tuple{"up_proj", I, H}, std::tuple{"down_proj", H, I}}) {
+      const std::string name = "model.layers.2.mlp.experts." + std::to_string(e) + "." + proj + ".weight";
+      std::string q(size_t(out * in), '\0');
+      for (char& ch : q) {
+        uint8_t b;
+        do b = uint8_t(rng());
+        while ((b & 0x7f) == 0x7f);  // skip NaN encodings
+        ch = char(b);
+      }
+      const Shape ss{(out + bo - 1) / bo, (in + bi - 1) / bi};
+      std::vector<float> sc(size_t(ss[0] * ss[1]));
+      for (float& v : sc) v = 0.001f * float(1 + rng() % 100);
+      ts.emplace_back(name, "F8_E4M3", Shape{out, in}, q);
+      ts.emplace_back(name + "_scale_inv", "F32", ss, std::string(reinterpret_cast<const char*>(sc.data()), sc.size() * 4));
+      src[name] = {q, sc};
+    }
+  write_raw_st(dir / "model.safetensors", ts);
+  write_text(dir / "config.json",
+             R"({"model_type":"deepseek_v3","num_experts_per_tok":2,"quantization_config":{"quant_method":"fp8","weight_block_size":[24,40]}})");
+  const CheckpointLayer L = open_checkpoint_layer(dir.str(), 2);
+  EXPECT_EQ(L.source_dtype, "F8_E4M3");
+  EXPECT_EQ(L.fp8_block_out, bo);
+  EXPECT_EQ(L.fp8_block_in, bi);
+  const ExpertWeights w = L.expert(3);
+  auto check = [&](const Tensor& got, const std::string& proj, int64_t out, int64_t in) {
+    const auto& [q, sc] = src.at("model.layers.2.mlp.experts.3." + proj + ".weight");
+    const int64_t scols = (in + bi - 1) / bi;
+    for (int64_t i = 0; i < out; ++i)
+      for (int64_t j = 0; j < in; ++j)
+        ASSERT_EQ(got.data_as<float>()[i * in + j], e4m3_ref(uint8_t(q[size_t(i * in + j)])) * sc[size_t((i / bo) * scols + j / bi)])
+            << proj << " " << i << "," << j;
+  };
+  check(w.gate, "gate_proj", I, H);
+  check(w.up, "up_proj", I, H);
+  check(w.down, "down_proj", H, I);
+  // Scales of the wrong shape for the configured block are refused.
+  write_text(dir / "config.json", R"({"model_type":"deepseek_v3","num_experts_per_tok":2})");  // block 128 -> [1, 1]
+  expect_error([&] { open_checkpoint_layer(dir.str(), 2); }, "gate_proj.weight_scale_inv': expected shape [1, 1], got [2, 2]");
+}
