@@ -449,8 +449,8 @@ Tensor Loader::load_tensor(pb::TensorProto& t, const std::string& role) {
   }
 
   // Typed fields (onnx.proto): FLOAT in float_data; FLOAT16, BFLOAT16 and UINT8 one value per int32
-  // in int32_data (fp16/bf16 as their 16-bit patterns).
-  Tensor out(*dt, shape);
+  // in int32_data (fp16/bf16 as their 16-bit patterns). Field and count are checked before the
+  // output buffer is allocated: the dims alone may declare terabytes.
   auto wrong_field = [&](const char* field) {
     fail(role + ": initializer '" + t.name() + "' of " + onnx_type_name(t.data_type()) + " stores its values in " +
          field + "; expected " + (*dt == DType::f32 ? "float_data" : "int32_data") + " or raw_data");
@@ -464,6 +464,7 @@ Tensor Loader::load_tensor(pb::TensorProto& t, const std::string& role) {
     if (uint64_t(t.float_data_size()) != uint64_t(numel))
       fail(role + ": initializer '" + t.name() + "' float_data has " + std::to_string(t.float_data_size()) +
            " values; shape " + shape_str(shape) + " needs " + std::to_string(numel));
+    Tensor out(*dt, shape);
     if (numel) std::memcpy(out.data(), t.float_data().data(), need);
     return out;
   }
@@ -471,6 +472,7 @@ Tensor Loader::load_tensor(pb::TensorProto& t, const std::string& role) {
   if (uint64_t(t.int32_data_size()) != uint64_t(numel))
     fail(role + ": initializer '" + t.name() + "' int32_data has " + std::to_string(t.int32_data_size()) +
          " values; shape " + shape_str(shape) + " needs " + std::to_string(numel));
+  Tensor out(*dt, shape);
   const int32_t maxv = *dt == DType::u8 ? 0xff : 0xffff;
   for (int64_t i = 0; i < numel; ++i) {
     const int32_t v = t.int32_data(int(i));
