@@ -286,59 +286,60 @@ Tensor dequantize_impl(const Tensor& weights, const Tensor& scales, const std::o
   return out;
 }
 
-Shape lead1(Shape s) {
-  s.insert(s.begin(), 1);
-  return s;
-}
-
 void expect_shape(const Tensor& t, const Shape& shape, const std::string& name) {
   if (t.shape() != shape) throw Error(name + ": expected shape " + shape_str(shape) + ", got " + shape_str(t.shape()));
 }
 
 }  // namespace
 
-Tensor dequantize_experts(const RawMatrix& m, int bits, int64_t block_size, int64_t K) {
-  check_bits(bits, "dequantize_experts");
-  check_block_size(block_size, "dequantize_experts");
+namespace {
+
+// Checks weights/scales/zero points of E experts (rank3) or one matrix (!rank3) and dequantizes.
+// Expected shapes are spelled the way the caller passed them, so a 2-D caller never sees [1, ...].
+Tensor dequantize_checked(const Tensor& weights, const Tensor& scales, const std::optional<Tensor>& zero_points,
+                          int bits, int64_t block_size, int64_t K, bool rank3, const std::string& who) {
+  check_bits(bits, who.c_str());
+  check_block_size(block_size, who.c_str());
   const int pack = 8 / bits;
-  if (m.weights.empty()) throw Error("dequantize_experts: weights missing");
-  if (m.weights.dtype() != DType::u8)
-    throw Error("dequantize_experts: weights: expected dtype uint8, got " + std::string(dtype_name(m.weights.dtype())));
-  if (m.weights.rank() != 3)
-    throw Error("dequantize_experts: weights: expected 3-D [E, N, K/pack], got shape " + shape_str(m.weights.shape()));
-  if (K <= 0 || K % pack != 0 || m.weights.dim(2) != K / pack)
-    throw Error("dequantize_experts: K = " + std::to_string(K) + " does not fit weights of shape " +
-                shape_str(m.weights.shape()) + " at " + std::to_string(bits) + " bits (expected K = " +
-                std::to_string(m.weights.dim(2) * pack) + ")");
-  const Shapes s{m.weights.dim(0), m.weights.dim(1), K};
-  if (m.scales.empty()) throw Error("dequantize_experts: scales missing");
-  check_float(m.scales.dtype(), "dequantize_experts: scales");
+  const int r = rank3 ? 3 : 2;
+  if (weights.empty()) throw Error(who + ": weights missing");
+  if (weights.dtype() != DType::u8)
+    throw Error(who + ": weights: expected dtype uint8, got " + std::string(dtype_name(weights.dtype())));
+  if (weights.rank() != r)
+    throw Error(who + ": weights: expected " + (rank3 ? "3-D [E, N, K/pack]" : "2-D [N, K/pack]") + ", got shape " +
+                shape_str(weights.shape()));
+  if (K <= 0 || K % pack != 0 || weights.dim(r - 1) != K / pack)
+    throw Error(who + ": K = " + std::to_string(K) + " does not fit weights of shape " + shape_str(weights.shape()) +
+                " at " + std::to_string(bits) + " bits (expected K = " + std::to_string(weights.dim(r - 1) * pack) + ")");
+  const Shapes s{rank3 ? weights.dim(0) : 1, weights.dim(r - 2), K};
+  auto lead = [&](Shape tail) {
+    if (rank3) tail.insert(tail.begin(), s.E);
+    return tail;
+  };
+  if (scales.empty()) throw Error(who + ": scales missing");
+  check_float(scales.dtype(), who + ": scales");
   const int64_t nb = block_size > 0 ? ceil_div(K, block_size) : 1;
-  Shape want_scales = block_size > 0 ? Shape{s.E, s.N, nb} : Shape{s.E, s.N};
-  if (block_size == 0 && m.scales.rank() == 3) want_scales.push_back(1);  // [E, N, 1] spells row-wise too
-  expect_shape(m.scales, want_scales, "dequantize_experts: scales");
-  if (m.zero_points) {
-    if (m.zero_points->dtype() != DType::u8)
-      throw Error("dequantize_experts: zero_points: expected dtype uint8, got " +
-                  std::string(dtype_name(m.zero_points->dtype())));
-    expect_shape(*m.zero_points,
-                 block_size > 0 ? Shape{s.E, s.N, ceil_div(nb, pack)} : Shape{s.E, ceil_div(s.N, pack)},
-                 "dequantize_experts: zero_points");
+  Shape want_scales = block_size > 0 ? lead({s.N, nb}) : lead({s.N});
+  if (block_size == 0 && scales.rank() == r) want_scales.push_back(1);  // [.., N, 1] spells row-wise too
+  expect_shape(scales, want_scales, who + ": scales");
+  if (zero_points) {
+    if (zero_points->dtype() != DType::u8)
+      throw Error(who + ": zero_points: expected dtype uint8, got " + std::string(dtype_name(zero_points->dtype())));
+    expect_shape(*zero_points, block_size > 0 ? lead({s.N, ceil_div(nb, pack)}) : lead({ceil_div(s.N, pack)}),
+                 who + ": zero_points");
   }
-  return dequantize_impl(m.weights, m.scales, m.zero_points, bits, block_size, s, {s.E, s.N, K});
+  return dequantize_impl(weights, scales, zero_points, bits, block_size, s, lead({s.N, K}));
+}
+
+}  // namespace
+
+Tensor dequantize_experts(const RawMatrix& m, int bits, int64_t block_size, int64_t K) {
+  return dequantize_checked(m.weights, m.scales, m.zero_points, bits, block_size, K, true, "dequantize_experts");
 }
 
 Tensor dequantize_matrix(const QuantizedMatrix& q, int bits, int64_t block_size) {
-  check_bits(bits, "dequantize_matrix");
-  if (q.weights.rank() != 2)
-    throw Error("dequantize_matrix: weights: expected 2-D [N, K/pack], got shape " + shape_str(q.weights.shape()));
-  // View the single matrix as one expert and reuse the checks of dequantize_experts.
-  RawMatrix m;
-  m.weights = q.weights.reshaped(lead1(q.weights.shape()));
-  m.scales = q.scales.empty() ? Tensor() : q.scales.reshaped(lead1(q.scales.shape()));
-  if (q.zero_points) m.zero_points = q.zero_points->reshaped(lead1(q.zero_points->shape()));
-  const int64_t K = q.weights.dim(1) * (8 / bits);
-  return dequantize_experts(m, bits, block_size, K).reshaped({q.weights.dim(0), K});
+  const int64_t K = q.weights.rank() == 2 && (bits == 2 || bits == 4 || bits == 8) ? q.weights.dim(1) * (8 / bits) : 0;
+  return dequantize_checked(q.weights, q.scales, q.zero_points, bits, block_size, K, false, "dequantize_matrix");
 }
 
 }  // namespace qmoe
