@@ -37,6 +37,7 @@ inline uint64_t touch_raw(const qmoe::RawExperts& r) {
 // Runs reference_forward on `tokens` rows of deterministic input when E*(fc1_rows+I)*H is small.
 // Returns false when the layer was too big to try.
 inline bool tiny_reference_run(const qmoe::MoeSpec& s, const qmoe::RawExperts& raw, int64_t tokens, uint32_t salt) {
+  if (s.num_experts > 4096 || s.hidden > 65536 || s.inter > 65536) return false;  // (harness: no overflow below)
   const int64_t work = s.num_experts * (s.fc1_rows() + 2 * s.inter) * s.hidden;
   if (work <= 0 || work > (int64_t(1) << 20) || tokens > 64) return false;
   qmoe::Tensor x(s.act_dtype, {tokens, s.hidden});

@@ -66,4 +66,12 @@ bool allow_std_exceptions() {
   return v;
 }
 
+bool verbose() {
+  static const bool v = [] {
+    const char* e = std::getenv("QMOE_FUZZ_VERBOSE");
+    return e && *e == '1';
+  }();
+  return v;
+}
+
 }  // namespace qmoe_fuzz

@@ -8,6 +8,7 @@
 // escaping a public entry point (the API promises qmoe::Error with a message; a std::out_of_range or
 // a JSON library exception reaching the caller is a bug). FUZZ_GUARD() implements that policy. Set
 // QMOE_FUZZ_ALLOW_STD=1 to tolerate std::exception (to keep fuzzing past a known finding of that kind).
+// QMOE_FUZZ_VERBOSE=1 prints every qmoe::Error, to see how far a seed gets.
 #pragma once
 
 #include <cstddef>
@@ -29,6 +30,8 @@ std::string write_file(const std::string& dir, const std::string& file, const vo
 void remove_file(const std::string& path);
 
 bool allow_std_exceptions();
+// QMOE_FUZZ_VERBOSE=1: print each qmoe::Error (to check what seeds reach).
+bool verbose();
 
 // Consumes bytes from the front of the fuzz input; returns zeros once it runs out.
 class Bytes {
@@ -59,7 +62,8 @@ class Bytes {
   do {                                                                                  \
     try {                                                                               \
       body;                                                                             \
-    } catch (const qmoe::Error&) {                                                      \
+    } catch (const qmoe::Error& e) {                                                    \
+      if (qmoe_fuzz::verbose()) __builtin_fprintf(stderr, "qmoe::Error: %s\n", e.what()); \
     } catch (const std::exception& e) {                                                 \
       if (!qmoe_fuzz::allow_std_exceptions()) {                                         \
         __builtin_fprintf(stderr, "FINDING: non-qmoe exception escaped: %s\n", e.what()); \

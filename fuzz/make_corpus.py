@@ -152,13 +152,13 @@ def make_onnx():
         return m.SerializeToString()
 
     put("onnx", "relu_int4", qmoe_model())
-    put("onnx", "swiglu_fused_int8_block", qmoe_model(act="swiglu", fusion=1, bits=8, block=16, k=2,
+    put("onnx", "swiglu_fused_int8_block", qmoe_model(act="swiglu", fusion=1, bits=8, block=16, k=2, H=64,
                                                        bias=True, zp=True))
     put("onnx", "swiglu_fc3_int2_fp16", qmoe_model(act="swiglu", fusion=0, bits=2, T=TensorProto.FLOAT16,
                                                      T2=np.float16, bias=True, E=3, k=2))
     put("onnx", "concat_gelu_zp", qmoe_model(act="swiglu", fusion=2, zp=True, H=32, I=16))
     put("onnx", "typed_fields", qmoe_model(typed=True, E=1, H=8, I=16))
-    put("onnx", "ort_cuda_layout", qmoe_model(layout="cuda", prepacked=1, H=64, I=32))
+    put("onnx", "ort_cuda_layout", qmoe_model(layout="cuda", prepacked=1, H=128, I=64))
     put("onnx", "ort_cuda_ambiguous", qmoe_model(layout="cuda", prepacked=-1, H=32, I=32))
     put("onnx", "external_ok", qmoe_model(external=[("weights.bin", 0), ("weights.bin", 128)]))
     put("onnx", "external_escape", qmoe_model(external=[("../weights.bin", 0)]))
