@@ -17,6 +17,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -157,10 +158,14 @@ nb::object dequantize(const Array& weights, const Array& scales, const std::stri
   return to_numpy(std::move(out));
 }
 
-// The Python-facing layer: a MoeLayer plus the names of its inputs when it came from a file.
+// The Python-facing layer: a MoeLayer and where it came from.
 struct PyLayer {
   std::unique_ptr<MoeLayer> layer;
   std::string source;  // "arrays" or the ONNX path
+  // run() releases the GIL, so two Python threads may call it at once; backends keep per-layer
+  // scratch state and are not promised to be re-entrant, so calls on one layer are serialized.
+  // (Taken after the GIL is released, so a waiting thread never blocks Python.)
+  std::mutex run_mutex;
 
   nb::object run(const Array& x, const Array& router_logits, std::optional<Array> router_weights) {
     const DType t = layer->spec().act_dtype;
@@ -171,6 +176,7 @@ struct PyLayer {
     Tensor out;
     {
       nb::gil_scoped_release unlocked;
+      std::lock_guard<std::mutex> lock(run_mutex);
       out = layer->run(in);
     }
     return to_numpy(std::move(out));

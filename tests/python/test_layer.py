@@ -10,6 +10,8 @@ Tolerance (relative max error, max|qmoe - model| / max|model|):
   ~K * 2^-24 * max|a*b| / max|out| ~ 1e-6 even with cancellation, while one wrong code, scale, zero
   point or route moves the output by >= 1e-3.
 - fp16: 2e-3. The output is rounded once to fp16 (2^-11 relative), inputs are fp16 on both sides.
+- bf16: 4e-3. The output is rounded once to bf16: at most 2^-8 = 3.9e-3 of the element, hence of
+  max|model|; inputs, biases and scales are the same bf16 values on both sides.
 """
 
 from __future__ import annotations
@@ -139,13 +141,22 @@ CONFIGS = [
         normalize=False, H=48, I=40, block=16, seed=8),
     Cfg("silu b4 block16 K%block!=0", act="silu", H=40, I=24, block=16, symmetric=False, bias=True, seed=9),
     Cfg("gelu fp16 T2=fp16", act="gelu", dtype="float16", scale_dtype="float16", block=16, bias=True, seed=10),
+    Cfg("swiglu fusion1 bf16 T2=bf16 router_weights", act="swiglu", fusion=1, dtype="bfloat16",
+        scale_dtype="bfloat16", bias=True, router_weights=True, seed=11),
 ]
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 4e-3}
+
+
+def np_type(dtype: str):
+    if dtype == "bfloat16":
+        return pytest.importorskip("ml_dtypes").bfloat16
+    return np.dtype(dtype).type
 
 
 def build(cfg: Cfg):
     """Random float weights quantized by qmoe.quantize; returns (Layer kwargs, model W, model B)."""
     rng = np.random.default_rng(cfg.seed)
-    np_t = np.float16 if cfg.dtype == "float16" else np.float32
+    np_t = np_type(cfg.dtype)
     shapes = {"fc1": (cfg.N1, cfg.H), "fc2": (cfg.H, cfg.I)}
     if cfg.act == "swiglu" and cfg.fusion == 0:
         shapes["fc3"] = (cfg.I, cfg.H)
@@ -170,7 +181,7 @@ def build(cfg: Cfg):
 
 def inputs(cfg: Cfg):
     rng = np.random.default_rng(cfg.seed + 100)
-    np_t = np.float16 if cfg.dtype == "float16" else np.float32
+    np_t = np_type(cfg.dtype)
     x = rng.standard_normal((cfg.rows, cfg.H)).astype(np_t)
     logits = rng.standard_normal((cfg.rows, cfg.E)).astype(np_t)  # continuous: no ties
     rw = rng.uniform(0.1, 1.0, (cfg.rows, cfg.E)).astype(np_t) if cfg.router_weights else None
@@ -190,7 +201,7 @@ def test_layer_matches_float64_model(cfg, backend):
     out = layer.run(x, logits, rw)
     assert out.dtype == x.dtype and out.shape == x.shape, f"{cfg}"
     want = model_forward(cfg, W, B, x, logits, rw)
-    tol = 1e-5 if cfg.dtype == "float32" else 2e-3
+    tol = TOL[cfg.dtype]
     err = rel_err(out, want)
     assert err <= tol, f"{cfg} backend={backend}: relative max error {err:.3g} > {tol}"
 
@@ -205,6 +216,21 @@ def test_three_d_input_keeps_its_shape():
     out = layer.run(x3, l2)
     assert out.shape == (2, 4, cfg.H)
     assert rel_err(out.reshape(8, -1), model_forward(cfg, W, B, x3.reshape(8, -1), l2)) <= 1e-5
+
+
+def test_concurrent_runs_on_one_layer_agree():
+    # run() releases the GIL; calls on one layer from several threads must give the serial answers.
+    import concurrent.futures
+
+    cfg = CONFIGS[5]
+    kwargs, _, _ = build(cfg)
+    layer = qmoe.Layer(**kwargs)
+    batches = [inputs(dataclasses.replace(cfg, seed=s, rows=33)) for s in range(8)]
+    serial = [layer.run(x, lg, rw) for x, lg, rw in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda b: layer.run(*b), batches * 4))
+    for i, out in enumerate(parallel):
+        assert np.array_equal(out, serial[i % 8]), f"batch {i % 8}"
 
 
 def test_model_detects_a_wrong_route():
