@@ -10,10 +10,17 @@ zero points packed along N (contract §5.3) unpacked first.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
-import qmoe
+# The module is built by `pip install .` or by CMake with -DQMOE_PYTHON=ON (then PYTHONPATH=<build>/python).
+# Where it is absent these tests skip instead of stopping the collection of the CLI tests beside them;
+# a module that is present but broken still fails loudly at the import below.
+if importlib.util.find_spec("qmoe") is None:
+    pytest.skip("the qmoe Python module is not built (pip install . or -DQMOE_PYTHON=ON)", allow_module_level=True)
+import qmoe  # noqa: E402
 
 BLOCKS = [16, 32, 64, 128, 256]
 
