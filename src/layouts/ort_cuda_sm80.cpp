@@ -6,8 +6,9 @@
 // steps literally (each step is its own function with its own inverse) so that a reader can check it
 // against the contract line by line; it is the reference. The inverse used on load instead walks the
 // file one 128-byte line at a time with a gather table derived from ort_cuda_locate(), which composes
-// the steps' position maps analytically. Two derivations (data movement vs. index algebra) that agree
-// on random data are the strongest check available without ORT's CUDA build.
+// the steps' position maps analytically. The tests check the two derivations (data movement vs. index
+// algebra) against each other on random data, and the forward transform against byte-exact goldens
+// from ORT's own packer (tests/cpp/ort_cuda_layout_test.cpp, docs/FORMAT.md §2.5).
 #include "qmoe/ort_cuda_layout.h"
 
 #include <algorithm>
@@ -40,7 +41,7 @@ int perm_inverse(int bits, int r) {
   const int* P = perm_table(bits);
   for (int i = 0; i < R; ++i)
     if (P[i] == r) return i;
-  return -1;  // unreachable: P is a permutation (checked by a test)
+  return -1;  // unreachable: P is a permutation (else StepsAgreeWithPositionMap fails)
 }
 
 // Element access on a buffer packed `8/bits` codes per byte, low bits = lower index.
