@@ -14,7 +14,6 @@
 #include <atomic>
 #include <bit>
 #include <cerrno>
-#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -486,14 +485,13 @@ OpenFile open_for_read(const std::string& path) {
   return f;
 }
 
-// Reads and checks the header (prelude, size, checksum unless !verify, fields).
-PackedHeader read_header(OpenFile& f, const std::string& path, bool verify, std::vector<uint8_t>* raw_out = nullptr) {
+// Reads and checks the header: prelude, size, checksum, fields. The buffer is sized from header_bytes
+// only after check_prelude bounded it by the file size and the 16 MiB limit.
+PackedHeader read_header(OpenFile& f, const std::string& path) {
   const uint64_t hb = check_prelude(f.prelude.data(), f.prelude.size(), f.size, path);
   std::vector<uint8_t> head(static_cast<size_t>(hb));
   pread_all(f.fd.fd, head.data(), head.size(), 0, path);
-  PackedHeader h = decode_impl(head.data(), head.size(), f.size, path, verify);
-  if (raw_out) *raw_out = std::move(head);
-  return h;
+  return decode_impl(head.data(), head.size(), f.size, path, true);
 }
 
 // Hashes the payload; with `blobs` non-null also reads each blob into a new tensor.
@@ -689,7 +687,7 @@ void save_packed(const std::string& path, const PackedExperts& packed, const std
 std::unique_ptr<PackedExperts> load_packed(const std::string& path, Backend& backend,
                                            const std::optional<MoeSpec>& expected) {
   OpenFile f = open_for_read(path);
-  const PackedHeader h = read_header(f, path, true);
+  const PackedHeader h = read_header(f, path);
   const LayoutTag want = backend.layout_for(h.spec);
   if (h.layout != want)
     throw Error(path + ": packed file holds layout " + printable(h.layout.to_string()) + ", but backend '" +
