@@ -674,6 +674,15 @@ void save_packed(const std::string& path, const PackedExperts& packed, const std
     }
     fd.fd = -1;
     if (::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path + ": rename from " + tmp + " failed: " + errno_str());
+    // Make the rename itself durable (a crash right after could otherwise lose the directory entry).
+    // Best effort: the file is complete either way.
+    const size_t slash = path.find_last_of('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      (void)::fsync(dfd);
+      ::close(dfd);
+    }
   } catch (...) {
     if (fd.fd >= 0) {
       ::close(fd.fd);
