@@ -2,13 +2,15 @@
 //
 // Usage: qmoe_bench_cpu [--quick] [--shapes mixtral,qwen3] [--tokens 1,8,64,512]
 //                       [--quants int4b32,int4b128,int8] [--threads N] [--isa auto|avx512|avx2|portable]
-//                       [--no-prepack] [--min-time S]
+//                       [--no-prepack] [--min-time S] [--scales f32|f16]
 // Prints the machine's read bandwidth (measured in this run: every thread sums a disjoint part of a
 // 1 GiB buffer, best of 5), then per shape and quantization the prepack rate and resident memory, and
-// per token count: median µs of one layer call (fp32 in/out, fp16 scales), the bytes floor and the
-// fraction of it reached, effective GFLOP/s.
+// per token count: median µs of one layer call (fp32 in/out; fp32 scales by default, as ORT's CPU
+// kernel needs T2 == T for the peer run of bench/ort_cpu_peer.py), wall and CPU time, the bytes floor
+// and the fraction of it reached, effective GFLOP/s.
 // Bytes floor (performance.md) = touched experts (counted from the routing actually used, averaged
-// over the rotating logit sets) x 3 H I x bytes/weight (int4: 0.5 + 2/bs, int8 row-wise: 1 + 2/K)
+// over the rotating logit sets) x 3 H I x bytes/weight (int4: 0.5 + S/bs, int8 row-wise: 1 + S/K, with
+// S the scale size of the run: 4 for fp32 scales, 2 for fp16 as in performance.md)
 // + activations (fp32 in + out: 8 T H); floor time = bytes / measured read bandwidth.
 // Weights are random bytes (generating them is much faster than quantizing floats; the kernels'
 // speed does not depend on the values). Logits rotate over 8 sets so repeated runs touch different
@@ -155,6 +157,7 @@ int main(int argc, char** argv) {
   std::string isa = "auto";
   bool prepack = true;
   double min_time = 1.0;
+  DType scale_dtype = DType::f32;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&]() -> std::string {
@@ -178,6 +181,8 @@ int main(int argc, char** argv) {
       isa = val();
     } else if (a == "--no-prepack") {
       prepack = false;
+    } else if (a == "--scales") {
+      scale_dtype = parse_dtype(val());
     } else if (a == "--min-time") {
       min_time = std::stod(val());
     } else {
@@ -210,7 +215,7 @@ int main(int argc, char** argv) {
       s.swiglu_fusion = SwigluFusion::interleaved;  // the mode ORT's CPU kernel accepts
       s.normalize_routing_weights = true;
       s.act_dtype = DType::f32;
-      s.scale_dtype = DType::f16;
+      s.scale_dtype = scale_dtype;
 
       reset_hwm();
       const double rss0 = rss_mb().first;
@@ -230,7 +235,8 @@ int main(int argc, char** argv) {
                   raw_bytes / 1e6, double(packed->resident_bytes()) / 1e6, t_pack, c_pack, raw_bytes / t_pack / 1e9, rss, rss - rss0,
                   hwm, hwm - rss0);
 
-      const double bpw = q->bits == 4 ? 0.5 + 2.0 / double(q->block) : 1.0 + 2.0 / double(s.hidden);
+      const double ssz = double(dtype_size(scale_dtype));
+      const double bpw = q->bits == 4 ? 0.5 + ssz / double(q->block) : 1.0 + ssz / double(s.hidden);
       for (int64_t T : tokens) {
         const int sets = 8;
         Rng r(uint64_t(T) * 77 + 5);

@@ -3,7 +3,7 @@
 //   expert (counting sort; idle experts get no work) -> FC1 + activation -> FC2 + bias -> combine each
 //   token's k routes in selection order, round to T once.
 // FC1 and FC2 are each one parallel_for over (active expert x chunk of 32-row pairs), so at decode two
-// threads split one expert's rows; within a pair, tokens go through the kernel kMaxTokens at a time,
+// threads split one expert's rows; within a pair, tokens go through the kernel max_tokens at a time,
 // so a pair's weights (L1/L2 resident) are reused across all the expert's tokens at prefill. Every
 // output element is computed by exactly one task in a fixed order, so results are bitwise identical
 // for any thread count, and the prepack-off path (which packs each pair into scratch with the same
@@ -176,9 +176,15 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
   return tasks;
 }
 
+// Activation buffers kept across calls: a fresh 50 MB allocation per call (T=512) costs a page fault
+// per 4 KB, measured at ~20% of the layer on this VM. Every element a call reads is written by it.
+struct RunScratch {
+  std::vector<float> X, A, Y;
+};
+
 template <class Source>
 void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
-               const MoeInputs& in, Tensor& out) {
+               const MoeInputs& in, Tensor& out, RunScratch& scratch) {
   const int64_t rows = input_rows(in), H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   if (rows == 0) return;
   const PairKernel kernel = kernel_for(ks, s.bits);
@@ -200,14 +206,21 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
 
   // fp32 activations, zero-padded: the kernels read up to jbytes*pack (<= K + 8) columns.
   const int64_t XW = round_up(H + 8, 16), AW = round_up(I + 8, 16);
-  std::vector<float> X(size_t(rows * XW), 0.f);
-  std::vector<float> A(size_t(rows * k * AW), 0.f);  // FC1 activations per grouped position
-  std::vector<float> Y(size_t(rows * k * H));         // FC2 output per slot (every slot written)
+  auto grow = [](std::vector<float>& v, int64_t n) {
+    if (int64_t(v.size()) < n) v.resize(size_t(n));
+    return v.data();
+  };
+  float* X = grow(scratch.X, rows * XW);
+  float* A = grow(scratch.A, rows * k * AW);  // FC1 activations per grouped position
+  float* Y = grow(scratch.Y, rows * k * H);   // FC2 output per slot (every slot written)
   const int threads = pool.threads();
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
-    for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t)
-      for (int64_t i = 0; i < H; ++i) X[size_t(t * XW + i)] = load_as_float(in.input.dtype, in.input.data, t * H + i);
+    for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t) {
+      for (int64_t i = 0; i < H; ++i) X[t * XW + i] = load_as_float(in.input.dtype, in.input.data, t * H + i);
+      std::fill(X + t * XW + H, X + (t + 1) * XW, 0.f);  // the kernels read these columns
+      for (int64_t j = 0; j < k; ++j) std::fill(A + (t * k + j) * AW + I, A + (t * k + j + 1) * AW, 0.f);
+    }
   });
 
   // FC1 + bias + activation -> A.
@@ -219,18 +232,18 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     const Task& task = t1[size_t(ti)];
     Scratch sc;
     float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.max_tokens;
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0);
       const TileRef tb = src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1);
       PairJob jb = job_for(pa.geom, ta, tb);
       jb.acc = acc;
-      for (int64_t g = 0; g < m; g += kMaxTokens) {
-        jb.tokens = int(std::min<int64_t>(kMaxTokens, m - g));
-        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = &X[size_t(order[size_t(o + g + i)] / k * XW)];
+      for (int64_t g = 0; g < m; g += mt) {
+        jb.tokens = int(std::min<int64_t>(mt, m - g));
+        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = X + order[size_t(o + g + i)] / k * XW;
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
-          float* a = &A[size_t((o + g + i) * AW)];
+          float* a = A + (o + g + i) * AW;
           const float* h = acc + i * kPairRows;
           if (swiglu) {
             for (int l = 0; l < kTileRows; ++l) {
@@ -265,18 +278,18 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     const Task& task = t2[size_t(ti)];
     Scratch sc;
     float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.max_tokens;
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(p2, task.e, 2 * p, sc, 0);
       const TileRef tb = src.tile(p2, task.e, 2 * p + 1, sc, 1);
       PairJob jb = job_for(p2.geom, ta, tb);
       jb.acc = acc;
-      for (int64_t g = 0; g < m; g += kMaxTokens) {
-        jb.tokens = int(std::min<int64_t>(kMaxTokens, m - g));
-        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = &A[size_t((o + g + i) * AW)];
+      for (int64_t g = 0; g < m; g += mt) {
+        jb.tokens = int(std::min<int64_t>(mt, m - g));
+        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = A + (o + g + i) * AW;
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
-          float* y = &Y[size_t(order[size_t(o + g + i)] * H)];
+          float* y = Y + order[size_t(o + g + i)] * H;
           const float* h = acc + i * kPairRows;
           for (int l = 0; l < kPairRows; ++l) {
             const int64_t r = p * kPairRows + l;
@@ -294,7 +307,7 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t)
       for (int64_t i = 0; i < H; ++i) {
         float acc = 0.f;
-        for (int64_t j = 0; j < k; ++j) acc += routes[size_t(t * k + j)].weight * Y[size_t((t * k + j) * H + i)];
+        for (int64_t j = 0; j < k; ++j) acc += routes[size_t(t * k + j)].weight * Y[(t * k + j) * H + i];
         store_from_float(out.dtype(), out.data(), t * H + i, acc);
       }
   });
@@ -363,10 +376,10 @@ class CpuBackend final : public Backend {
     std::lock_guard<std::mutex> lk(mu_);  // the pool runs one layer at a time
     if (opt_.prepack) {
       const auto& p = static_cast<const CpuPackedExperts&>(packed);
-      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output);
+      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output, scratch_);
     } else {
       const auto& r = static_cast<const CpuRawExperts&>(packed);
-      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output);
+      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output, scratch_);
     }
   }
 
@@ -376,7 +389,8 @@ class CpuBackend final : public Backend {
   CpuBackendOptions opt_;
   const KernelSet* kernels_;
   std::unique_ptr<ThreadPool> pool_;
-  std::mutex mu_;
+  std::mutex mu_;      // one run or prepack at a time: the pool and scratch_ are shared
+  RunScratch scratch_;
 };
 
 }  // namespace

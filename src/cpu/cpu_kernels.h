@@ -19,7 +19,7 @@
 
 namespace qmoe::cpu {
 
-inline constexpr int kMaxTokens = 4;  // token rows per kernel call (AVX-512: 16 FMA chains at 4)
+inline constexpr int kMaxTokens = 8;  // most token rows per kernel call (KernelSet::max_tokens <= this)
 
 struct PairJob {
   const uint8_t* codes[2];        // tile starts: [J][16] bytes each
@@ -30,7 +30,7 @@ struct PairJob {
   int64_t block_bytes = 0;        // bytes of a row per block (even)
   int bits = 4;
   DType scale_dtype = DType::f32;
-  int tokens = 1;                 // 1..kMaxTokens
+  int tokens = 1;                 // 1..KernelSet::max_tokens
   const float* x[kMaxTokens];     // fp32 activation rows, readable and zero up to jbytes * (8/bits)
   float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
 };
@@ -40,6 +40,7 @@ using PairKernel = void (*)(const PairJob&);
 struct KernelSet {
   const char* isa;  // "portable", "avx2", "avx512"
   PairKernel w2, w4, w8;
+  int max_tokens;   // token rows one call takes: what fits the ISA's registers
 };
 
 const KernelSet& portable_kernels();

@@ -88,7 +88,7 @@ void groups(const PairJob& jb, int g0, int64_t b, int64_t j0, int64_t j1, float*
 template <int MT, int BITS>
 void pair(const PairJob& jb) {
   constexpr int G = MT == 1 ? 4 : MT == 2 ? 2 : 1;
-  float acc[kMaxTokens * kPairRows] = {};
+  float acc[MT * kPairRows] = {};
   for (int64_t b = 0; b < jb.nb; ++b) {
     const int64_t j0 = b * jb.block_bytes, j1 = std::min(j0 + jb.block_bytes, jb.jbytes);
     for (int g0 = 0; g0 < 4; g0 += G) groups<MT, G, BITS>(jb, g0, b, j0, j1, acc);
@@ -111,7 +111,7 @@ void avx2_pair(const PairJob& jb) {
 
 const KernelSet& avx2_kernels() {
   // 2-bit weights take the portable kernel (same arithmetic, so results still agree bit for bit).
-  static const KernelSet k{"avx2", portable_kernels().w2, avx2_pair<4>, avx2_pair<8>};
+  static const KernelSet k{"avx2", portable_kernels().w2, avx2_pair<4>, avx2_pair<8>, 4};
   return k;
 }
 

@@ -54,7 +54,7 @@ void pair_portable(const PairJob& jb) {
 }  // namespace
 
 const KernelSet& portable_kernels() {
-  static const KernelSet k{"portable", pair_portable, pair_portable, pair_portable};
+  static const KernelSet k{"portable", pair_portable, pair_portable, pair_portable, kMaxTokens};
   return k;
 }
 
