@@ -5,7 +5,7 @@
 #
 #   scripts/fuzz.sh [seconds-per-fuzzer] [fuzzer ...]      (default: 60 s, all six)
 #
-# Environment: QMOE_FUZZ_PARALLEL (fuzzers at once, default 1), QMOE_FUZZ_JOBS (build jobs, default 2),
+# Environment: QMOE_FUZZ_NO_BUILD=1 (use the binaries as they are), QMOE_FUZZ_PARALLEL (fuzzers at once, default 1), QMOE_FUZZ_JOBS (build jobs, default 2),
 # QMOE_FUZZ_NICE (default 19), QMOE_FUZZ_BUILD (build dir, default build-fuzz), QMOE_FUZZ_ARGS (extra
 # libFuzzer flags).
 #
@@ -26,15 +26,22 @@ jobs=${QMOE_FUZZ_JOBS:-2}
 par=${QMOE_FUZZ_PARALLEL:-1}
 nicev=${QMOE_FUZZ_NICE:-19}
 
-if [ ! -f "$build/build.ninja" ]; then
-  cmake -S fuzz -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang >/dev/null
-fi
 targets=()
 for f in "${fuzzers[@]}"; do targets+=("fuzz_$f"); done
-nice -n "$nicev" ninja -C "$build" -j "$jobs" "${targets[@]}" >/dev/null || {
-  echo "fuzz.sh: build failed; rerun: ninja -C $build ${targets[*]}" >&2
-  exit 1
-}
+if [ "${QMOE_FUZZ_NO_BUILD:-0}" != 1 ]; then
+  mkdir -p "$build"
+  # One build at a time in $build (several fuzz.sh may run side by side).
+  exec 9>"$build/.fuzz-build.lock"
+  flock 9
+  if [ ! -f "$build/build.ninja" ]; then
+    cmake -S fuzz -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang >/dev/null
+  fi
+  nice -n "$nicev" ninja -C "$build" -j "$jobs" "${targets[@]}" >/dev/null || {
+    echo "fuzz.sh: build failed; rerun: ninja -C $build ${targets[*]}" >&2
+    exit 1
+  }
+  flock -u 9
+fi
 
 mkdir -p "$build/logs"
 stats="$build/fuzz-stats.tsv"

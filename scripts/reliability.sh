@@ -17,10 +17,11 @@ jobs=${QMOE_FUZZ_JOBS:-2}
 step() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
 step "build fuzzers and reliability tests (clang, ASan + UBSan) in $build"
+mkdir -p "$build"
 if [ ! -f "$build/build.ninja" ]; then
   cmake -S fuzz -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang >/dev/null
 fi
-ninja -C "$build" -j "$jobs" >/dev/null
+flock "$build/.fuzz-build.lock" ninja -C "$build" -j "$jobs" >/dev/null
 
 step "reliability tests under ASan + UBSan (bounded resources, determinism, bad inputs)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
