@@ -84,33 +84,44 @@ std::string layer_list(const std::map<int64_t, std::vector<LayerHit>>& layers) {
   return s;
 }
 
-// config.json (or its text_config for multimodal models) as a small lookup.
+// config.json (or its text_config for multimodal models) as a small lookup. A key that is present
+// with the wrong JSON type is an error, not "absent": a silently ignored "num_experts_per_tok": "2"
+// would let a family default stand in for what the file meant to say.
 struct Config {
   json root = json::object();
+  std::string path;
   const json* find(const char* key) const {
     if (root.contains(key)) return &root[key];
     const auto tc = root.find("text_config");
     if (tc != root.end() && tc->is_object() && tc->contains(key)) return &(*tc)[key];
     return nullptr;
   }
+  [[noreturn]] void bad(const char* key, const char* want, const json& v) const {
+    throw Error(path + ": '" + key + "' must be " + want + ", got " + v.dump());
+  }
   std::optional<int64_t> get_int(const char* key) const {
     const json* v = find(key);
-    if (v && v->is_number_integer()) return v->get<int64_t>();
-    return std::nullopt;
+    if (!v || v->is_null()) return std::nullopt;
+    if (!v->is_number_integer()) bad(key, "an integer", *v);
+    return v->get<int64_t>();
   }
   std::optional<bool> get_bool(const char* key) const {
     const json* v = find(key);
-    if (v && v->is_boolean()) return v->get<bool>();
-    return std::nullopt;
+    if (!v || v->is_null()) return std::nullopt;
+    if (!v->is_boolean()) bad(key, "true or false", *v);
+    return v->get<bool>();
   }
   std::optional<double> get_number(const char* key) const {
     const json* v = find(key);
-    if (v && v->is_number()) return v->get<double>();
-    return std::nullopt;
+    if (!v || v->is_null()) return std::nullopt;
+    if (!v->is_number()) bad(key, "a number", *v);
+    return v->get<double>();
   }
   std::string get_string(const char* key) const {
     const json* v = find(key);
-    return v && v->is_string() ? v->get<std::string>() : std::string();
+    if (!v || v->is_null()) return std::string();
+    if (!v->is_string()) bad(key, "a string", *v);
+    return v->get<std::string>();
   }
 };
 
@@ -148,6 +159,7 @@ Config read_config(const std::string& folder) {
     throw Error(p.string() + ": not valid JSON (" + e.what() + ")");
   }
   if (!c.root.is_object()) throw Error(p.string() + ": not a JSON object");
+  c.path = p.string();
   return c;
 }
 

@@ -545,6 +545,10 @@ TEST(Checkpoint, ErrorsNameWhatWasFound) {
     expect_error([&] { open_checkpoint_layer(dir.str(), 0); }, "says 9 experts per token, but layer 0 has 4 experts");
     write_text(dir / "config.json", "{");
     expect_error([&] { open_checkpoint_layer(dir.str(), 0); }, "config.json: not valid JSON");
+    write_text(dir / "config.json", R"({"model_type":"mixtral","num_experts_per_tok":"2"})");
+    expect_error([&] { open_checkpoint_layer(dir.str(), 0); }, "config.json: 'num_experts_per_tok' must be an integer, got \"2\"");
+    write_text(dir / "config.json", R"({"text_config":{"norm_topk_prob":1}})");
+    expect_error([&] { open_checkpoint_layer(dir.str(), 0); }, "'norm_topk_prob' must be true or false, got 1");
     fs::remove(dir / "config.json");
   }
 }
