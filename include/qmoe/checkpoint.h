@@ -90,6 +90,10 @@ struct CheckpointLayer {
 // matches, when the layer has no experts (naming the layers that have), or on inconsistent shapes.
 CheckpointLayer open_checkpoint_layer(const std::string& path, int64_t layer);
 
+// Indices of the decoder layers that have MoE experts in any recognised naming, ascending (headers
+// only; e.g. for `qmoe inspect` or to quantize every MoE layer). Empty when there are none.
+std::vector<int64_t> checkpoint_moe_layers(const std::string& path);
+
 struct CheckpointQuantizeOptions {
   QuantizeOptions quant;                     // bits, block_size, symmetric, scale dtype (T2)
   DType act_dtype = DType::f32;              // T of the exported layer (biases are stored in it)

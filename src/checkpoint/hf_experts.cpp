@@ -542,6 +542,12 @@ CheckpointLayer open_checkpoint_layer(const std::string& path, int64_t layer) {
   return L;
 }
 
+std::vector<int64_t> checkpoint_moe_layers(const std::string& path) {
+  std::vector<int64_t> out;
+  for (const auto& [layer, hits] : scan_moe_layers(SafetensorsCheckpoint::open(path).names())) out.push_back(layer);
+  return out;
+}
+
 ExpertWeights CheckpointLayer::expert(int64_t e) const {
   if (e < 0 || e >= num_experts)
     throw Error("expert " + std::to_string(e) + " out of range [0, " + std::to_string(num_experts) + ")");

@@ -218,6 +218,7 @@ TEST(Checkpoint, QwenMoeFromConfigAndDenseLayerError) {
   EXPECT_EQ(L.normalize_routing_weights, true);
   EXPECT_EQ(L.source_dtype, "F32");
   EXPECT_EQ(L.expert(3).down.data_as<float>()[5], at(b, "model.layers.1.mlp.experts.3.down_proj.weight", 5));
+  EXPECT_EQ(checkpoint_moe_layers(dir.str()), (std::vector<int64_t>{1}));
   expect_error([&] { open_checkpoint_layer(dir.str(), 0); }, "layer 0 has no MoE experts");
   expect_error([&] { open_checkpoint_layer(dir.str(), 7); }, "layers with experts: 1");
 }
