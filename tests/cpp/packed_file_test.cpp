@@ -1,6 +1,7 @@
 // Packed weight files: XXH64 against known vectors, a bitwise round trip through the reference
-// backend, and one test per way a file can be wrong, each expecting its own error. The weights are
-// random bytes and scales (the layer need not be meaningful to test the container).
+// backend, one test per way a file can be wrong (each expecting its own error), header fuzzing, and
+// issue 3's four-way parity test on the CPU backend. The weights are random bytes and scales (the
+// layer need not be meaningful to test the container).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
+#include "qmoe/ort_cuda_layout.h"
 #include "qmoe/packed_file.h"
 #include "qmoe/raw_experts.h"
 
@@ -397,4 +399,62 @@ TEST_F(PackedFile, HostileHeadersNeverCrash) {
     const std::string p = write("cut.qmoe", Bytes(f.begin(), f.begin() + std::ptrdiff_t(len)));
     EXPECT_THROW(load_packed(p, *backend_), Error) << "length " << len;
   }
+}
+
+// ---- the issue-3 parity test ------------------------------------------------------------------
+//
+// One layer run four ways on the fast CPU backend: raw weights prepacked at load, the same packed
+// weights through an offline packed file, prepack off (straight from raw bytes), and the weights
+// imported from ORT's CUDA layout. All four outputs must be bitwise identical.
+
+TEST(PackedParity, FourWaysBitwiseIdentical) {
+  const fs::path dir = fs::temp_directory_path() / ("qmoe_parity_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(32)}) {
+      const uint64_t seed = 777 + uint64_t(bits * 10 + block);
+      SCOPED_TRACE("seed " + std::to_string(seed) + " int" + std::to_string(bits) + " block " + std::to_string(block));
+      MoeSpec s;
+      s.num_experts = 4, s.hidden = 64, s.inter = 64, s.k = 2, s.bits = bits, s.block_size = block;
+      s.activation = Activation::swiglu;
+      s.swiglu_fusion = SwigluFusion::interleaved;
+      s.normalize_routing_weights = true;
+      s.fc1_bias = s.fc2_zero_points = true;
+      const RawExperts raw = random_raw(s, seed);
+
+      std::mt19937_64 rng(seed + 1);
+      const int64_t rows = 6;
+      const Tensor x = random_floats(DType::f32, {rows, s.hidden}, rng, -1.f, 1.f);
+      const Tensor logits = random_floats(DType::f32, {rows, s.num_experts}, rng, -2.f, 2.f);
+      const MoeInputs in{x.view(), logits.view(), std::nullopt};
+      auto run = [&](Backend& be, const PackedExperts& p) {
+        Tensor y(DType::f32, {rows, s.hidden});
+        be.run(p, in, y);
+        return y;
+      };
+
+      auto fast = make_cpu_backend({1, true, "auto"});
+      const auto packed = fast->prepack(s, raw);
+      const Tensor y_prepacked = run(*fast, *packed);
+
+      const std::string file = (dir / "layer.qmoe").string();
+      save_packed(file, *packed);
+      const Tensor y_file = run(*fast, *load_packed(file, *fast, s));
+
+      auto slow = make_cpu_backend({1, false, "auto"});
+      const Tensor y_raw = run(*slow, *slow->prepack(s, raw));
+
+      RawExperts imported = raw;
+      const int64_t N1 = fc_rows(s, Fc::fc1), K1 = fc_cols(s, Fc::fc1);
+      const int64_t N2 = fc_rows(s, Fc::fc2), K2 = fc_cols(s, Fc::fc2);
+      imported.fc1.weights = ort_cuda_to_raw(raw_to_ort_cuda(raw.fc1.weights, N1, K1, bits), N1, K1, bits);
+      imported.fc2.weights = ort_cuda_to_raw(raw_to_ort_cuda(raw.fc2.weights, N2, K2, bits), N2, K2, bits);
+      const Tensor y_ort = run(*fast, *fast->prepack(s, std::move(imported)));
+
+      const size_t n = y_prepacked.nbytes();
+      EXPECT_EQ(std::memcmp(y_file.data(), y_prepacked.data(), n), 0) << "packed file differs from prepack at load";
+      EXPECT_EQ(std::memcmp(y_raw.data(), y_prepacked.data(), n), 0) << "prepack off differs from prepack on";
+      EXPECT_EQ(std::memcmp(y_ort.data(), y_prepacked.data(), n), 0) << "ORT-layout import differs";
+    }
+  fs::remove_all(dir);
 }
