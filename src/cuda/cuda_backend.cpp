@@ -161,11 +161,12 @@ std::vector<size_t> expected_sizes(const MoeSpec& s) {
 
 // Per-run configuration (printable): problem -> config.
 struct RunConfig {
-  int nt = 1, chunk = 8, max_items = 0, splits = 1;
+  int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1;
   int64_t spans_per_split = 0;
   std::string str() const {
     std::ostringstream os;
-    os << "nt=" << nt << " max_items=" << max_items << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
+    os << "nt=" << nt << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
+       << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
     return os.str();
   }
 };
@@ -397,12 +398,20 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   c.nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
   c.chunk = 8 * c.nt;
   c.max_items = int(touched + slots / c.chunk);
-  // fc2 split-K: aim for ~24 warps per SM; each split keeps >= 4 spans (2 KB per warp) so the
-  // 4-deep load pipeline fills.
-  const int64_t warps = std::max<int64_t>(1, int64_t(std::max(c.max_items, 1)) * p.geom.fc2.MT);
+  // Parallelism: aim for ~24 streaming warps per SM. First split K inside a block (kw warps per
+  // tile, >= 3 spans each), then (fc2 only) across blocks, with >= 4 spans per split.
   const int64_t target = int64_t(sms_) * 24;
+  const int64_t items = std::max(c.max_items, 1);
+  auto pick_kw = [&](int64_t warps, int64_t S) {
+    int kw = 1;
+    while (kw < 4 && warps * kw < target && S / (2 * kw) >= 3) kw *= 2;
+    return kw;
+  };
+  c.kw1 = pick_kw(items * p.geom.fc1.MT, p.geom.fc1.S);
+  c.kw2 = pick_kw(items * p.geom.fc2.MT, p.geom.fc2.S);
+  const int64_t warps = items * p.geom.fc2.MT * c.kw2;
   int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / 4));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / (4 * c.kw2)));
   c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;
   c.splits = int((p.geom.fc2.S + c.spans_per_split - 1) / c.spans_per_split);
   return c;
@@ -525,6 +534,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.H = s.hidden;
   f1.splits = 1;
   f1.spans_per_split = p.geom.fc1.S;
+  f1.kw = c.kw1;
   cuda::launch_fc1(f1, st);
 
   cuda::FcArgs f2 = f1;
@@ -537,6 +547,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f2.y = ws_.ybuf.as<float>();
   f2.splits = c.splits;
   f2.spans_per_split = c.spans_per_split;
+  f2.kw = c.kw2;
   cuda::launch_fc2(f2, st);
 
   cuda::CombineArgs ca;

@@ -15,6 +15,7 @@
 
 #include <climits>
 #include <cstdio>
+#include <algorithm>
 #include <type_traits>
 
 #include "cuda_kernels.h"
@@ -23,7 +24,8 @@ namespace qmoe::cuda {
 
 namespace {
 
-constexpr int kWarps = 4;  // warps (= 16-row tiles) per FC block
+constexpr int kWarps = 4;        // warps per FC block
+constexpr int kScaleChunk = 64;  // scale blocks per warp held in shared memory at a time
 
 __device__ __forceinline__ float load_elt(const void* p, int64_t i, Elt e) {
   switch (e) {
@@ -160,11 +162,11 @@ __device__ __forceinline__ int warp_min_int(int v) {
 }
 
 // Sparse mixer weight of `chosen` (see routing.cpp): 1 / sum over unmasked e of exp(score_e - max).
-__device__ float sparse_mixer_weight_dev(const RouteArgs& a, int64_t row, int chosen, int removed) {
-  const float max_val = load_elt(a.logits, row + chosen, a.elt);
+__device__ float sparse_mixer_weight_dev(const RouteArgs& a, const float* lg, int chosen, int removed) {
+  const float max_val = lg[chosen];
   float denom = 0.f;
   for (int e = threadIdx.x & 31; e < a.E; e += 32) {
-    const float l = load_elt(a.logits, row + e, a.elt);
+    const float l = lg[e];
     if (e == removed) continue;                    // score set to -inf
     if (isinf(l) && l < 0) continue;               // already -inf
     const float al = fabsf(l);
@@ -176,13 +178,16 @@ __device__ float sparse_mixer_weight_dev(const RouteArgs& a, int64_t row, int ch
 }
 
 __global__ void route_kernel(RouteArgs a) {
-  extern __shared__ uint32_t route_mask[];
+  extern __shared__ uint32_t route_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
   if (t >= a.T) return;
   const int E = a.E, words = (E + 31) >> 5;
-  uint32_t* mask = route_mask + warp * words;
+  // Per warp: the token's logits as fp32 (read from global once, coalesced) and the chosen mask.
+  float* lg = reinterpret_cast<float*>(route_smem) + size_t(warp) * (E + words);
+  uint32_t* mask = reinterpret_cast<uint32_t*>(lg + E);
   for (int i = lane; i < words; i += 32) mask[i] = 0;
+  for (int e = lane; e < E; e += 32) lg[e] = load_elt(a.logits, t * E + e, a.elt);
   __syncwarp();
   const int64_t row = t * E;
   for (int j = 0; j < a.k; ++j) {
@@ -193,7 +198,7 @@ __global__ void route_kernel(RouteArgs a) {
     float bv = 0.f;
     for (int e = lane; e < E; e += 32) {
       if ((mask[e >> 5] >> (e & 31)) & 1u) continue;
-      const float v = load_elt(a.logits, row + e, a.elt);
+      const float v = lg[e];
       if (first == INT_MAX) first = e;
       if (v == v && (bi < 0 || v > bv)) bv = v, bi = e;
     }
@@ -203,7 +208,7 @@ __global__ void route_kernel(RouteArgs a) {
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
     }
-    const float fv = load_elt(a.logits, row + first, a.elt);
+    const float fv = lg[first];
     const int sel = (fv != fv || bi < 0) ? first : bi;
     if (lane == 0) {
       mask[sel >> 5] |= 1u << (sel & 31);
@@ -215,21 +220,21 @@ __global__ void route_kernel(RouteArgs a) {
   float* rw = a.route_w + t * a.k;
   if (a.sparse_mixer) {  // k == 2
     const int e0 = re[0], e1 = re[1];
-    const float w0 = sparse_mixer_weight_dev(a, row, e0, -1);
-    const float w1 = sparse_mixer_weight_dev(a, row, e1, e0);
+    const float w0 = sparse_mixer_weight_dev(a, lg, e0, -1);
+    const float w1 = sparse_mixer_weight_dev(a, lg, e1, e0);
     if (lane == 0) rw[0] = w0, rw[1] = w1;
   } else if (a.router_weights) {
     if (lane == 0)
       for (int j = 0; j < a.k; ++j) rw[j] = load_elt(a.router_weights, row + re[j], a.elt);
   } else {
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, load_elt(a.logits, row + e, a.elt));
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int e = lane; e < E; e += 32) sum += expf(load_elt(a.logits, row + e, a.elt) - mx);
+    for (int e = lane; e < E; e += 32) sum += expf(lg[e] - mx);
     sum = warp_sum(sum);
     if (lane == 0)
-      for (int j = 0; j < a.k; ++j) rw[j] = expf(load_elt(a.logits, row + re[j], a.elt) - mx) / sum;
+      for (int j = 0; j < a.k; ++j) rw[j] = expf(lg[re[j]] - mx) / sum;
   }
   __syncwarp();
   if (lane == 0) {
@@ -431,14 +436,18 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   // Spans of weights in flight per warp (512 B each): 8 at decode (NT = 1), where few warps exist
   // and each must keep ~4 KB in flight; 4 when registers go to accumulators.
   constexpr int D = NT == 1 ? 8 : 4;
-  constexpr int DX = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // spans of B fragments in flight
+  constexpr int DX = NT == 1 ? 2 : 1;  // spans of B fragments in flight
   static_assert(D % DX == 0, "x ring index must be a compile-time constant");
   const int item = blockIdx.x;
-  if (item >= *a.n_items) return;
+  if (item >= *a.n_items) return;  // whole block: no barrier is skipped by part of it
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t mt = int64_t(blockIdx.y) * kWarps + warp;
+  // Intra-block split-K: KW warps share one 16-row tile, each streaming 1/KW of the K range; their
+  // sums meet in shared memory in a fixed order (deterministic) before the epilogue.
+  const int KW = a.kw;
+  const int kq = warp % KW;
+  const int64_t mt = int64_t(blockIdx.y) * (kWarps / KW) + warp / KW;
   const MatrixGeom& G = a.geom;
-  if (mt >= G.MT) return;
+  const bool active = mt < G.MT;  // inactive warps still reach the block barrier
   const int4 it = a.items[item];
   const int e = it.x, p0 = it.y, cnt = it.z;
   const int g = lane >> 2, t = lane & 3;
@@ -456,10 +465,17 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     }
   }
 
-  const int64_t s_begin = int64_t(blockIdx.z) * a.spans_per_split;
-  const int64_t s_end = min(G.S, s_begin + a.spans_per_split);
-  const uint4* wp = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mt) * G.S * kLanes + lane;
-  const int64_t sbase = (int64_t(e) * G.MT + mt) * G.NBP * kTileRows;
+  int64_t s_begin = int64_t(blockIdx.z) * a.spans_per_split;
+  int64_t s_end = min(G.S, s_begin + a.spans_per_split);
+  {
+    const int64_t per = (s_end - s_begin + KW - 1) / KW;
+    s_begin = min(s_end, s_begin + kq * per);
+    s_end = min(s_end, s_begin + per);
+  }
+  if (!active) s_end = s_begin;
+  const int64_t mtc = active ? mt : 0;
+  const uint4* wp = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mtc) * G.S * kLanes + lane;
+  const int64_t sbase = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
 
   float acc[NT][4], part[NT][4];
 #pragma unroll
@@ -467,16 +483,44 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[nt][r] = 0.f;
 
+  // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
+  // copied by the whole warp with coalesced 4-byte loads: a scale block then costs a shared-memory
+  // read instead of a dependent DRAM round trip per block (which capped each warp at ~1 KB/us).
+  extern __shared__ __align__(16) uint8_t fc_smem[];
+  const int es = a.scale_elt == Elt::f32 ? 4 : 2;
+  uint8_t* ssm = fc_smem + warp * a.smem_per_warp;
+  uint8_t* zsm = ssm + kScaleChunk * kTileRows * 4;
+  int64_t chunk0 = -1;  // first block held in shared memory
+  auto fill = [&](int64_t b) {
+    __syncwarp();
+    chunk0 = b;
+    const int64_t nblk = min(int64_t(kScaleChunk), G.NBP - b);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.s) + (sbase + b * kTileRows) * es);
+    const int n4 = int(nblk * kTileRows * es / 4);
+    for (int i = lane; i < n4; i += 32) reinterpret_cast<uint32_t*>(ssm)[i] = __ldg(src + i);
+    if (a.z) {
+      const uint32_t* zs = reinterpret_cast<const uint32_t*>(a.z + sbase + b * kTileRows);
+      for (int i = lane; i < int(nblk * kTileRows / 4); i += 32) reinterpret_cast<uint32_t*>(zsm)[i] = __ldg(zs + i);
+    }
+    __syncwarp();
+  };
+  auto sm_scale = [&](int idx) -> float {
+    if (es == 4) return reinterpret_cast<const float*>(ssm)[idx];
+    const uint16_t h = reinterpret_cast<const uint16_t*>(ssm)[idx];
+    return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(h)) : __bfloat162float(__ushort_as_bfloat16(h));
+  };
+
   int64_t ks = s_begin * KSTEPS;  // global k-step
   int64_t blk = ks / G.kpb;
   int kc = int(ks % G.kpb);
   ZeroRep<CT, SB> zr;
   float sc0 = 0.f, sc1 = 0.f;
   auto load_block = [&](int64_t b) {
-    const int64_t si = sbase + b * kTileRows;
-    sc0 = load_elt(a.s, si + g, a.scale_elt);
-    sc1 = load_elt(a.s, si + g + 8, a.scale_elt);
-    if (a.z) zr.set(a.z[si + g], a.z[si + g + 8]);
+    if (b >= chunk0 + kScaleChunk || chunk0 < 0) fill(b);
+    const int i = int(b - chunk0) * kTileRows;
+    sc0 = sm_scale(i + g);
+    sc1 = sm_scale(i + g + 8);
+    if (a.z) zr.set(zsm[i + g], zsm[i + g + 8]);
     else zr.set(a.zdefault, a.zdefault);
   };
   auto flush = [&]() {
@@ -490,7 +534,6 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
       for (int r = 0; r < 4; ++r) part[nt][r] = 0.f;
     }
   };
-  if (s_begin < s_end) load_block(blk);
 
   const uint64_t pol = evict_first_policy();
   // Software pipeline: weight vectors D spans ahead (the HBM stream), B fragments (x or a, L1/L2
@@ -511,6 +554,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 #pragma unroll
   for (int d = 0; d < DX; ++d)
     if (s_begin + d < s_end) load_x(xb[d], s_begin + d);
+  if (s_begin < s_end) load_block(blk);  // after the weight loads are in flight
 
   for (int64_t s0 = s_begin; s0 < s_end; s0 += D) {
 #pragma unroll
@@ -542,6 +586,25 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     }
   }
   if (kc != 0) flush();
+
+  if (KW > 1) {
+    __shared__ float red[kWarps][NT * 4][32];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[warp][nt * 4 + r][lane] = acc[nt][r];
+    __syncthreads();
+    if (kq != 0) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float v = acc[nt][r];
+        for (int q = 1; q < KW; ++q) v += red[warp + q][nt * 4 + r][lane];  // fixed order
+        acc[nt][r] = v;
+      }
+  }
+  if (!active) return;
 
   if constexpr (FC1) {
     const bool swiglu = G.map == RowMap::swiglu;
@@ -600,11 +663,16 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 
 template <bool FC1, class CT, int SB>
 void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
-  const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + kWarps - 1) / kWarps), unsigned(a.splits));
+  const int tiles_per_block = kWarps / a.kw;
+  const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + tiles_per_block - 1) / tiles_per_block),
+                  unsigned(a.splits));
+  FcArgs b = a;
+  b.smem_per_warp = kScaleChunk * kTileRows * 5;  // fp32 scales (worst case) + uint8 zero points
+  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 20 KB: no opt-in needed
   switch (a.nt) {
-    case 1: fc_kernel<CT, SB, 1, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
-    case 2: fc_kernel<CT, SB, 2, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
-    case 4: fc_kernel<CT, SB, 4, FC1><<<grid, kWarps * 32, 0, st>>>(a); break;
+    case 1: fc_kernel<CT, SB, 1, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
+    case 2: fc_kernel<CT, SB, 2, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
+    case 4: fc_kernel<CT, SB, 4, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
     default: break;  // the host checks nt
   }
 }
@@ -621,15 +689,34 @@ __global__ void combine_kernel(CombineArgs a) {
   const int64_t h = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (h >= a.H) return;
   for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
-  float out = 0.f;
-  for (int j = 0; j < a.k; ++j) {
-    const int64_t slot = t * a.k + j;
-    float y = 0.f;
-    for (int s = 0; s < a.splits; ++s) y += a.y[(s * a.slots + slot) * a.H + h];
-    if (a.bias2) y += a.bias2[int64_t(a.route_e[slot]) * a.H + h];
-    out += a.route_w[slot] * y;
-  }
-  store_elt(a.out, t * a.H + h, a.out_elt, out);
+    float out = 0.f;
+    // Routes in groups of 8 with all their loads issued before the first add: the sums keep the
+    // fixed order (splits ascending, then bias, then routes ascending) while the loads overlap.
+    for (int j0 = 0; j0 < a.k; j0 += 8) {
+      float y[8], w[8];
+      int ex[8];
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        y[jj] = 0.f, w[jj] = 0.f, ex[jj] = 0;
+        if (j0 + jj < a.k) {
+          const int64_t slot = t * a.k + j0 + jj;
+          ex[jj] = a.route_e[slot];
+          w[jj] = a.route_w[slot];
+          y[jj] = a.y[slot * a.H + h];
+        }
+      }
+      for (int s = 1; s < a.splits; ++s)
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+          if (j0 + jj < a.k) y[jj] += a.y[(s * a.slots + t * a.k + j0 + jj) * a.H + h];
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+        if (j0 + jj < a.k) {
+          if (a.bias2) y[jj] += a.bias2[int64_t(ex[jj]) * a.H + h];
+          out += w[jj] * y[jj];
+        }
+    }
+    store_elt(a.out, t * a.H + h, a.out_elt, out);
   }
 }
 
@@ -647,8 +734,9 @@ void launch_pack(const PackArgs& a, cudaStream_t st) {
 
 void launch_route(const RouteArgs& a, cudaStream_t st) {
   if (a.T == 0) return;
-  const int warps = 4;
-  const size_t smem = size_t(warps) * ((a.E + 31) / 32) * 4;
+  const size_t per_warp = (size_t(a.E) + (a.E + 31) / 32) * 4;
+  const int warps = int(std::max<size_t>(1, std::min<size_t>(4, 48 * 1024 / per_warp)));
+  const size_t smem = size_t(warps) * per_warp;
   route_kernel<<<unsigned((a.T + warps - 1) / warps), warps * 32, smem, st>>>(a);
 }
 

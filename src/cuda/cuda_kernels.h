@@ -99,8 +99,10 @@ struct FcArgs {
   float* y = nullptr;
   int64_t slots = 0;
   int64_t H = 0;
-  int splits = 1;              // split-K count (fc2 only)
+  int splits = 1;              // grid split-K count (fc2 only; combine sums the splits)
   int64_t spans_per_split = 0;
+  int kw = 1;                  // warps per tile inside a block (1, 2, 4): deterministic in-block split-K
+  int smem_per_warp = 0;       // set by the launcher
 };
 void launch_fc1(const FcArgs& a, cudaStream_t st);
 void launch_fc2(const FcArgs& a, cudaStream_t st);
