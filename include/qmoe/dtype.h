@@ -35,7 +35,7 @@ constexpr std::string_view dtype_name(DType t) {
   return "?";
 }
 
-constexpr bool is_float(DType t) { return t != DType::u8; }
+constexpr bool is_float(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
 
 // Parses "float32"/"fp32"/"f32", "float16"/"fp16"/"f16", "bfloat16"/"bf16", "uint8"/"u8".
 // Throws qmoe::Error on anything else.

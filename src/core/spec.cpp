@@ -33,6 +33,12 @@ template <class T>
   os << field << ": expected " << expected << ", got " << actual;
   throw Error(os.str());
 }
+// The dtype's name, or its number when it is not a DType at all (a corrupted or unset field).
+std::string dtype_label(DType t) {
+  const std::string_view n = dtype_name(t);
+  return n == "?" ? "dtype #" + std::to_string(int(t)) : std::string(n);
+}
+
 }  // namespace
 
 void MoeSpec::validate() const {
@@ -50,6 +56,8 @@ void MoeSpec::validate() const {
   if (inter % pack() != 0)
     bad("inter_size (I)", "a multiple of " + std::to_string(pack()) + " (codes per byte at " +
                               std::to_string(bits) + " bits)", inter);
+  if (activation_name(activation) == "?")
+    bad("activation_type", "relu, gelu, silu, swiglu or identity", int(activation));
   const int fusion = int(swiglu_fusion);
   if (fusion < 0 || fusion > 2) bad("swiglu_fusion", "0, 1 or 2", fusion);
   if (!is_swiglu() && swiglu_fusion != SwigluFusion::separate)
@@ -59,8 +67,8 @@ void MoeSpec::validate() const {
   if (!std::isfinite(activation_alpha)) bad("activation_alpha", "a finite value", activation_alpha);
   if (!std::isfinite(activation_beta)) bad("activation_beta", "a finite value", activation_beta);
   if (use_sparse_mixer && k != 2) bad("k", "2 when use_sparse_mixer = 1", k);
-  if (!is_float(act_dtype)) bad("T (activation dtype)", "float32, float16 or bfloat16", dtype_name(act_dtype));
-  if (!is_float(scale_dtype)) bad("T2 (scale dtype)", "float32, float16 or bfloat16", dtype_name(scale_dtype));
+  if (!is_float(act_dtype)) bad("T (activation dtype)", "float32, float16 or bfloat16", dtype_label(act_dtype));
+  if (!is_float(scale_dtype)) bad("T2 (scale dtype)", "float32, float16 or bfloat16", dtype_label(scale_dtype));
   if (!has_fc3() && (fc3_bias || fc3_zero_points))
     throw Error("fc3: given, but fc3 exists only for swiglu with swiglu_fusion = 0");
 }
