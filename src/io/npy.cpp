@@ -12,6 +12,8 @@
 // allocation, so a hostile header cannot make us allocate or read beyond the file.
 #include "qmoe/npy.h"
 
+#include "qmoe/packed_file.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -192,6 +194,8 @@ DType dtype_from_descr(const std::string& descr, const NpyReadOptions& opt, cons
 // needed to see the whole header, so read_npy can fetch exactly that much.
 std::optional<NpyHeader> parse_header(const uint8_t* p, size_t avail, size_t file_size, const NpyReadOptions& opt,
                                       const std::string& name, size_t* need) {
+  if (has_packed_magic(p, avail))
+    throw Error(name + ": this is a qmoe packed weight file, not a .npy file (inspect it with `qmoe inspect`)");
   if (file_size < kMagicLen + 2 || std::memcmp(p, kMagic, kMagicLen) != 0)
     throw Error(name + ": not a .npy file (missing the \\x93NUMPY magic)");
   const int major = p[6], minor = p[7];

@@ -37,6 +37,7 @@
 
 #include "qmoe/error.h"
 #include "qmoe/onnx_model.h"
+#include "qmoe/packed_file.h"
 #include "qmoe/ort_cuda_layout.h"
 #include "qmoe_onnx/onnx.pb.h"
 
@@ -190,6 +191,9 @@ void Loader::parse_model() {
   if (file->size() > size_t(INT_MAX))
     fail("file is " + std::to_string(file->size()) + " bytes, above protobuf's 2 GiB message limit; save the "
          "model with external data (onnx.save_model(..., save_as_external_data=True))");
+  if (has_packed_magic(file->data(), file->size()))
+    fail("this is a qmoe packed weight file, not an ONNX model: load it with load_packed() "
+         "(`qmoe run --packed`), or inspect it with `qmoe inspect`");
   google::protobuf::io::ArrayInputStream in(file->data(), int(file->size()));
   google::protobuf::io::CodedInputStream cis(&in);
   // The default limit may be lower than 2 GiB depending on the protobuf version; raise it to the

@@ -17,6 +17,8 @@
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
 #include "qmoe/ort_cuda_layout.h"
+#include "qmoe/npy.h"
+#include "qmoe/onnx_model.h"
 #include "qmoe/packed_file.h"
 #include "qmoe/raw_experts.h"
 
@@ -327,6 +329,18 @@ TEST_F(PackedFile, RawFilesOfferedAsPacked) {
   expect_load_error(write("empty", {}), {"not a qmoe packed file", "an empty file"});
   EXPECT_THROW(inspect_packed(path("w.npy")), Error);
   expect_load_error(path("does_not_exist.qmoe"), {"cannot open"});
+}
+
+// The reverse direction: a packed file offered where raw input is expected is named as such.
+TEST_F(PackedFile, PackedFileOfferedAsRaw) {
+  for (auto load : {+[](const std::string& p) { read_npy(p); }, +[](const std::string& p) { load_onnx(p); }}) {
+    try {
+      load(good_);
+      ADD_FAILURE() << "a packed file was accepted as raw input";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("is a qmoe packed weight file"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST_F(PackedFile, HugeDeclaredBlob) {
