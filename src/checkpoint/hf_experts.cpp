@@ -192,12 +192,38 @@ const SafetensorsEntry& expect_u8(const SafetensorsCheckpoint& c, const std::str
   return en;
 }
 
-// fp32 copy of `count` elements starting at element `offset` of t, as `shape`.
-Tensor to_f32(const Tensor& t, int64_t offset, Shape shape) {
+// A float tensor of the checkpoint read in place through its bytes. SafetensorsFile::tensor() would
+// copy a misaligned tensor whole, which for gpt-oss' [E, H, 2I] tensors means gigabytes per expert;
+// reading each element with memcpy has no alignment requirement and costs the same as a plain load.
+struct FloatSource {
+  Tensor bytes;  // keeps the mapping alive
+  DType dtype = DType::f32;
+
+  FloatSource(const SafetensorsCheckpoint& c, const std::string& name) : bytes(c.bytes(name)) {
+    const SafetensorsEntry& e = c.entry(name);
+    if (!e.dtype || !is_float(*e.dtype)) throw Error(c.folder() + ": tensor '" + name + "' is not F32, F16 or BF16");
+    dtype = *e.dtype;
+  }
+  float at(int64_t i) const {
+    const uint8_t* p = bytes.data_as<uint8_t>() + size_t(i) * dtype_size(dtype);
+    if (dtype == DType::f32) {
+      float f;
+      std::memcpy(&f, p, 4);
+      return f;
+    }
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return dtype == DType::f16 ? half_to_float(h) : bf16_to_float(h);
+  }
+};
+
+// fp32 copy of shape's element count starting at element `offset` of tensor `name`.
+Tensor to_f32(const SafetensorsCheckpoint& c, const std::string& name, int64_t offset, Shape shape) {
+  const FloatSource src(c, name);
   Tensor out(DType::f32, std::move(shape));
   float* o = out.data_as<float>();
   const int64_t n = out.numel();
-  for (int64_t i = 0; i < n; ++i) o[i] = load_as_float(t.dtype(), t.data(), offset + i);
+  for (int64_t i = 0; i < n; ++i) o[i] = src.at(offset + i);
   return out;
 }
 
@@ -243,21 +269,21 @@ const SafetensorsEntry& expect_linear(const SafetensorsCheckpoint& c, const std:
 // fp32 [out, in] of a Linear weight checked by expect_linear.
 Tensor load_linear(const CheckpointLayer& L, const std::string& name, int64_t out, int64_t in) {
   const SafetensorsCheckpoint& c = L.checkpoint;
-  if (c.entry(name).dtype_name != "F8_E4M3") return to_f32(c.tensor(name), 0, {out, in});
+  if (c.entry(name).dtype_name != "F8_E4M3") return to_f32(c, name, 0, {out, in});
   static const auto lut = [] {
     std::array<float, 256> t{};
     for (int i = 0; i < 256; ++i) t[size_t(i)] = fp8_e4m3_to_float(uint8_t(i));
     return t;
   }();
   const Tensor q = c.bytes(name);  // out * in bytes: the header check tied the byte count to the shape
-  const Tensor s = c.tensor(name + "_scale_inv");
-  const int64_t sc = s.dim(1);
+  const FloatSource s(c, name + "_scale_inv");
+  const int64_t sc = c.entry(name + "_scale_inv").shape[1];
   Tensor w(DType::f32, {out, in});
   float* o = w.data_as<float>();
   const uint8_t* b = q.data_as<uint8_t>();
   for (int64_t i = 0; i < out; ++i)
     for (int64_t j = 0; j < in; ++j)
-      o[i * in + j] = lut[b[i * in + j]] * load_as_float(s.dtype(), s.data(), (i / L.fp8_block_out) * sc + j / L.fp8_block_in);
+      o[i * in + j] = lut[b[i * in + j]] * s.at((i / L.fp8_block_out) * sc + j / L.fp8_block_in);
   return w;
 }
 
@@ -565,8 +591,8 @@ ExpertWeights CheckpointLayer::expert(int64_t e) const {
     case ExpertNaming::gpt_oss_fused: {
       // gate_up_proj[e] is [H, 2I] (x @ W layout, the transpose of Linear.weight) with gate at even
       // columns and up at odd ones; down_proj[e] is [I, H].
-      const Tensor gu = c.tensor(prefix + "mlp.experts.gate_up_proj");
-      const Tensor dn = c.tensor(prefix + "mlp.experts.down_proj");
+      const FloatSource gu(c, prefix + "mlp.experts.gate_up_proj");
+      const FloatSource dn(c, prefix + "mlp.experts.down_proj");
       w.gate = Tensor(DType::f32, {I, H});
       w.up = Tensor(DType::f32, {I, H});
       w.down = Tensor(DType::f32, {H, I});
@@ -576,11 +602,11 @@ ExpertWeights CheckpointLayer::expert(int64_t e) const {
       const int64_t base = e * H * 2 * I;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = 0; i < I; ++i) {
-          g[i * H + h] = load_as_float(gu.dtype(), gu.data(), base + h * 2 * I + 2 * i);
-          u[i * H + h] = load_as_float(gu.dtype(), gu.data(), base + h * 2 * I + 2 * i + 1);
+          g[i * H + h] = gu.at(base + h * 2 * I + 2 * i);
+          u[i * H + h] = gu.at(base + h * 2 * I + 2 * i + 1);
         }
       for (int64_t i = 0; i < I; ++i)
-        for (int64_t h = 0; h < H; ++h) d[h * I + i] = load_as_float(dn.dtype(), dn.data(), e * I * H + i * H + h);
+        for (int64_t h = 0; h < H; ++h) d[h * I + i] = dn.at(e * I * H + i * H + h);
       break;
     }
     case ExpertNaming::gpt_oss_mxfp4: {
@@ -601,16 +627,16 @@ ExpertWeights CheckpointLayer::expert(int64_t e) const {
   // gpt-oss biases: gate_up_proj_bias [E, 2I] interleaved like the weight columns, down_proj_bias [E, H].
   const std::string base = prefix + "mlp.experts.";
   if (c.contains(base + "gate_up_proj_bias")) {
-    const Tensor b = c.tensor(base + "gate_up_proj_bias");
+    const FloatSource b(c, base + "gate_up_proj_bias");
     Tensor gb(DType::f32, {I}), ub(DType::f32, {I});
     for (int64_t i = 0; i < I; ++i) {
-      gb.data_as<float>()[i] = load_as_float(b.dtype(), b.data(), e * 2 * I + 2 * i);
-      ub.data_as<float>()[i] = load_as_float(b.dtype(), b.data(), e * 2 * I + 2 * i + 1);
+      gb.data_as<float>()[i] = b.at(e * 2 * I + 2 * i);
+      ub.data_as<float>()[i] = b.at(e * 2 * I + 2 * i + 1);
     }
     w.gate_bias = std::move(gb);
     w.up_bias = std::move(ub);
   }
-  if (c.contains(base + "down_proj_bias")) w.down_bias = to_f32(c.tensor(base + "down_proj_bias"), e * H, {H});
+  if (c.contains(base + "down_proj_bias")) w.down_bias = to_f32(c, base + "down_proj_bias", e * H, {H});
   return w;
 }
 

@@ -753,3 +753,25 @@ TEST(Checkpoint, DeepSeekFp8BlockScaledExperts) {
   write_text(dir / "config.json", R"({"model_type":"deepseek_v3","num_experts_per_tok":2})");  // block 128 -> [1, 1]
   expect_error([&] { open_checkpoint_layer(dir.str(), 2); }, "gate_proj.weight_scale_inv': expected shape [1, 1], got [2, 2]");
 }
+
+TEST(Checkpoint, MisalignedSourceTensorsReadInPlace) {
+  // A 3-byte tensor first puts every bf16 tensor at an odd offset; values must still come out right
+  // (read through the bytes, no whole-tensor copy).
+  TempDir dir;
+  Builder b;
+  const std::string p = "model.layers.0.mlp.experts.";
+  b.add(p + "gate_up_proj", DType::bf16, {E, H, 2 * I});
+  b.add(p + "gate_up_proj_bias", DType::bf16, {E, 2 * I});
+  b.add(p + "down_proj", DType::bf16, {E, I, H});
+  std::vector<std::tuple<std::string, std::string, Shape, std::string>> ts;
+  ts.emplace_back("odd", "U8", Shape{3}, std::string(3, '\x01'));
+  for (const auto& [n, t] : b.tensors)
+    ts.emplace_back(n, "BF16", t.shape(), std::string(static_cast<const char*>(t.data()), t.nbytes()));
+  write_raw_st(dir / "model.safetensors", ts);
+  const CheckpointLayer L = open_checkpoint_layer(dir.str(), 0);
+  const ExpertWeights w = L.expert(1);
+  EXPECT_EQ(w.gate.data_as<float>()[3 * H + 5], at(b, p + "gate_up_proj", (1 * H + 5) * 2 * I + 6));
+  EXPECT_EQ(w.up.data_as<float>()[3 * H + 5], at(b, p + "gate_up_proj", (1 * H + 5) * 2 * I + 7));
+  EXPECT_EQ(w.down.data_as<float>()[5 * I + 3], at(b, p + "down_proj", (1 * I + 3) * H + 5));
+  EXPECT_EQ(w.up_bias->data_as<float>()[3], at(b, p + "gate_up_proj_bias", 2 * I + 7));
+}
