@@ -4,7 +4,7 @@
 // bytes, times and the relative error against the unquantized fp32 layer.
 //
 // The demo doubles as a smoke test: it exits 1 when an error is far outside what the quantization
-// alone explains (see kMaxError below), so a broken backend cannot pass for a working one.
+// alone explains (see max_error() below), so a broken backend cannot pass for a working one.
 #include <algorithm>
 #include <cstdio>
 #include <memory>
@@ -29,7 +29,7 @@ struct DemoArgs {
 };
 
 struct Variant {
-  int bits;
+  int bits = 0;
   double weight_bytes = 0, resident_bytes = 0, prepack_ms = 0, run_ms = 0, rel_error = 0;
   std::string layout;
 };
