@@ -347,19 +347,33 @@ class CpuBackend final : public Backend {
         }
       return std::nullopt;
     };
-    auto matrix = [&](const std::string& p) {
+    // Each blob's dtype and shape (hence size) is checked here under its blob name; validate_raw
+    // below then checks presence against the spec's zero-point and bias flags.
+    auto check = [&](const std::string& name, const Tensor& t, DType dt, Shape shape) {
+      Shape alt = shape;
+      alt.push_back(1);  // row-wise scales may be [E, N, 1]
+      const bool alt_ok = name.ends_with(".scales") && !spec.block_wise() && t.shape() == alt;
+      if (t.dtype() != dt || (t.shape() != shape && !alt_ok))
+        throw Error("packed file: blob " + name + ": expected " + std::string(dtype_name(dt)) + " " + shape_str(shape) +
+                    ", got " + std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()));
+    };
+    auto matrix = [&](const std::string& p, Fc fc) {
       RawMatrix m;
       auto w = find(p + ".weights"), sc = find(p + ".scales");
       if (!w || !sc) throw Error("packed file: blob " + p + (w ? ".scales" : ".weights") + " is missing");
+      check(p + ".weights", *w, DType::u8, raw_weight_shape(spec, fc));
+      check(p + ".scales", *sc, spec.scale_dtype, raw_scale_shape(spec, fc));
       m.weights = *w;
       m.scales = *sc;
       m.zero_points = find(p + ".zero_points");
       m.bias = find(p + ".bias");
+      if (m.zero_points) check(p + ".zero_points", *m.zero_points, DType::u8, raw_zero_point_shape(spec, fc));
+      if (m.bias) check(p + ".bias", *m.bias, spec.act_dtype, raw_bias_shape(spec, fc));
       return m;
     };
-    raw.fc1 = matrix("fc1");
-    raw.fc2 = matrix("fc2");
-    if (spec.has_fc3()) raw.fc3 = matrix("fc3");
+    raw.fc1 = matrix("fc1", Fc::fc1);
+    raw.fc2 = matrix("fc2", Fc::fc2);
+    if (spec.has_fc3()) raw.fc3 = matrix("fc3", Fc::fc3);
     for (size_t i = 0; i < blobs.size(); ++i)
       if (!used[i]) throw Error("packed file: unexpected blob " + blobs[i].name + " for layout cpu-raw");
     validate_raw(spec, raw);  // every shape and dtype against the spec

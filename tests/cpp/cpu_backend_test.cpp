@@ -194,6 +194,10 @@ Tensor run_cpu(const Case& c, const RawExperts& raw, const Inputs& in, const Cpu
   return out;
 }
 
+// Largest |ours - ref| / tol seen (fp32 outputs only, where no rounding to T hides the error): printed
+// by the random test so the margin of the bound is visible.
+double g_worst_ratio = 0;
+
 // Compares with the reference under the bound above; returns an empty string or the first failure.
 std::string compare(const Case& c, const Tensor& ref, const Tensor& got) {
   const DType dt = ref.dtype();
@@ -205,6 +209,7 @@ std::string compare(const Case& c, const Tensor& ref, const Tensor& got) {
   for (int64_t i = 0; i < ref.numel(); ++i) {
     const double r = load_as_float(dt, ref.data(), i), g = load_as_float(dt, got.data(), i);
     const double lim = tol + eps_of(dt) * std::fabs(r) + 1e-30;
+    if (dt == DType::f32) g_worst_ratio = std::max(g_worst_ratio, std::fabs(g - r) / lim);
     if (!(std::fabs(g - r) <= lim)) {
       std::ostringstream os;
       os << "element " << i << " (token " << i / c.spec.hidden << ", col " << i % c.spec.hidden << "): got " << g
@@ -252,6 +257,8 @@ TEST(CpuBackend, RandomConfigsMatchReferenceOnEveryIsa) {
     check_case(random_case(seed), seed);
     if (HasFatalFailure()) return;
   }
+  std::printf("[ info ] base seed %llu; worst fp32 |cpu - reference| / tolerance = %.3g\n",
+              static_cast<unsigned long long>(seed0), g_worst_ratio);
 }
 
 // The named edge cases, each on every ISA (random weights, the seed still printed on failure).
@@ -348,6 +355,30 @@ TEST(CpuBackend, BitwiseIdenticalAcrossThreadCounts) {
     EXPECT_TRUE(bitwise_equal(one, run_cpu(c, raw, in, {threads, false, "auto"}))) << threads << " threads, prepack off";
   }
   EXPECT_EQ(compare(c, reference_forward(c.spec, raw, in.view()), one), "");
+}
+
+// One backend object keeps its activation scratch across calls; a call must not see what an earlier,
+// larger call (or another layer) left there.
+TEST(CpuBackend, ReusedBackendMatchesFreshOne) {
+  const uint64_t seed = base_seed() + 2500;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Case a, b;
+  a.spec.num_experts = 4, a.spec.hidden = 256, a.spec.inter = 200, a.spec.k = 2, a.spec.block_size = 32;
+  a.spec.activation = Activation::swiglu;
+  b.spec.num_experts = 3, b.spec.hidden = 72, b.spec.inter = 40, b.spec.k = 1, b.spec.bits = 8;
+  b.spec.activation = Activation::gelu;
+  std::mt19937_64 rng(seed);
+  const RawExperts ra = random_raw(rng, a.spec), rb = random_raw(rng, b.spec);
+  auto be = make_cpu_backend({2, true, "auto"});
+  auto pa = be->prepack(a.spec, ra), pb = be->prepack(b.spec, rb);
+  for (auto [c, rows] : {std::pair{&a, 37}, std::pair{&b, 5}, std::pair{&a, 3}}) {
+    c->rows = rows;
+    const RawExperts& raw = c == &a ? ra : rb;
+    const Inputs in = random_inputs(rng, *c);
+    Tensor out(in.x.dtype(), in.x.shape());
+    be->run(c == &a ? *pa : *pb, in.view(), out);
+    EXPECT_TRUE(bitwise_equal(out, run_cpu(*c, raw, in, {2, true, "auto"}))) << c->str();
+  }
 }
 
 TEST(CpuLayout, UnpackOfPackIsRaw) {
