@@ -12,7 +12,7 @@
 # The checked-in corpus fuzz/corpus/<name>/ is only read; inputs libFuzzer finds go to
 # $BUILD/corpus/<name>/ (kept between runs, so coverage accumulates), crash reproducers to
 # $BUILD/artifacts/<name>/. Every run appends one line to $BUILD/fuzz-stats.tsv:
-#   date  fuzzer  seconds  executions  cov  ft  corpus-size  result
+#   date  fuzzer  seconds-run  executions  cov  ft  corpus-size  result
 # which is where docs/RELIABILITY.md's totals come from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,8 @@ run_one() {
   mkdir -p "$work" "$art"
   local dict=()
   [ -f "fuzz/$f.dict" ] && dict=(-dict="fuzz/$f.dict")
-  local rc=0
+  local rc=0 t0
+  t0=$(date +%s)
   # -rss_limit_mb / -malloc_limit_mb: inputs are a few KB, so any allocation of hundreds of MB is a
   # header that was believed; libFuzzer reports it as a crash (out-of-memory (malloc(N))).
   ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=0 \
@@ -60,16 +61,17 @@ run_one() {
   nice -n "$nicev" "$build/fuzz_$f" -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 \
       -malloc_limit_mb=512 -print_final_stats=1 -artifact_prefix="$art" "${dict[@]}" \
       ${QMOE_FUZZ_ARGS:-} "$work" "fuzz/corpus/$f" >"$log" 2>&1 || rc=$?
-  local execs cov ft corp
+  local execs cov ft corp took
+  took=$(( $(date +%s) - t0 ))
   execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)
   cov=$(grep -oE ' cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
   ft=$(grep -oE ' ft: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
   corp=$(grep -oE ' corp: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
   local result=ok
   [ "$rc" -ne 0 ] && result="FAIL(rc=$rc)"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$f" "$secs" "${execs:-?}" "${cov:-?}" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$f" "$took" "${execs:-?}" "${cov:-?}" \
     "${ft:-?}" "${corp:-?}" "$result" >>"$stats"
-  printf 'fuzz_%-18s %5ss  execs %-9s cov %-6s ft %-6s %s\n' "$f" "$secs" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$result"
+  printf 'fuzz_%-18s %5ss  execs %-9s cov %-6s ft %-6s %s\n' "$f" "$took" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$result"
   if [ "$rc" -ne 0 ]; then
     echo "---- fuzz_$f failed; last lines of $log (reproducer in $art):" >&2
     grep -E 'ERROR|FINDING|SUMMARY|Test unit written|==[0-9]+==|#[0-9]+ 0x' "$log" | head -40 >&2 || true
