@@ -42,12 +42,16 @@ struct Meta {
     if (it == m.end()) throw Error(path + ": __metadata__ has no '" + key + "' (not a qmoe raw file?)");
     return it->second;
   }
+  // Sizes are bounded to [0, 2^31] here: MoeSpec::validate() has no upper bound, and shape rules
+  // such as fc1_rows() = 2 * I would overflow int64 for a forged 2^62 before any tensor is compared.
   int64_t integer(const std::string& key) const {
     const std::string& s = str(key);
     int64_t v = 0;
     const auto r = std::from_chars(s.data(), s.data() + s.size(), v);
     if (r.ec != std::errc() || r.ptr != s.data() + s.size())
       throw Error(path + ": __metadata__['" + key + "'] = '" + s + "' is not an integer");
+    if (v < 0 || v > (int64_t(1) << 31))
+      throw Error(path + ": __metadata__['" + key + "'] = " + s + " is outside [0, 2^31]");
     return v;
   }
   bool flag(const std::string& key) const {

@@ -586,6 +586,8 @@ TEST(Checkpoint, RawFileRejectsInconsistentFiles) {
   expect_error([&] { read_raw_safetensors(rewrite(with("expert_weight_bits", "3"), "", nullptr)); }, "expert_weight_bits: expected 2, 4 or 8, got 3");
   expect_error([&] { read_raw_safetensors(rewrite(with("hidden_size", "32"), "", nullptr)); }, "fc1_experts_weights: expected shape");
   expect_error([&] { read_raw_safetensors(rewrite(with("k", "x"), "", nullptr)); }, "'k'] = 'x' is not an integer");
+  expect_error([&] { read_raw_safetensors(rewrite(with("inter_size", "4611686018427387904"), "", nullptr)); }, "outside [0, 2^31]");
+  expect_error([&] { read_raw_safetensors(rewrite(with("num_experts", "-1"), "", nullptr)); }, "outside [0, 2^31]");
   expect_error([&] { read_raw_safetensors(rewrite(with("format", "other"), "", nullptr)); }, "format is 'other'");
   expect_error([&] { read_raw_safetensors(rewrite(with("symmetric", "0"), "", nullptr)); }, "symmetric = 0");
   expect_error([&] { read_raw_safetensors(rewrite(with("swiglu_fusion", "0"), "", nullptr)); }, "fc1_experts_weights: expected shape");
