@@ -155,6 +155,7 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
   jb.jbytes = g.jbytes;
   jb.nb = g.nb;
   jb.block_bytes = g.block_bytes;
+  jb.K = g.K;
   jb.bits = g.bits;
   jb.scale_dtype = g.scale_dtype;
   return jb;

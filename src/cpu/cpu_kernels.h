@@ -10,6 +10,9 @@
 //     acc = fma(scale_b, ev + od, acc)                (acc starts at +0)
 //   q - z is an exact small integer, so float(q - z) is exact; the FMAs are IEEE fused, and the chain
 //   split (even/odd) gives a single token two independent FMA chains per tile.
+// One exception: a block whose scale is +-Inf. There s * sum(...) and the reference's sum of s * (q - z)
+// * x differ in which outputs become NaN (Inf * 0 where q == z), so every kernel replaces that block's
+// term with reference_block_term() (the reference's order, acc + term, no FMA). Rare and slow.
 // Bias, activation and route mixing happen outside the kernel (cpu_backend.cpp), in shared scalar code.
 #pragma once
 
@@ -28,6 +31,7 @@ struct PairJob {
   int64_t jbytes = 0;             // J (even)
   int64_t nb = 1;                 // B
   int64_t block_bytes = 0;        // bytes of a row per block (even)
+  int64_t K = 0;                  // logical columns (codes past K are padding)
   int bits = 4;
   DType scale_dtype = DType::f32;
   int tokens = 1;                 // 1..KernelSet::max_tokens
@@ -46,6 +50,11 @@ struct KernelSet {
 const KernelSet& portable_kernels();
 const KernelSet& avx2_kernels();    // call only where the CPU has AVX2+FMA+F16C
 const KernelSet& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/VL
+
+// Block b's contribution for lane l (0..15) of tile `tile` and token t, computed as the reference does:
+// sum over the block's columns c < K, in order, of (scale * float(q - z)) * x[c]. Used only where the
+// scale is infinite (see above); shared by all kernels so they stay bitwise identical.
+float reference_block_term(const PairJob& jb, int tile, int l, int t, int64_t b);
 
 // Loads a scale element as fp32 (portable; the SIMD kernels convert 16 at a time).
 inline float scale_at(DType t, const void* p, int64_t i) { return load_as_float(t, p, i); }

@@ -40,12 +40,29 @@ inline __m512i load_codes16(const uint8_t* p) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Lanes whose scale is +-Inf (cpu_kernels.h: those blocks take reference_block_term).
+inline __mmask16 inf_lanes(__m512 s) {
+  return _mm512_cmp_ps_mask(_mm512_abs_ps(s), _mm512_set1_ps(__builtin_inff()), _CMP_EQ_OQ);
+}
+
+// acc = fma(s, blk, acc), except lanes in `inf` (rare): acc + reference_block_term.
+inline __m512 scale_acc(const PairJob& jb, int tile, int t, int64_t b, __m512 s, __m512 blk, __m512 acc, __mmask16 inf) {
+  if (__builtin_expect(inf == 0, 1)) return _mm512_fmadd_ps(s, blk, acc);
+  alignas(64) float a[16];
+  _mm512_store_ps(a, acc);
+  for (int l = 0; l < 16; ++l)
+    if ((inf >> l) & 1) a[l] = a[l] + reference_block_term(jb, tile, l, t, b);
+  return _mm512_mask_blend_ps(inf, _mm512_fmadd_ps(s, blk, acc), _mm512_load_ps(a));
+}
+
 // Accumulates block results: acc[t][tile] = fma(scale, ev + od, acc[t][tile]).
 template <int MT>
 inline void finish_block(const PairJob& jb, int64_t b, __m512 ev[MT][2], __m512 od[MT][2], __m512 acc[MT][2]) {
   for (int tile = 0; tile < 2; ++tile) {
     const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
-    for (int t = 0; t < MT; ++t) acc[t][tile] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile]);
+    const __mmask16 inf = inf_lanes(s);
+    for (int t = 0; t < MT; ++t)
+      acc[t][tile] = scale_acc(jb, tile, t, b, s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile], inf);
   }
 }
 
@@ -184,7 +201,8 @@ void tile_wide(const PairJob& jb, int tile, __m512 acc[MT]) {
       }
     }
     const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
-    for (int t = 0; t < MT; ++t) acc[t] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t], od[t]), acc[t]);
+    const __mmask16 inf = inf_lanes(s);
+    for (int t = 0; t < MT; ++t) acc[t] = scale_acc(jb, tile, t, b, s, _mm512_add_ps(ev[t], od[t]), acc[t], inf);
   }
 }
 

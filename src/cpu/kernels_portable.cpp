@@ -3,6 +3,7 @@
 // bit for bit) and the only kernel for 2-bit weights. std::fma is a true fused multiply-add everywhere
 // (glibc dispatches to the FMA instruction where the CPU has it), which is what keeps it identical to
 // the SIMD paths; it costs a call per element, so this path is ~10x slower than AVX2.
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/cpu_kernels.h"
@@ -44,7 +45,9 @@ void pair_portable(const PairJob& jb) {
       for (int l = 0; l < kTileRows; ++l) {
         const float s = scale_at(jb.scale_dtype, jb.scales[tile], b * kTileRows + l);
         const int lane = tile * kTileRows + l;
-        for (int t = 0; t < T; ++t) acc[t][lane] = std::fma(s, ev[t][lane] + od[t][lane], acc[t][lane]);
+        for (int t = 0; t < T; ++t)
+          acc[t][lane] = std::isinf(s) ? acc[t][lane] + reference_block_term(jb, tile, l, t, b)
+                                       : std::fma(s, ev[t][lane] + od[t][lane], acc[t][lane]);
       }
   }
   for (int t = 0; t < T; ++t)
@@ -52,6 +55,24 @@ void pair_portable(const PairJob& jb) {
 }
 
 }  // namespace
+
+float reference_block_term(const PairJob& jb, int tile, int l, int t, int64_t b) {
+  const int pack = 8 / jb.bits, mask = (1 << jb.bits) - 1;
+  const int z = jb.zero_points[tile] ? jb.zero_points[tile][b * kTileRows + l] : 1 << (jb.bits - 1);
+  const float s = scale_at(jb.scale_dtype, jb.scales[tile], b * kTileRows + l);
+  const int64_t j0 = b * jb.block_bytes, j1 = std::min(j0 + jb.block_bytes, jb.jbytes);
+  float sum = 0.f;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int byte = jb.codes[tile][j * kTileRows + l];
+    for (int p = 0; p < pack; ++p) {
+      const int64_t k = j * pack + p;
+      if (k >= jb.K) return sum;
+      const float w = s * float(((byte >> (p * jb.bits)) & mask) - z);
+      sum += w * jb.x[t][k];
+    }
+  }
+  return sum;
+}
 
 const KernelSet& portable_kernels() {
   static const KernelSet k{"portable", pair_portable, pair_portable, pair_portable, kMaxTokens};

@@ -381,6 +381,42 @@ TEST(CpuBackend, ReusedBackendMatchesFreshOne) {
   }
 }
 
+// An infinite scale makes s * sum(...) and the reference's sum of s * w * x disagree on which outputs
+// are NaN; every ISA must reproduce the reference's NaN/Inf pattern, and agree bit for bit. 13 tokens on
+// 2 experts reach the 1-4 and 5-8 token kernels.
+TEST(CpuBackend, InfiniteScaleGivesReferenceNonFinitePattern) {
+  const uint64_t seed = base_seed() + 5000;
+  for (int bits : {4, 8}) {
+    SCOPED_TRACE("seed " + std::to_string(seed) + " bits " + std::to_string(bits));
+    Case c;
+    c.spec.num_experts = 2, c.spec.hidden = 96, c.spec.inter = 64, c.spec.k = 1, c.spec.bits = bits;
+    c.spec.block_size = 32;
+    c.spec.activation = Activation::identity;
+    c.spec.fc2_zero_points = true;
+    c.rows = 13;
+    std::mt19937_64 rng(seed);
+    RawExperts raw = random_raw(rng, c.spec);
+    const int64_t nb1 = c.spec.blocks(c.spec.hidden), nb2 = c.spec.blocks(c.spec.inter);
+    store_from_float(c.spec.scale_dtype, raw.fc1.scales.data(), 3 * nb1 + 1, INFINITY);        // e0 row 3 block 1
+    store_from_float(c.spec.scale_dtype, raw.fc2.scales.data(), (96 + 17) * nb2 + 0, -INFINITY);  // e1 row 17 block 0
+    const Inputs in = random_inputs(rng, c);
+    const Tensor ref = reference_forward(c.spec, raw, in.view());
+    auto cls = [](float v) { return std::isnan(v) ? 1 : std::isinf(v) ? (v > 0 ? 2 : 3) : 0; };
+    int64_t nonfinite = 0;
+    for (int64_t i = 0; i < ref.numel(); ++i) nonfinite += cls(ref.data_as<float>()[i]) != 0;
+    ASSERT_GT(nonfinite, 0) << "the poisoned scales must reach the output";
+    Tensor first;
+    for (const std::string& isa : isas()) {
+      const Tensor got = run_cpu(c, raw, in, {2, true, isa});
+      for (int64_t i = 0; i < ref.numel(); ++i)
+        ASSERT_EQ(cls(ref.data_as<float>()[i]), cls(got.data_as<float>()[i]))
+            << isa << " element " << i << ": reference " << ref.data_as<float>()[i] << ", cpu " << got.data_as<float>()[i];
+      if (first.empty()) first = got;
+      EXPECT_TRUE(bitwise_equal(first, got)) << isa;
+    }
+  }
+}
+
 TEST(CpuLayout, UnpackOfPackIsRaw) {
   const uint64_t seed = base_seed() + 3000;
   SCOPED_TRACE("seed " + std::to_string(seed));
