@@ -7,6 +7,7 @@
 //   2. read_raw_safetensors (qmoe's raw QMoE file): a layer it returns must validate, and small ones
 //      run through the reference oracle;
 //   3. open_checkpoint_layer for layers 0 and 1 (Hugging Face naming detection), converting expert 0.
+#include <cstdlib>
 #include <optional>
 
 #include "fuzz_common_run.h"
@@ -41,7 +42,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   });
 
-  FUZZ_GUARD({
+  bool known = false;
+  if (qmoe_fuzz::skip_known()) {
+    // F3 (fuzz/FINDINGS.md): a raw file's metadata can declare E/H/I/block_size past 2^31.
+    try {
+      const qmoe::SafetensorsFile f = qmoe::SafetensorsFile::open(path);
+      for (const char* key : {"num_experts", "hidden_size", "inter_size", "block_size"}) {
+        auto it = f.metadata().find(key);
+        if (it == f.metadata().end()) continue;
+        const long long v = std::strtoll(it->second.c_str(), nullptr, 10);
+        if (qmoe_fuzz::spec_dims_known_overflow(v, 0, 0, 0) || v < -(1ll << 31)) known = true;
+        // Values strtoll cannot hold saturate to LLONG_MAX/LLONG_MIN and are caught above.
+      }
+    } catch (const std::exception&) {
+    }
+  }
+  if (!known) FUZZ_GUARD({
     qmoe::RawLayer r = qmoe::read_raw_safetensors(path);
     try {
       r.spec.validate();

@@ -66,6 +66,14 @@ bool allow_std_exceptions() {
   return v;
 }
 
+bool skip_known() {
+  static const bool v = [] {
+    const char* e = std::getenv("QMOE_FUZZ_SKIP_KNOWN");
+    return e && *e == '1';
+  }();
+  return v;
+}
+
 bool verbose() {
   static const bool v = [] {
     const char* e = std::getenv("QMOE_FUZZ_VERBOSE");

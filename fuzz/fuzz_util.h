@@ -30,6 +30,14 @@ std::string write_file(const std::string& dir, const std::string& file, const vo
 void remove_file(const std::string& path);
 
 bool allow_std_exceptions();
+// QMOE_FUZZ_SKIP_KNOWN=1: harnesses skip inputs that would only re-hit an open finding listed in
+// fuzz/FINDINGS.md (so a long run can look for new bugs past it). Off by default: CI replays them.
+bool skip_known();
+// Open finding F3: specs whose E, H, I or block_size exceed 2^31 overflow shape arithmetic.
+inline bool spec_dims_known_overflow(int64_t e, int64_t h, int64_t i, int64_t b) {
+  const int64_t lim = int64_t(1) << 31;
+  return e > lim || h > lim || i > lim || b > lim;
+}
 // QMOE_FUZZ_VERBOSE=1: print each qmoe::Error (to check what seeds reach).
 bool verbose();
 

@@ -5,7 +5,8 @@
 #
 #   scripts/fuzz.sh [seconds-per-fuzzer] [fuzzer ...]      (default: 60 s, all six)
 #
-# Environment: QMOE_FUZZ_NO_BUILD=1 (use the binaries as they are), QMOE_FUZZ_PARALLEL (fuzzers at once, default 1), QMOE_FUZZ_JOBS (build jobs, default 2),
+# Environment: QMOE_FUZZ_SKIP_KNOWN=1 (harnesses skip inputs that only re-hit an open finding of
+# fuzz/FINDINGS.md; for long runs, never in CI), QMOE_FUZZ_NO_BUILD=1 (use the binaries as they are), QMOE_FUZZ_PARALLEL (fuzzers at once, default 1), QMOE_FUZZ_JOBS (build jobs, default 2),
 # QMOE_FUZZ_NICE (default 19), QMOE_FUZZ_BUILD (build dir, default build-fuzz), QMOE_FUZZ_ARGS (extra
 # libFuzzer flags).
 #
