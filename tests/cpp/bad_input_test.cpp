@@ -165,26 +165,35 @@ TEST(BadInput, B05_InfScaleInFc1) {
   poisoned_run(s, 8, -1, false, [&](SyntheticLayer& l) { store_from_float(s.scale_dtype, l.raw.fc1.scales.data(), 0, kInf); });
 }
 
+// Routing with bad logits stays defined (a NaN never wins a comparison, docs/DESIGN.md), and the
+// softmax over all E logits then carries the NaN into every weight: the token's row is all NaN.
 TEST(BadInput, B06_NanRouterLogit) {
   const MoeSpec s = base_spec();
-  poisoned_run(s, 6, 3, false, [&](SyntheticLayer& l) {
+  const Outputs o = poisoned_run(s, 6, 3, false, [&](SyntheticLayer& l) {
     store_from_float(s.act_dtype, l.router_probs.data(), 3 * s.num_experts + 0, kNaN);
   });
+  EXPECT_EQ(count_if(o.ref, 3, [](float v) { return std::isnan(v); }), s.hidden) << "reference row 3";
+  EXPECT_EQ(count_if(o.cpu, 3, [](float v) { return std::isnan(v); }), s.hidden) << "cpu row 3";
 }
 
+// softmax of all -Inf is 0/0: NaN weights, row all NaN.
 TEST(BadInput, B07_AllRouterLogitsMinusInf) {
   const MoeSpec s = base_spec();
-  poisoned_run(s, 6, 4, false, [&](SyntheticLayer& l) {
+  const Outputs o = poisoned_run(s, 6, 4, false, [&](SyntheticLayer& l) {
     for (int64_t e = 0; e < s.num_experts; ++e) store_from_float(s.act_dtype, l.router_probs.data(), 4 * s.num_experts + e, -kInf);
   });
+  EXPECT_EQ(count_if(o.ref, 4, [](float v) { return std::isnan(v); }), s.hidden) << "reference row 4";
+  EXPECT_EQ(count_if(o.cpu, 4, [](float v) { return std::isnan(v); }), s.hidden) << "cpu row 4";
 }
 
 TEST(BadInput, B08_NanRouterWeight) {
   MoeSpec s = base_spec();
   s.normalize_routing_weights = true;
-  poisoned_run(s, 6, 0, true, [&](SyntheticLayer& l) {
+  const Outputs o = poisoned_run(s, 6, 0, true, [&](SyntheticLayer& l) {
     for (int64_t e = 0; e < s.num_experts; ++e) store_from_float(s.act_dtype, l.router_weights->data(), e, kNaN);
   });
+  EXPECT_EQ(count_if(o.ref, 0, [](float v) { return std::isnan(v); }), s.hidden) << "reference row 0";
+  EXPECT_EQ(count_if(o.cpu, 0, [](float v) { return std::isnan(v); }), s.hidden) << "cpu row 0";
 }
 
 TEST(BadInput, B09_Fp16OutputOverflowsToInf) {
