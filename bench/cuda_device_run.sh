@@ -39,16 +39,25 @@ if [[ $stages == *" quickbench "* ]]; then
 fi
 if [[ $stages == *" ncu "* ]]; then
   # Per-kernel durations and DRAM throughput of one decode and one small-batch case.
-  for c in "qwen3-30b-a3b 1" "mixtral 1" "mixtral 64" "gpt-oss-20b 1"; do
-    set -- $c
-    timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+  st=smsp__warp_issue_stalled
+  M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size
+  M=$M,${st}_no_instruction_per_warp_active.pct,${st}_long_scoreboard_per_warp_active.pct,${st}_short_scoreboard_per_warp_active.pct
+  M=$M,${st}_wait_per_warp_active.pct,${st}_math_pipe_throttle_per_warp_active.pct,${st}_lg_throttle_per_warp_active.pct
+  M=$M,${st}_mio_throttle_per_warp_active.pct,${st}_barrier_per_warp_active.pct,${st}_selected_per_warp_active.pct,${st}_not_selected_per_warp_active.pct
+  M=$M,${st}_imc_miss_per_warp_active.pct,${st}_branch_resolving_per_warp_active.pct,${st}_dispatch_stall_per_warp_active.pct
+  for c in ${NCU_CASES:-"qwen3-30b-a3b:1" "mixtral:1" "mixtral:64" "gpt-oss-20b:1"}; do
+    set -- ${c/:/ }
+    timeout 120 ncu --clock-control none --metrics $M \
       -k regex:"fc_kernel|route_kernel|group_kernel|combine_kernel|convert_kernel" --launch-skip 20 --launch-count 5 \
       $B/src/cuda/qmoe_cuda_bench --shapes $1 --quants int4b128 --tokens $2 --iters 3 > "$OUT/ncu_one.log" 2>&1
     echo "== ncu $1 T=$2" | tee -a "$OUT/ncu.log"
     cat "$OUT/ncu_one.log" >> "$OUT/ncu.log"
-    grep -E "fc_kernel|route_kernel|group_kernel|combine_kernel|gpu__time|dram__|warps_active|grid_size" "$OUT/ncu_one.log" | sed -E 's/\(anonymous namespace\):://g; s/qmoe::cuda:://g' | cut -c1-140 | head -16
+    grep -E "fc_kernel|gpu__time|dram__|warps_active|stalled" "$OUT/ncu_one.log" | grep -v -E " 0(\.0+)?$" | sed -E 's/\(anonymous namespace\):://g; s/qmoe::cuda:://g; s/smsp__warp_issue_stalled_//; s/_per_warp_active.pct//' | cut -c1-110 | head -40
   done
   rm -f "$OUT/ncu_one.log"
+  obj=$(find $B -name 'cuda_kernels.cu.o' | head -1)
+  cuobjdump -sass "$obj" 2>/dev/null | awk '/Function : .*fc_kernelI13__nv_bfloat16Li4ELi1ELb1/{p=1} p&&/Function : /&&!/Li4ELi1ELb1/{p=0} p' > "$OUT/sass_fc1_bf16_w4_nt1.txt"
+  echo "sass lines: $(wc -l < "$OUT/sass_fc1_bf16_w4_nt1.txt")"
 fi
 if [[ $stages == *" bench "* ]]; then
   timeout 400 $B/src/cuda/qmoe_cuda_bench > "$OUT/bench.log" 2>&1; echo "bench rc=$?"

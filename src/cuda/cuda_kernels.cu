@@ -429,6 +429,43 @@ __device__ __forceinline__ float act_dev(int act, float v) {
   }
 }
 
+// Copies `nblk` scale blocks (16 scales each) and, if present, their zero points of one tile into
+// the warp's shared-memory slice. Out of line on purpose (see the hot loop).
+__device__ __noinline__ void fill_scales(uint8_t* ssm, uint8_t* zsm, const void* s, const uint8_t* z, int64_t off,
+                                         int nblk, int es, int lane) {
+  __syncwarp();
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(s) + off * es);
+  const int n4 = nblk * kTileRows * es / 4;
+  for (int i = lane; i < n4; i += 32) reinterpret_cast<uint32_t*>(ssm)[i] = __ldg(src + i);
+  if (z) {
+    const uint32_t* zs = reinterpret_cast<const uint32_t*>(z + off);
+    for (int i = lane; i < nblk * kTileRows / 4; i += 32) reinterpret_cast<uint32_t*>(zsm)[i] = __ldg(zs + i);
+  }
+  __syncwarp();
+}
+
+struct BlockParams {
+  float s0, s1;
+  int z0, z1;
+};
+// Scale and zero point of tile rows g and g+8 of one block, from the warp's shared-memory slice
+// (`i` = block offset * 16 + g). Out of line: runs once per scale block.
+__device__ __noinline__ BlockParams block_params(const uint8_t* ssm, const uint8_t* zsm, int i, int es, Elt se,
+                                                 bool has_z, int zdef) {
+  BlockParams p;
+  if (es == 4) {
+    p.s0 = reinterpret_cast<const float*>(ssm)[i];
+    p.s1 = reinterpret_cast<const float*>(ssm)[i + 8];
+  } else {
+    const uint16_t h0 = reinterpret_cast<const uint16_t*>(ssm)[i], h1 = reinterpret_cast<const uint16_t*>(ssm)[i + 8];
+    if (se == Elt::f16) p.s0 = __half2float(__ushort_as_half(h0)), p.s1 = __half2float(__ushort_as_half(h1));
+    else p.s0 = __bfloat162float(__ushort_as_bfloat16(h0)), p.s1 = __bfloat162float(__ushort_as_bfloat16(h1));
+  }
+  p.z0 = has_z ? zsm[i] : zdef;
+  p.z1 = has_z ? zsm[i + 8] : zdef;
+  return p;
+}
+
 template <class CT, int SB, int NT, bool FC1>
 __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
@@ -484,44 +521,27 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[nt][r] = 0.f;
 
   // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
-  // copied by the whole warp with coalesced 4-byte loads: a scale block then costs a shared-memory
-  // read instead of a dependent DRAM round trip per block (which capped each warp at ~1 KB/us).
+  // copied by the whole warp with coalesced 4-byte loads (fill_scales, out of line: it runs once per
+  // 64 blocks and must not bloat the hot loop); a scale block then costs a shared-memory read.
   extern __shared__ __align__(16) uint8_t fc_smem[];
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
   uint8_t* ssm = fc_smem + warp * a.smem_per_warp;
   uint8_t* zsm = ssm + kScaleChunk * kTileRows * 4;
   int64_t chunk0 = -1;  // first block held in shared memory
-  auto fill = [&](int64_t b) {
-    __syncwarp();
-    chunk0 = b;
-    const int64_t nblk = min(int64_t(kScaleChunk), G.NBP - b);
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.s) + (sbase + b * kTileRows) * es);
-    const int n4 = int(nblk * kTileRows * es / 4);
-    for (int i = lane; i < n4; i += 32) reinterpret_cast<uint32_t*>(ssm)[i] = __ldg(src + i);
-    if (a.z) {
-      const uint32_t* zs = reinterpret_cast<const uint32_t*>(a.z + sbase + b * kTileRows);
-      for (int i = lane; i < int(nblk * kTileRows / 4); i += 32) reinterpret_cast<uint32_t*>(zsm)[i] = __ldg(zs + i);
-    }
-    __syncwarp();
-  };
-  auto sm_scale = [&](int idx) -> float {
-    if (es == 4) return reinterpret_cast<const float*>(ssm)[idx];
-    const uint16_t h = reinterpret_cast<const uint16_t*>(ssm)[idx];
-    return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(h)) : __bfloat162float(__ushort_as_bfloat16(h));
-  };
-
   int64_t ks = s_begin * KSTEPS;  // global k-step
   int64_t blk = ks / G.kpb;
   int kc = int(ks % G.kpb);
   ZeroRep<CT, SB> zr;
   float sc0 = 0.f, sc1 = 0.f;
   auto load_block = [&](int64_t b) {
-    if (b >= chunk0 + kScaleChunk || chunk0 < 0) fill(b);
-    const int i = int(b - chunk0) * kTileRows;
-    sc0 = sm_scale(i + g);
-    sc1 = sm_scale(i + g + 8);
-    if (a.z) zr.set(zsm[i + g], zsm[i + g + 8]);
-    else zr.set(a.zdefault, a.zdefault);
+    if (b >= chunk0 + kScaleChunk || chunk0 < 0) {
+      chunk0 = b;
+      fill_scales(ssm, zsm, a.s, a.z, sbase + b * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
+    }
+    const BlockParams bp = block_params(ssm, zsm, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
+                                        a.zdefault);
+    sc0 = bp.s0, sc1 = bp.s1;
+    zr.set(bp.z0, bp.z1);
   };
   auto flush = [&]() {
 #pragma unroll
@@ -537,8 +557,10 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 
   const uint64_t pol = evict_first_policy();
   // Software pipeline: weight vectors D spans ahead (the HBM stream), B fragments (x or a, L1/L2
-  // resident but still hundreds of cycles away on first touch) DX spans ahead, so no span waits on
-  // a load issued in the same span.
+  // resident but still hundreds of cycles away on first touch) DX spans ahead. The rings shift by
+  // register moves instead of unrolling the span loop D times: a few extra moves per 512 bytes, but
+  // the loop stays a few KB of code (an unrolled version was >100 KB per kernel and thrashed the
+  // instruction cache).
   auto load_x = [&](uint2 (&bx)[NT][KSTEPS], int64_t s) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -556,34 +578,60 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     if (s_begin + d < s_end) load_x(xb[d], s_begin + d);
   if (s_begin < s_end) load_block(blk);  // after the weight loads are in flight
 
-  for (int64_t s0 = s_begin; s0 < s_end; s0 += D) {
+  // Three compile-time variants so scale-block boundaries cost no per-k-step test:
+  //   KB = 0: blocks hold whole spans (kpb % KSTEPS == 0): one boundary test per span;
+  //   KB = 1 or 2: kpb == KB k-steps (bs = 16 or 32 inside an int4 span): boundaries at fixed k-steps.
+  auto main_loop = [&](auto kb_tag) {
+    constexpr int KB = decltype(kb_tag)::value;
+#pragma unroll 1
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      const uint4 v = buf[0];
 #pragma unroll
-    for (int d = 0; d < D; ++d) {
-      const int64_t s = s0 + d;
-      if (s < s_end) {
-        const uint4 v = buf[d];
-        if (s + D < s_end) buf[d] = ld_stream(wp + (s + D) * kLanes, pol);
-        uint2 bx[NT][KSTEPS];
+      for (int d = 0; d + 1 < D; ++d) buf[d] = buf[d + 1];
+      if (s + D < s_end) buf[D - 1] = ld_stream(wp + (s + D) * kLanes, pol);
+      uint2 bx[NT][KSTEPS];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int j = 0; j < KSTEPS; ++j) bx[nt][j] = xb[d % DX][nt][j];
-        if (s + DX < s_end) load_x(xb[d % DX], s + DX);
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int j = 0; j < KSTEPS; ++j) {
-          uint32_t af[4];
-          dequant<CT, SB>(v, j, zr, af);
+          bx[nt][j] = xb[0][nt][j];
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[nt], af, bx[nt][j].x, bx[nt][j].y);
-          if (++kc == G.kpb) {
+          for (int d = 0; d + 1 < DX; ++d) xb[d][nt][j] = xb[d + 1][nt][j];
+        }
+      if (s + DX < s_end) load_x(xb[DX - 1], s + DX);
+#pragma unroll
+      for (int j = 0; j < KSTEPS; ++j) {
+        uint32_t af[4];
+        dequant<CT, SB>(v, j, zr, af);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[nt], af, bx[nt][j].x, bx[nt][j].y);
+        if constexpr (KB > 0) {
+          if ((j + 1) % KB == 0) {
             flush();
-            kc = 0;
             ++blk;
             if (s < s_end - 1 || j < KSTEPS - 1) load_block(blk);
           }
         }
       }
+      if constexpr (KB == 0) {
+        kc += KSTEPS;
+        if (kc == G.kpb) {
+          flush();
+          kc = 0;
+          ++blk;
+          if (s < s_end - 1) load_block(blk);
+        }
+      }
     }
+  };
+  if (G.kpb % KSTEPS == 0) {
+    main_loop(std::integral_constant<int, 0>{});
+  } else if (G.kpb == 1) {
+    main_loop(std::integral_constant<int, 1>{});
+    kc = 0;
+  } else {
+    main_loop(std::integral_constant<int, 2>{});
+    kc = 0;
   }
   if (kc != 0) flush();
 
