@@ -33,6 +33,10 @@ if [[ $stages == *" tests "* ]]; then
   grep -E "FAIL|passed" "$OUT/tests.log" | head -20
   for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
 fi
+if [[ $stages == *" testsonly "* ]]; then
+  timeout 300 $T > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
+  grep -E "FAIL|passed" "$OUT/tests.log" | head -20
+fi
 if [[ $stages == *" quickbench "* ]]; then
   timeout 300 $B/src/cuda/qmoe_cuda_bench ${BENCH_ARGS:---quick} > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
   cat "$OUT/bench.log"
