@@ -171,16 +171,24 @@ void pack_tile(const MoeSpec& s, const PartPlan& part, const RawMatrix& src, int
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst.codes + g.code_offset(0, 0, j_done + q)), x[q]);
     }
   }
+  // Scales: raw [N][B] -> tile [B][16], a typed strided copy (a memcpy per element was ~15% of prepack).
+  auto copy_scales = [&](auto elem, int64_t l, int64_t n) {
+    using T = decltype(elem);
+    const T* from = reinterpret_cast<const T*>(sc) + (e * N + n) * g.nb;
+    T* to = static_cast<T*>(dst.scales);
+    for (int64_t b = 0; b < g.nb; ++b) to[g.meta_offset(0, b, l)] = from[b];
+  };
   for (int64_t l = 0; l < kTileRows; ++l) {
     if (!rows[l]) continue;
     const int64_t n = part.row_source(t * kTileRows + l).row;
     for (int64_t j = j_done; j < J; ++j) dst.codes[g.code_offset(0, l, j)] = rows[l][j];
-    for (int64_t b = 0; b < g.nb; ++b) {
-      std::memcpy(static_cast<uint8_t*>(dst.scales) + size_t(g.meta_offset(0, b, l)) * ssz,
-                  sc + size_t((e * N + n) * g.nb + b) * ssz, ssz);
-      if (dst.zero_points)
+    if (ssz == 4)
+      copy_scales(uint32_t{}, l, n);
+    else
+      copy_scales(uint16_t{}, l, n);
+    if (dst.zero_points)
+      for (int64_t b = 0; b < g.nb; ++b)
         dst.zero_points[g.meta_offset(0, b, l)] = uint8_t(raw_zero_point(s, *src.zero_points, e, N, g.nb, n, b));
-    }
     if (dst.bias) dst.bias[l] = load_as_float(s.act_dtype, src.bias->data(), e * N + n);
   }
 }
