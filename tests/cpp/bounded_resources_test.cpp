@@ -381,4 +381,58 @@ TEST_F(BoundedResources, OnnxTypedFieldsHugeTensor) {
   EXPECT_REFUSED_BEFORE_ALLOCATION(qmoe::load_onnx(path));
 }
 
+// ---- recursion: nesting depth is bounded before a recursive parser or destructor sees it ----
+
+TEST_F(BoundedResources, SafetensorsDeeplyNestedHeader) {
+  // 200k nested arrays would overflow the stack of a recursive JSON parser or destructor.
+  const std::string path = write("deep.safetensors", safetensors(std::string(200000, '[') + std::string(200000, ']'), 0));
+  EXPECT_REFUSED_BEFORE_ALLOCATION(open_and_read_all(path));
+  const std::string path2 =
+      write("deep2.safetensors", safetensors("{\"__metadata__\":" + std::string(200000, '[') + std::string(200000, ']') + "}", 0));
+  EXPECT_REFUSED_BEFORE_ALLOCATION(open_and_read_all(path2));
+}
+
+TEST_F(BoundedResources, SafetensorsIndexDeeplyNested) {
+  { std::ofstream(dir_ / "model.safetensors.index.json") << "{\"weight_map\": " << std::string(200000, '[') << std::string(200000, ']') << "}"; }
+  EXPECT_REFUSED_BEFORE_ALLOCATION(qmoe::SafetensorsCheckpoint::open(dir_.string()));
+}
+
+// Protobuf wire bytes: tag (field << 3 | 2) and length, then the payload.
+std::string pb_len_field(int field, const std::string& payload) {
+  std::string out(1, char((field << 3) | 2));
+  uint64_t n = payload.size();
+  do {
+    uint8_t b = n & 0x7f;
+    n >>= 7;
+    out += char(n ? (b | 0x80) : b);
+  } while (n);
+  return out + payload;
+}
+
+TEST_F(BoundedResources, OnnxDeeplyNestedSubgraphs) {
+  // ModelProto.graph(7) -> GraphProto.node(1) -> NodeProto.attribute(5) -> AttributeProto.g(6) ->
+  // GraphProto ... 5000 levels deep (15000 nested messages in ~100 KB): the parse must fail on
+  // protobuf's recursion limit, not overflow the stack.
+  std::string inner;
+  for (int i = 0; i < 5000; ++i) inner = pb_len_field(1, pb_len_field(5, pb_len_field(6, inner)));
+  const std::string model = std::string("\x08\x09", 2) + pb_len_field(7, inner);  // ir_version 9, graph
+  const std::string path = write("deep.onnx", model);
+  EXPECT_REFUSED_BEFORE_ALLOCATION(qmoe::load_onnx(path));
+}
+
+TEST_F(BoundedResources, OnnxManyNodes) {
+  // 100k nodes: refused (exactly one QMoE node allowed) without per-node work beyond parsing.
+  pb::ModelProto m;
+  m.set_ir_version(9);
+  pb::GraphProto* g = m.mutable_graph();
+  for (int i = 0; i < 100000; ++i) {
+    pb::NodeProto* n = g->add_node();
+    n->set_op_type("Relu");
+    n->add_input("x");
+    n->add_output("x");
+  }
+  const std::string path = write("many.onnx", m.SerializeAsString());
+  EXPECT_REFUSED_BEFORE_ALLOCATION(qmoe::load_onnx(path));
+}
+
 }  // namespace
