@@ -32,7 +32,9 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 }
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 
 const KernelSet& select_kernels(const std::string& isa) {
   if (isa == "auto") {
@@ -42,7 +44,7 @@ const KernelSet& select_kernels(const std::string& isa) {
   }
   if (isa == "portable") return portable_kernels();
   if (isa == "avx2") {
-    if (!cpu_has_avx2()) throw Error("cpu backend: isa 'avx2' requested, but this CPU lacks AVX2/FMA");
+    if (!cpu_has_avx2()) throw Error("cpu backend: isa 'avx2' requested, but this CPU lacks AVX2, FMA or F16C");
     return avx2_kernels();
   }
   if (isa == "avx512") {
