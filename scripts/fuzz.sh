@@ -49,12 +49,15 @@ stats="$build/fuzz-stats.tsv"
 
 run_one() {
   local f=$1
-  local work="$build/corpus/$f" art="$build/artifacts/$f/" log="$build/logs/$f.log"
+  # One log per run (several runs of one fuzzer may overlap: a long run and a CI run).
+  local work="$build/corpus/$f" art="$build/artifacts/$f/" log
+  log="$build/logs/$f-$(date -u +%Y%m%dT%H%M%S)-$$-$RANDOM.log"
   mkdir -p "$work" "$art"
   local dict=()
   [ -f "fuzz/$f.dict" ] && dict=(-dict="fuzz/$f.dict")
   local rc=0 t0
   t0=$(date +%s)
+  # (grep finds nothing after a crash: the '|| true's below keep set -e from ending the run silently.)
   # -rss_limit_mb / -malloc_limit_mb: inputs are a few KB, so any allocation of hundreds of MB is a
   # header that was believed; libFuzzer reports it as a crash (out-of-memory (malloc(N))).
   ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=0 \
@@ -64,10 +67,10 @@ run_one() {
       ${QMOE_FUZZ_ARGS:-} "$work" "fuzz/corpus/$f" >"$log" 2>&1 || rc=$?
   local execs cov ft corp took
   took=$(( $(date +%s) - t0 ))
-  execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)
-  cov=$(grep -oE ' cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
-  ft=$(grep -oE ' ft: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
-  corp=$(grep -oE ' corp: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
+  execs=$(grep -aoE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1) || true
+  cov=$(grep -aoE ' cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+') || true
+  ft=$(grep -aoE ' ft: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+') || true
+  corp=$(grep -aoE ' corp: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+') || true
   local result=ok
   [ "$rc" -ne 0 ] && result="FAIL(rc=$rc)"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$f" "$took" "${execs:-?}" "${cov:-?}" \
@@ -75,7 +78,7 @@ run_one() {
   printf 'fuzz_%-18s %5ss  execs %-9s cov %-6s ft %-6s %s\n' "$f" "$took" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$result"
   if [ "$rc" -ne 0 ]; then
     echo "---- fuzz_$f failed; last lines of $log (reproducer in $art):" >&2
-    grep -E 'ERROR|FINDING|SUMMARY|Test unit written|==[0-9]+==|#[0-9]+ 0x' "$log" | head -40 >&2 || true
+    grep -aE 'ERROR|FINDING|SUMMARY|Test unit written|==[0-9]+==|#[0-9]+ 0x' "$log" | head -40 >&2 || true
     return 1
   fi
 }

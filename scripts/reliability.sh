@@ -18,11 +18,15 @@ jobs=${QMOE_FUZZ_JOBS:-2}
 step() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
 step "build fuzzers and reliability tests (clang, ASan + UBSan) in $build"
-mkdir -p "$build"
-if [ ! -f "$build/build.ninja" ]; then
-  cmake -S fuzz -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang >/dev/null
+if [ "${QMOE_FUZZ_NO_BUILD:-0}" != 1 ]; then
+  mkdir -p "$build"
+  if [ ! -f "$build/build.ninja" ]; then
+    cmake -S fuzz -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang >/dev/null
+  fi
+  flock "$build/.fuzz-build.lock" ninja -C "$build" -j "$jobs" >/dev/null
+else
+  echo "QMOE_FUZZ_NO_BUILD=1: using the binaries already in $build"
 fi
-flock "$build/.fuzz-build.lock" ninja -C "$build" -j "$jobs" >/dev/null
 
 step "reliability tests under ASan + UBSan (bounded resources, determinism, bad inputs)"
 # One process per test: a UBSan report aborts its process (-fno-sanitize-recover), and one finding
