@@ -203,6 +203,7 @@ class CudaBackend final : public Backend {
       throw Error("cuda backend: compute capability " + std::to_string(p.major) + "." + std::to_string(p.minor) +
                   " is not supported (the mma.sync kernels need sm_80 or newer)");
     sms_ = p.multiProcessorCount;
+    QMOE_CU(cuda::init_kernels());
     QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
   ~CudaBackend() override {

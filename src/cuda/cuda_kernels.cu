@@ -25,7 +25,39 @@ namespace qmoe::cuda {
 namespace {
 
 constexpr int kWarps = 4;        // warps per FC block
-constexpr int kScaleChunk = 64;  // scale blocks per warp held in shared memory at a time
+constexpr int kScaleChunk = 32;  // scale blocks per warp held in shared memory at a time
+constexpr int kScaleBytes = kScaleChunk * kTileRows * 5;  // fp32 scales (worst case) + uint8 zeros
+
+// Pipeline depth: 8 spans (4 KB of weights) per warp at decode (NT = 1), where few warps exist;
+// 4 when the activations of 16..32 tokens make a stage large.
+template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
+
+// One pipeline stage of one warp: the span's 512 weight bytes, then the span's activations of the
+// warp's NT*8 token columns. A token row's span (SPAN values, 2 bytes each) is stored with a 32-byte
+// pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
+// puts the 16 lanes of each 64-bit access phase in distinct banks.
+template <int SB, int NT> struct StageLayout {
+  static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
+  static constexpr int kTokenStride = kTokenBytes + 32;
+  static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
+  static constexpr int kBytes = kSpanBytes + NT * 8 * kTokenStride;
+  static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
+};
+
+// cp.async wrappers (PTX ISA "cp.async", sm_80+). Weights: .cg (bypass L1) with an L2 evict-first
+// policy. Activations: .ca (they are re-read by the other warps of the SM), src-size 0 = zero fill.
+__device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, uint64_t pol) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "l"(pol));
+}
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 __device__ __forceinline__ float load_elt(const void* p, int64_t i, Elt e) {
   switch (e) {
@@ -470,11 +502,7 @@ template <class CT, int SB, int NT, bool FC1>
 __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
-  // Spans of weights in flight per warp (512 B each): 8 at decode (NT = 1), where few warps exist
-  // and each must keep ~4 KB in flight; 4 when registers go to accumulators.
-  constexpr int D = NT == 1 ? 8 : 4;
-  constexpr int DX = NT == 1 ? 2 : 1;  // spans of B fragments in flight
-  static_assert(D % DX == 0, "x ring index must be a compile-time constant");
+  constexpr int STAGES = kStages<NT>;  // spans in flight per warp (512 weight bytes each)
   const int item = blockIdx.x;
   if (item >= *a.n_items) return;  // whole block: no barrier is skipped by part of it
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -498,7 +526,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     if (idx < cnt) {
       const int pos = p0 + idx;
       const int64_t r = FC1 ? int64_t(a.sorted_slot[pos] / a.k) : int64_t(pos);
-      xrow[nt] = static_cast<const CT*>(a.x) + r * a.x_ld + 4 * t;
+      xrow[nt] = static_cast<const CT*>(a.x) + r * a.x_ld;
     }
   }
 
@@ -527,6 +555,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
   uint8_t* ssm = fc_smem + warp * a.smem_per_warp;
   uint8_t* zsm = ssm + kScaleChunk * kTileRows * 4;
+  uint8_t* ring = ssm + kScaleBytes;  // STAGES x StageLayout<SB, NT>::kBytes
   int64_t chunk0 = -1;  // first block held in shared memory
   int64_t ks = s_begin * KSTEPS;  // global k-step
   int64_t blk = ks / G.kpb;
@@ -556,27 +585,33 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   };
 
   const uint64_t pol = evict_first_policy();
-  // Software pipeline: weight vectors D spans ahead (the HBM stream), B fragments (x or a, L1/L2
-  // resident but still hundreds of cycles away on first touch) DX spans ahead. The rings shift by
-  // register moves instead of unrolling the span loop D times: a few extra moves per 512 bytes, but
-  // the loop stays a few KB of code (an unrolled version was >100 KB per kernel and thrashed the
-  // instruction cache).
-  auto load_x = [&](uint2 (&bx)[NT][KSTEPS], int64_t s) {
+  // Software pipeline through shared memory (cp.async, PTX ISA "cp.async"): STAGES spans in flight
+  // per warp, each stage = this warp's 512 weight bytes + the span's activations of its NT*8
+  // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
+  // misses), rolled they need register moves that wait on the newest load (one load in flight).
+  // Shared memory is indexed at run time, so the loop stays rolled and small.
+  using SL = StageLayout<SB, NT>;
+  const uint8_t* xsrc[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt) xsrc[nt] = reinterpret_cast<const uint8_t*>(xrow[nt]);
+  auto issue = [&](int64_t s) {
+    if (s < s_end) {
+      uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
+      cp_async16_hint(st + lane * 16, wp + s * kLanes, pol);
 #pragma unroll
-      for (int j = 0; j < KSTEPS; ++j)
-        bx[nt][j] = xrow[nt] ? __ldg(reinterpret_cast<const uint2*>(xrow[nt] + s * SPAN + 16 * j)) : make_uint2(0u, 0u);
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < SL::kChunksPerLane; ++c) {
+          const int chunk = t * SL::kChunksPerLane + c;
+          const uint8_t* src = xsrc[nt] ? xsrc[nt] + s * SL::kTokenBytes + chunk * 16 : static_cast<const uint8_t*>(a.x);
+          cp_async16_zfill(st + kSpanBytes + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
+        }
+    }
+    cp_async_commit();  // always, so group counting stays uniform at the tail
   };
-  uint4 buf[D];
-  uint2 xb[DX][NT][KSTEPS];
 #pragma unroll
-  for (int d = 0; d < D; ++d)
-    if (s_begin + d < s_end) buf[d] = ld_stream(wp + (s_begin + d) * kLanes, pol);
-#pragma unroll
-  for (int d = 0; d < DX; ++d)
-    if (s_begin + d < s_end) load_x(xb[d], s_begin + d);
-  if (s_begin < s_end) load_block(blk);  // after the weight loads are in flight
+  for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
+  if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
 
   // Three compile-time variants so scale-block boundaries cost no per-k-step test:
   //   KB = 0: blocks hold whole spans (kpb % KSTEPS == 0): one boundary test per span;
@@ -585,20 +620,18 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     constexpr int KB = decltype(kb_tag)::value;
 #pragma unroll 1
     for (int64_t s = s_begin; s < s_end; ++s) {
-      const uint4 v = buf[0];
-#pragma unroll
-      for (int d = 0; d + 1 < D; ++d) buf[d] = buf[d + 1];
-      if (s + D < s_end) buf[D - 1] = ld_stream(wp + (s + D) * kLanes, pol);
+      cp_async_wait<STAGES - 2>();  // this thread's copies of span s have landed
+      __syncwarp();                 // ... and every lane's (x chunks are read by other lanes)
+      issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
+      const uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
+      const uint4 v = *reinterpret_cast<const uint4*>(st + lane * 16);
       uint2 bx[NT][KSTEPS];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int j = 0; j < KSTEPS; ++j) {
-          bx[nt][j] = xb[0][nt][j];
-#pragma unroll
-          for (int d = 0; d + 1 < DX; ++d) xb[d][nt][j] = xb[d + 1][nt][j];
-        }
-      if (s + DX < s_end) load_x(xb[DX - 1], s + DX);
+        for (int j = 0; j < KSTEPS; ++j)
+          bx[nt][j] = *reinterpret_cast<const uint2*>(st + kSpanBytes + (nt * 8 + g) * SL::kTokenStride +
+                                                      (16 * j + 4 * t) * 2);
 #pragma unroll
       for (int j = 0; j < KSTEPS; ++j) {
         uint32_t af[4];
@@ -623,6 +656,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
         }
       }
     }
+    cp_async_wait<0>();
   };
   if (G.kpb % KSTEPS == 0) {
     main_loop(std::integral_constant<int, 0>{});
@@ -709,18 +743,36 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   }
 }
 
+template <class CT, int SB, int NT, bool FC1>
+void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
+  FcArgs b = a;
+  b.smem_per_warp = kScaleBytes + kStages<NT> * StageLayout<SB, NT>::kBytes;
+  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 68..100 KB: needs the opt-in above 48 KB
+  fc_kernel<CT, SB, NT, FC1><<<grid, kWarps * 32, smem, st>>>(b);
+}
+
+template <class CT, int SB, int NT, bool FC1>
+cudaError_t set_smem_attr() {
+  const int smem = kWarps * (kScaleBytes + kStages<NT> * StageLayout<SB, NT>::kBytes);
+  return cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+}
+template <class CT, int SB, bool FC1>
+cudaError_t set_smem_attrs_nt() {
+  cudaError_t e = set_smem_attr<CT, SB, 1, FC1>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1>();
+  return e;
+}
+
 template <bool FC1, class CT, int SB>
 void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
   const int tiles_per_block = kWarps / a.kw;
   const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + tiles_per_block - 1) / tiles_per_block),
                   unsigned(a.splits));
-  FcArgs b = a;
-  b.smem_per_warp = kScaleChunk * kTileRows * 5;  // fp32 scales (worst case) + uint8 zero points
-  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 20 KB: no opt-in needed
   switch (a.nt) {
-    case 1: fc_kernel<CT, SB, 1, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
-    case 2: fc_kernel<CT, SB, 2, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
-    case 4: fc_kernel<CT, SB, 4, FC1><<<grid, kWarps * 32, smem, st>>>(b); break;
+    case 1: launch_fc_one<CT, SB, 1, FC1>(a, grid, st); break;
+    case 2: launch_fc_one<CT, SB, 2, FC1>(a, grid, st); break;
+    case 4: launch_fc_one<CT, SB, 4, FC1>(a, grid, st); break;
     default: break;  // the host checks nt
   }
 }
@@ -796,6 +848,17 @@ void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, 
                           cudaStream_t st) {
   if (T == 0) return;
   convert_kernel<<<grid_for(T * ld, 256), 256, 0, st>>>(in, ie, out, oe, T, H, ld);
+}
+
+cudaError_t init_kernels() {
+  // Raises the dynamic shared-memory limit of every FC kernel once, outside any stream capture.
+  cudaError_t e = cudaSuccess;
+  for (cudaError_t r : {set_smem_attrs_nt<__half, 4, true>(), set_smem_attrs_nt<__half, 8, true>(),
+                        set_smem_attrs_nt<__nv_bfloat16, 4, true>(), set_smem_attrs_nt<__nv_bfloat16, 8, true>(),
+                        set_smem_attrs_nt<__half, 4, false>(), set_smem_attrs_nt<__half, 8, false>(),
+                        set_smem_attrs_nt<__nv_bfloat16, 4, false>(), set_smem_attrs_nt<__nv_bfloat16, 8, false>()})
+    if (e == cudaSuccess) e = r;
+  return e;
 }
 
 void launch_fc1(const FcArgs& a, cudaStream_t st) { launch_fc<true>(a, st); }

@@ -104,6 +104,8 @@ struct FcArgs {
   int kw = 1;                  // warps per tile inside a block (1, 2, 4): deterministic in-block split-K
   int smem_per_warp = 0;       // set by the launcher
 };
+// Once per device, before any launch or capture: sets the FC kernels' shared-memory limits.
+cudaError_t init_kernels();
 void launch_fc1(const FcArgs& a, cudaStream_t st);
 void launch_fc2(const FcArgs& a, cudaStream_t st);
 
