@@ -9,8 +9,9 @@
 // (invalid enum values are the deterministic tests' job, tests/cpp/bad_input_test.cpp).
 //
 // Flow: build the spec -> validate(); when valid and small, build raw tensors of the shapes the spec
-// implies, with one shape optionally perturbed by the "perturb" key -> validate_raw(); when that
-// passes, run reference_forward on "tokens" rows (0..8, so T = 0 is covered) and, with "cpu=1", the
+// implies, with one shape optionally perturbed by the "perturb" key (1-based: fc1 weights, scales,
+// zero points, bias, then fc2, fc3; last dim + 1) -> validate_raw(), which must refuse a perturbed
+// tensor that exists; when it passes, run reference_forward on "tokens" rows (0..8, so T = 0 is covered) and, with "cpu=1", the
 // CPU backend too (crash-only: outputs are compared by the agreement tests, not here).
 #include <cmath>
 #include <cstdlib>
@@ -100,7 +101,7 @@ qmoe::Tensor filled(qmoe::DType t, qmoe::Shape shape, qmoe_fuzz::Bytes& b) {
   return x;
 }
 
-qmoe::Shape perturbed(qmoe::Shape s, bool on) {
+qmoe::Shape perturbed_shape(qmoe::Shape s, bool on) {
   if (on && !s.empty()) s.back() += 1;
   return s;
 }
@@ -134,14 +135,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using qmoe::Fc;
   qmoe::RawExperts raw;
   int which = 0;
+  bool perturbed = false;  // a tensor that exists got a wrong shape on purpose
+  auto shape_for = [&](qmoe::Shape shp) {
+    const bool on = p.perturb == which;
+    perturbed = perturbed || (on && !shp.empty());
+    return perturbed_shape(std::move(shp), on);
+  };
   auto mat = [&](Fc fc, bool bias, bool zp) {
     qmoe::RawMatrix m;
-    m.weights = filled(qmoe::DType::u8, perturbed(qmoe::raw_weight_shape(s, fc), p.perturb == ++which), bytes);
-    m.scales = filled(s.scale_dtype, perturbed(qmoe::raw_scale_shape(s, fc), p.perturb == ++which), bytes);
     ++which;
-    if (zp) m.zero_points = filled(qmoe::DType::u8, perturbed(qmoe::raw_zero_point_shape(s, fc), p.perturb == which), bytes);
+    m.weights = filled(qmoe::DType::u8, shape_for(qmoe::raw_weight_shape(s, fc)), bytes);
     ++which;
-    if (bias) m.bias = filled(s.act_dtype, perturbed(qmoe::raw_bias_shape(s, fc), p.perturb == which), bytes);
+    m.scales = filled(s.scale_dtype, shape_for(qmoe::raw_scale_shape(s, fc)), bytes);
+    ++which;
+    if (zp) m.zero_points = filled(qmoe::DType::u8, shape_for(qmoe::raw_zero_point_shape(s, fc)), bytes);
+    ++which;
+    if (bias) m.bias = filled(s.act_dtype, shape_for(qmoe::raw_bias_shape(s, fc)), bytes);
     return m;
   };
   raw.fc1 = mat(Fc::fc1, s.fc1_bias, s.fc1_zero_points);
@@ -152,10 +161,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const qmoe::Error&) {
     return 0;
   }
-  if (p.perturb >= 1 && p.perturb <= which) {
-    // A tensor was given a wrong shape on purpose (and it exists): validate_raw must have refused.
-    const bool exists = true;
-    (void)exists;
+  if (perturbed) {
+    // One tensor's last dim is one too large: validate_raw must have refused it.
+    __builtin_fprintf(stderr, "FINDING: validate_raw accepted tensor %lld with a wrong shape for %s\n",
+                      (long long)p.perturb, s.to_string().c_str());
+    std::abort();
   }
 
   const int64_t T = p.tokens < 0 ? 0 : p.tokens % 9;
