@@ -11,8 +11,9 @@
 // Flow: build the spec -> validate(); when valid and small, build raw tensors of the shapes the spec
 // implies, with one shape optionally perturbed by the "perturb" key (1-based: fc1 weights, scales,
 // zero points, bias, then fc2, fc3; last dim + 1) -> validate_raw(), which must refuse a perturbed
-// tensor that exists; when it passes, run reference_forward on "tokens" rows (0..8, so T = 0 is covered) and, with "cpu=1", the
-// CPU backend too (crash-only: outputs are compared by the agreement tests, not here).
+// tensor that exists; when it passes, run reference_forward on "tokens" rows (0..8, so T = 0 is
+// covered) and, with "cpu=1", the CPU backend too (crash-only: outputs are compared by the agreement
+// tests, not here).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
