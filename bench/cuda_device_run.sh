@@ -33,6 +33,10 @@ if [[ $stages == *" tests "* ]]; then
   grep -E "FAIL|passed" "$OUT/tests.log" | head -20
   for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
 fi
+if [[ $stages == *" memcheck1 "* ]]; then
+  timeout 120 compute-sanitizer --tool memcheck --show-backtrace device $T --only 0 > "$OUT/memcheck.log" 2>&1; echo "memcheck1 rc=$?"
+  grep -v "^=========     Host Frame" "$OUT/memcheck.log" | head -30
+fi
 if [[ $stages == *" testsonly "* ]]; then
   timeout 300 $T > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
   grep -E "FAIL|passed" "$OUT/tests.log" | head -20

@@ -462,8 +462,8 @@ __device__ __forceinline__ float act_dev(int act, float v) {
 }
 
 // Copies `nblk` scale blocks (16 scales each) and, if present, their zero points of one tile into
-// the warp's shared-memory slice. Out of line on purpose (see the hot loop).
-__device__ __noinline__ void fill_scales(uint8_t* ssm, uint8_t* zsm, const void* s, const uint8_t* z, int64_t off,
+// the warp's shared-memory slice.
+__device__ __forceinline__ void fill_scales(uint8_t* ssm, uint8_t* zsm, const void* s, const uint8_t* z, int64_t off,
                                          int nblk, int es, int lane) {
   __syncwarp();
   const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(s) + off * es);
@@ -481,8 +481,8 @@ struct BlockParams {
   int z0, z1;
 };
 // Scale and zero point of tile rows g and g+8 of one block, from the warp's shared-memory slice
-// (`i` = block offset * 16 + g). Out of line: runs once per scale block.
-__device__ __noinline__ BlockParams block_params(const uint8_t* ssm, const uint8_t* zsm, int i, int es, Elt se,
+// (`i` = block offset * 16 + g). Runs once per scale block.
+__device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const uint8_t* zsm, int i, int es, Elt se,
                                                  bool has_z, int zdef) {
   BlockParams p;
   if (es == 4) {
@@ -549,8 +549,8 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[nt][r] = 0.f;
 
   // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
-  // copied by the whole warp with coalesced 4-byte loads (fill_scales, out of line: it runs once per
-  // 64 blocks and must not bloat the hot loop); a scale block then costs a shared-memory read.
+  // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk blocks);
+  // a scale block then costs a shared-memory read instead of a dependent DRAM round trip.
   extern __shared__ __align__(16) uint8_t fc_smem[];
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
   uint8_t* ssm = fc_smem + warp * a.smem_per_warp;
