@@ -9,12 +9,15 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "qmoe/raw_experts.h"
 #include "qmoe/spec.h"
 #include "qmoe/tensor.h"
 
@@ -27,6 +30,11 @@ struct Subcommand {
 
 Subcommand add_run(CLI::App& root);
 Subcommand add_demo(CLI::App& root);
+Subcommand add_pack(CLI::App& root);
+Subcommand add_inspect(CLI::App& root);
+Subcommand add_quantize(CLI::App& root);
+Subcommand add_export_onnx(CLI::App& root);
+Subcommand add_bench(CLI::App& root);
 
 // Options every command that runs a layer shares (--backend, --threads, --no-prepack).
 struct BackendFlags {
@@ -55,5 +63,46 @@ void require_input_file(const std::string& flag, const std::string& path);
 // computing rather than after.
 void require_writable_output(const std::string& flag, const std::string& path);
 nlohmann::json spec_json(const MoeSpec& spec);
+
+// What a path given as MODEL / FILE / CHECKPOINT holds, from its first bytes (never from the name
+// alone, except that a damaged file named *.safetensors is still treated as one so the reader's
+// error explains it):
+//   packed      qmoe packed weights (kPackedMagic)
+//   onnx        anything else that is a file: load_onnx() says precisely what is wrong with it
+//   raw         a safetensors file whose __metadata__ format is "qmoe.raw" (qmoe quantize's output)
+//   checkpoint  a folder, a model.safetensors.index.json, or any other safetensors file
+enum class FileKind { packed, onnx, raw, checkpoint };
+FileKind detect_file_kind(const std::string& path);
+std::string_view file_kind_name(FileKind k);
+// Throws qmoe::Error "<flag> <path>: ..." unless path exists (file or folder) and is readable.
+void require_input_path(const std::string& flag, const std::string& path);
+// Throws unless `out` names a different file than `in` (writing over the input is never intended).
+void require_distinct(const std::string& in, const std::string& out_flag, const std::string& out);
+
+// The raw tensors of a layer by their ONNX input names (fc1_experts_weights, fc1_scales, ...), in
+// operator input order; absent optional tensors are left out.
+struct NamedRawTensor {
+  std::string name;
+  const Tensor* tensor;
+};
+std::vector<NamedRawTensor> raw_tensor_list(const RawExperts& raw);
+nlohmann::json tensor_json(const Tensor& t);
+// A layer's raw weights from an ONNX model or a qmoe raw .safetensors file (`kind` from
+// detect_file_kind; a packed file or a checkpoint is refused with what to run instead). `layout`
+// ("detect", "raw", "ort-cuda") applies to ONNX models only; stating it for another kind is an error.
+struct RawModel {
+  FileKind kind = FileKind::onnx;
+  MoeSpec spec;
+  RawExperts raw;
+  std::string node_name;                        // ONNX only
+  std::map<std::string, std::string> metadata;  // raw .safetensors only (source facts)
+};
+RawModel load_raw_model(const std::string& flag, const std::string& path, FileKind kind,
+                        const std::string& layout, bool layout_given);
+
+// "--quiet": no progress line (it is drawn only on a terminal anyway).
+void add_quiet_flag(CLI::App& app, bool& quiet);
+// "qmoe 0.1.0": written into packed files and exported models.
+std::string writer_string();
 
 }  // namespace qmoe::cli

@@ -3,11 +3,17 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "commands.h"
 #include "qmoe/error.h"
+#include "qmoe/checkpoint.h"
 #include "qmoe/layer.h"
+#include "qmoe/onnx_model.h"
+#include "qmoe/packed_file.h"
+#include "qmoe/safetensors.h"
 
 namespace qmoe::cli {
 
@@ -80,5 +86,120 @@ nlohmann::json spec_json(const MoeSpec& s) {
   j["summary"] = s.to_string();
   return j;
 }
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+FileKind detect_file_kind(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) return FileKind::checkpoint;
+  if (ends_with(path, ".index.json")) return FileKind::checkpoint;
+  uint8_t head[16] = {};
+  std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(head), sizeof head);
+  const size_t n = size_t(f.gcount());
+  const uint64_t size = fs::file_size(path, ec);
+  if (has_packed_magic(head, n)) return FileKind::packed;
+  // safetensors: u64 little-endian header length, then the JSON header's '{'.
+  uint64_t len = 0;
+  if (n >= 9) std::memcpy(&len, head, 8);
+  const bool looks_safetensors = n >= 9 && head[8] == '{' && len >= 2 && !ec && len <= size - 8;
+  if (!looks_safetensors && !ends_with(path, ".safetensors")) return FileKind::onnx;
+  // qmoe's own raw files say so in their metadata; every other safetensors file is a checkpoint. A
+  // file that does not open is handed to read_raw_safetensors, whose error names the problem.
+  try {
+    const SafetensorsFile st = SafetensorsFile::open(path);
+    const auto it = st.metadata().find("format");
+    return it != st.metadata().end() && it->second == "qmoe.raw" ? FileKind::raw : FileKind::checkpoint;
+  } catch (const Error&) {
+    return FileKind::raw;
+  }
+}
+
+std::string_view file_kind_name(FileKind k) {
+  switch (k) {
+    case FileKind::packed: return "a qmoe packed weight file";
+    case FileKind::onnx: return "an ONNX model";
+    case FileKind::raw: return "a qmoe raw .safetensors file";
+    case FileKind::checkpoint: return "a Hugging Face checkpoint";
+  }
+  return "?";
+}
+
+void require_input_path(const std::string& flag, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw Error(flag + " " + path + ": no such file or folder");
+  if (::access(path.c_str(), R_OK) != 0) throw Error(flag + " " + path + ": not readable (permission denied)");
+}
+
+void require_distinct(const std::string& in, const std::string& out_flag, const std::string& out) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(in, out, ec))
+    throw Error(out_flag + " " + out + ": is the input file; choose another output path");
+}
+
+std::vector<NamedRawTensor> raw_tensor_list(const RawExperts& raw) {
+  std::vector<NamedRawTensor> out;
+  auto add = [&](const std::string& fc, const RawMatrix& m) {
+    out.push_back({fc + "_experts_weights", &m.weights});
+    out.push_back({fc + "_scales", &m.scales});
+    if (m.bias) out.push_back({fc + "_experts_bias", &*m.bias});
+    if (m.zero_points) out.push_back({fc + "_zero_points", &*m.zero_points});
+  };
+  add("fc1", raw.fc1);
+  add("fc2", raw.fc2);
+  if (raw.fc3) add("fc3", *raw.fc3);
+  return out;
+}
+
+nlohmann::json tensor_json(const Tensor& t) {
+  return {{"dtype", std::string(dtype_name(t.dtype()))}, {"shape", t.shape()}, {"bytes", t.nbytes()}};
+}
+
+RawModel load_raw_model(const std::string& flag, const std::string& path, FileKind kind, const std::string& layout,
+                        bool layout_given) {
+  RawModel m;
+  m.kind = kind;
+  if (kind != FileKind::onnx && layout_given && layout != "detect")
+    throw Error("--weights-layout " + layout + ": applies to ONNX models only; " + flag + " " + path + " is " +
+                std::string(file_kind_name(kind)));
+  switch (kind) {
+    case FileKind::packed:
+      throw Error(flag + " " + path + ": is already a qmoe packed weight file; give the ONNX model or raw .safetensors it was made from");
+    case FileKind::checkpoint:
+      throw Error(flag + " " + path + ": is a Hugging Face checkpoint, not a quantized layer; quantize it first: "
+                  "qmoe quantize " + path + " --layer N -o raw.safetensors");
+    case FileKind::raw: {
+      RawLayer L = read_raw_safetensors(path);
+      m.spec = L.spec;
+      m.raw = std::move(L.raw);
+      m.metadata = std::move(L.metadata);
+      return m;
+    }
+    case FileKind::onnx: {
+      OnnxLoadOptions opt;
+      opt.layout = layout == "raw" ? WeightsLayout::raw : layout == "ort-cuda" ? WeightsLayout::ort_cuda : WeightsLayout::detect;
+      OnnxLayer L = load_onnx(path, opt);
+      m.spec = L.spec;
+      m.raw = std::move(L.raw);
+      m.node_name = L.node_name;
+      return m;
+    }
+  }
+  throw Error("internal: unknown file kind");
+}
+
+void add_quiet_flag(CLI::App& app, bool& quiet) {
+  app.add_flag("-q,--quiet", quiet, "No progress line on stderr (it is drawn only when stderr is a terminal)");
+}
+
+std::string writer_string() { return std::string("qmoe ") + QMOE_VERSION_STRING; }
 
 }  // namespace qmoe::cli

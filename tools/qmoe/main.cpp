@@ -28,9 +28,17 @@ int main(int argc, char** argv) {
   app.footer(
       "Examples:\n"
       "  qmoe demo\n"
-      "  qmoe run layer.onnx --input x.npy --router-probs logits.npy --output y.npy\n"
+      "  qmoe quantize path/to/Mixtral-8x7B --layer 3 --bits 4 --block-size 128 -o layer3.safetensors\n"
+      "  qmoe export-onnx layer3.safetensors -o layer3.onnx\n"
+      "  qmoe pack layer3.onnx --target cpu -o layer3.qmoe && qmoe inspect layer3.qmoe\n"
+      "  qmoe run layer3.qmoe --input x.npy --router-probs logits.npy --output y.npy\n"
+      "  qmoe bench --shape mixtral --tokens 1,8,64\n"
+      "Run qmoe SUBCOMMAND --help for each one's options and examples.\n"
       "Exit codes: 0 success, 1 bad input (one line on stderr: qmoe: error: ...), 2 usage error.\n");
-  const std::vector<qmoe::cli::Subcommand> commands{qmoe::cli::add_run(app), qmoe::cli::add_demo(app)};
+  namespace cli = qmoe::cli;
+  const std::vector<cli::Subcommand> commands{cli::add_quantize(app), cli::add_export_onnx(app), cli::add_pack(app),
+                                              cli::add_inspect(app),  cli::add_run(app),         cli::add_bench(app),
+                                              cli::add_demo(app)};
 
   try {
     app.parse(argc, argv);
