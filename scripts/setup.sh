@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(build-essential cmake ninja-build pkg-config libgtest-dev libcli11-dev nlohmann-json3-dev
-          libprotobuf-dev protobuf-compiler libonnx-dev)
+          libprotobuf-dev protobuf-compiler libonnx-dev clang libclang-rt-14-dev)
 [ -f scripts/deps-apt.txt ] && mapfile -t -O "${#apt_pkgs[@]}" apt_pkgs < <(grep -v '^#' scripts/deps-apt.txt | sed '/^$/d')
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

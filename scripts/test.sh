@@ -3,7 +3,9 @@
 #   1. Release build + C++ unit tests (ctest)
 #   2. the same C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   3. the CUDA code compiled (not run) when nvcc is present
-#   4. the Python module installed, then the pytest suites (ORT agreement, CLI errors, Python API)
+#   4. the C++ package installed and a consumer project built against it (find_package(qmoe))
+#   5. fuzzers (short runs on their corpora) and reliability tests, clang + ASan + UBSan
+#   6. the Python module installed, then the pytest suites (ORT agreement, CLI, Python API, export)
 # GPU tests run on a GPU machine: see docs/TESTING.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,16 @@ if command -v nvcc >/dev/null 2>&1; then
   cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=ON >/dev/null
   ninja -C build-cuda
 fi
+
+step "C++ package: install, then build a consumer with find_package(qmoe)"
+rm -rf build/install build/consumer
+cmake --install build --prefix build/install --component dev >/dev/null
+cmake -S tests/consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
+ninja -C build/consumer >/dev/null
+build/consumer/consumer
+
+step "fuzzers and reliability tests (clang, ASan + UBSan)"
+scripts/reliability.sh "${QMOE_FUZZ_SECONDS:-30}"
 
 step "Python module"
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation .

@@ -42,12 +42,21 @@ std::string dtype_label(DType t) {
 }  // namespace
 
 void MoeSpec::validate() const {
-  if (num_experts < 1) bad("num_experts (E)", ">= 1", num_experts);
-  if (hidden < 1) bad("hidden_size (H)", ">= 1", hidden);
-  if (inter < 1) bad("inter_size (I)", ">= 1", inter);
+  // Upper bounds keep every derived size (2I rows, E*N*K codes, byte counts) far from int64
+  // overflow, so a hostile header cannot make shape arithmetic undefined. They are far above any
+  // real model (DeepSeek-V3: E=256, H=7168, I=2048).
+  constexpr int64_t kMaxExperts = int64_t(1) << 16, kMaxDim = int64_t(1) << 24;
+  if (num_experts < 1 || num_experts > kMaxExperts)
+    bad("num_experts (E)", "in [1, " + std::to_string(kMaxExperts) + "]", num_experts);
+  if (hidden < 1 || hidden > kMaxDim) bad("hidden_size (H)", "in [1, " + std::to_string(kMaxDim) + "]", hidden);
+  if (inter < 1 || inter > kMaxDim) bad("inter_size (I)", "in [1, " + std::to_string(kMaxDim) + "]", inter);
+  constexpr double kMaxCodes = 0x1p50;  // per matrix, all experts: 1 PiB of codes at most
+  if (double(num_experts) * double(2 * inter) * double(hidden) > kMaxCodes)
+    bad("E * fc1 rows * H", "at most 2^50 weights per matrix", double(num_experts) * double(2 * inter) * double(hidden));
   if (k < 1 || k > num_experts) bad("k", "in [1, E=" + std::to_string(num_experts) + "]", k);
   if (bits != 2 && bits != 4 && bits != 8) bad("expert_weight_bits", "2, 4 or 8", bits);
-  if (block_size < 0) bad("block_size", ">= 0 (0 = row-wise)", block_size);
+  if (block_size < 0 || block_size > kMaxDim)
+    bad("block_size", "in [0, " + std::to_string(kMaxDim) + "] (0 = row-wise)", block_size);
   if (block_size > 0 && (block_size < 16 || (block_size & (block_size - 1)) != 0))
     bad("block_size", "a power of two >= 16 (or 0 for row-wise)", block_size);
   if (hidden % pack() != 0)
