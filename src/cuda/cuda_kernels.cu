@@ -44,11 +44,13 @@ template <int SB, int NT> struct StageLayout {
   static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
 };
 
-// cp.async wrappers (PTX ISA "cp.async", sm_80+). Weights: .cg (bypass L1) with an L2 evict-first
-// policy. Activations: .ca (they are re-read by the other warps of the SM), src-size 0 = zero fill.
-__device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, uint64_t pol) {
+// cp.async wrappers (PTX ISA "cp.async", sm_80+). Weights: .cg (bypass L1, read once).
+// Activations: .ca (re-read by the other warps of the SM); src-size 0 = zero fill.
+// (An .L2::cache_hint evict-first variant raised "illegal instruction" on the H100 here, so the
+// weights use plain .cg; see docs/PERF-cuda.md.)
+__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "l"(pol));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
 __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, int src_bytes) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -350,22 +352,6 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t
   return d;
 }
 
-// Weight loads: read once, never reused by this kernel -> skip L1 (.L1::no_allocate) and give the
-// L2 lines an evict-first policy made by createpolicy (PTX ISA "createpolicy", "ld" with
-// .L2::cache_hint; sm_80+), so weights streaming through L2 do not push out x, a, scales or y.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint4 ld_stream(const uint4* p, uint64_t pol) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(pol));
-  return v;
-}
-
 template <class CT> struct CtTraits;
 template <> struct CtTraits<__half> {
   // 1024 + q is exact in fp16 for q < 1024 (ulp 1 in [1024, 2048)); 0x6400 = 1024.0.
@@ -584,7 +570,6 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     }
   };
 
-  const uint64_t pol = evict_first_policy();
   // Software pipeline through shared memory (cp.async, PTX ISA "cp.async"): STAGES spans in flight
   // per warp, each stage = this warp's 512 weight bytes + the span's activations of its NT*8
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
@@ -597,7 +582,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   auto issue = [&](int64_t s) {
     if (s < s_end) {
       uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
-      cp_async16_hint(st + lane * 16, wp + s * kLanes, pol);
+      cp_async16_stream(st + lane * 16, wp + s * kLanes);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
