@@ -13,7 +13,7 @@
 // S the scale size of the run: 4 for fp32 scales, 2 for fp16 as in performance.md)
 // + activations (fp32 in + out: 8 T H); floor time = bytes / measured read bandwidth.
 // Weights are random bytes (generating them is much faster than quantizing floats; the kernels'
-// speed does not depend on the values). Logits rotate over 8 sets so repeated runs touch different
+// speed does not depend on the values). Logits rotate over 32 sets so repeated runs touch different
 // experts and the last-level cache cannot serve a small touched set between runs.
 #include <sys/resource.h>
 
@@ -264,7 +264,7 @@ int main(int argc, char** argv) {
       const double ssz = double(dtype_size(scale_dtype));
       const double bpw = q->bits == 4 ? 0.5 + ssz / double(q->block) : 1.0 + ssz / double(s.hidden);
       for (int64_t T : tokens) {
-        const int sets = 8;
+        const int sets = 32;
         Rng r(uint64_t(T) * 77 + 5);
         Tensor x(DType::f32, {T, s.hidden});
         const int64_t nx = x.numel();
