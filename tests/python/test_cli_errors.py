@@ -1,4 +1,4 @@
-"""Malformed inputs to `qmoe run`: each must fail cleanly.
+"""Malformed inputs to `qmoe run` and the other subcommands: each must fail cleanly.
 
 For every case the CLI must exit with status 1 (not a signal, not an abort, not a usage error), print
 exactly one line on stderr of the form `qmoe: error: <message>` that names the offending thing (file,
@@ -7,10 +7,14 @@ behind. Usage errors (CLI11) are checked separately: status 2.
 
 A well-formed baseline run must succeed first, so the cases cannot pass by the binary failing for
 some unrelated reason. QMOE_WRITE_ERRORS=1 writes the input -> message table to docs/ERRORS.md.
+
+The second half covers `pack`, `inspect`, `quantize`, `export-onnx`, `bench` and `run` on packed
+files: the same rules, and no file left behind anywhere in the case's directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -528,18 +532,310 @@ def test_usage_error(name, make, tmp_path):
     assert not f.out.exists()
 
 
+# ---- the other subcommands ---------------------------------------------------------------------
+
+
+def _write_st(path: Path, tensors: dict, metadata: dict | None = None):
+    """Minimal safetensors writer (name -> float32 array), independent of qmoe."""
+    header, blobs, off = {}, [], 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a, np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def _edit_st_metadata(path: Path, **changes):
+    """Rewrites a safetensors file's __metadata__ in place (tensor bytes and offsets unchanged)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"].update({k: str(v) for k, v in changes.items()})
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + data[8 + n :])
+
+
+class Work:
+    """A case's directory with a valid model, inputs, a Mixtral-named checkpoint (layer 2, with
+    config.json), and the raw .safetensors and packed files made from them by the CLI itself."""
+
+    E, H, I = 4, 64, 32
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.f = Files(tmp)  # model.onnx, x.npy, r.npy, out/
+        self.ckpt = tmp / "ckpt"
+        self.ckpt.mkdir()
+        rng = np.random.default_rng(0)
+        t = {}
+        for e in range(self.E):
+            for name, shape in (("w1", (self.I, self.H)), ("w3", (self.I, self.H)), ("w2", (self.H, self.I))):
+                t[f"model.layers.2.block_sparse_moe.experts.{e}.{name}.weight"] = rng.uniform(-1, 1, shape) / 8
+        self.ckpt_tensors = t
+        self.write_ckpt()
+        (self.ckpt / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_experts_per_tok": 2}))
+
+    def write_ckpt(self):
+        _write_st(self.ckpt / "model.safetensors", self.ckpt_tensors)
+
+    def cli(self, *args):
+        p = ob.run_qmoe_cli(list(args))
+        assert p.returncode == 0, f"setup step {args[0]} failed: {p.stderr}"
+
+    def raw(self) -> Path:
+        path = self.tmp / "raw.safetensors"
+        self.cli("quantize", self.ckpt, "--layer", "2", "--bits", "4", "--block-size", "16", "-o", path)
+        return path
+
+    def packed(self, target="cpu") -> Path:
+        path = self.tmp / f"m.{target}.qmoe"
+        self.cli("pack", self.f.model, "--target", target, "-o", path)
+        return path
+
+    def run(self, model: Path, *extra):
+        return ["run", model, "--input", self.f.x, "--router-probs", self.f.r, "--output", self.f.out, *extra]
+
+
+@dataclass
+class CmdCase:
+    name: str
+    expect: tuple
+    make: Callable[["Work"], list]  # -> the argument list; may break files first
+
+
+def _flip(path: Path, offset_fn):
+    b = bytearray(path.read_bytes())
+    b[offset_fn(b)] ^= 0x01
+    path.write_bytes(bytes(b))
+    return path
+
+
+def _payload_corrupted(w):
+    p = w.packed()
+    return _flip(p, lambda b: len(b) - 100)  # inside the last blob (the payload is written back to back)
+
+
+def _header_corrupted(w):
+    p = w.packed()
+    return _flip(p, lambda b: 100)  # inside the header's strings and spec
+
+
+def _version_changed(w):
+    p = w.packed()
+    b = bytearray(p.read_bytes())
+    b[8] = 2  # format version, little-endian u32 after the 8-byte magic
+    p.write_bytes(bytes(b))
+    return p
+
+
+def _truncated(w):
+    p = w.packed()
+    _truncate(p, 0.6)
+    return p
+
+
+def _ckpt_with_nan(w):
+    w.ckpt_tensors["model.layers.2.block_sparse_moe.experts.3.w2.weight"][5, 7] = np.nan
+    w.write_ckpt()
+    return w.ckpt
+
+
+def _ckpt_without_config(w):
+    """Qwen-style names (mlp.experts.{e}.gate_proj...) and no config.json: the names do not say which
+    model family it is, so k and the renormalisation are unknown (Mixtral's names would imply k = 2)."""
+    (w.ckpt / "config.json").unlink()
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    w.ckpt_tensors = {n.replace("block_sparse_moe", "mlp").replace(n.split(".")[-2], names[n.split(".")[-2]]): a
+                      for n, a in w.ckpt_tensors.items()}
+    w.write_ckpt()
+    return w.ckpt
+
+
+def _text_file(w):
+    p = w.tmp / "notes.txt"
+    p.write_text("hello\n")
+    return p
+
+
+def _raw_with_bits(w, bits):
+    p = w.raw()
+    _edit_st_metadata(p, expert_weight_bits=bits)
+    return p
+
+
+def _raw_truncated(w):
+    p = w.raw()
+    _truncate(p, 0.5)
+    return p
+
+
+def _model_without_scales(w):
+    p = w.f.proto()
+    keep = [t for t in p.graph.initializer if t.name != "fc2_scales"]
+    del p.graph.initializer[:]
+    p.graph.initializer.extend(keep)
+    w.f.save(p)
+    return w.f.model
+
+
+def _cuda_or_skip_reason():
+    p = ob.run_qmoe_cli(["run", "--help"])
+    return "cuda" in p.stdout.split("--backend", 1)[-1].split("\n", 1)[0]
+
+
+CMD_CASES = [
+    # pack
+    CmdCase("pack: MODEL is already a packed file", ["already a qmoe packed"],
+            lambda w: ["pack", w.packed(), "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: MODEL is a Hugging Face checkpoint", ["checkpoint", "qmoe quantize"],
+            lambda w: ["pack", w.ckpt / "model.safetensors", "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: MODEL does not exist", ["nope.onnx", "no such file"],
+            lambda w: ["pack", w.tmp / "nope.onnx", "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: ONNX model without fc2_scales", ["fc2_scales"],
+            lambda w: ["pack", _model_without_scales(w), "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: raw .safetensors truncated to half", ["raw.safetensors"],
+            lambda w: ["pack", _raw_truncated(w), "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: --weights-layout ort-cuda with a raw .safetensors", ["--weights-layout", "ONNX"],
+            lambda w: ["pack", w.raw(), "--weights-layout", "ort-cuda", "-o", w.tmp / "out" / "p.qmoe"]),
+    CmdCase("pack: -o is the input file", ["-o", "input file"], lambda w: ["pack", w.f.model, "-o", w.f.model]),
+    CmdCase("pack: -o into a directory that does not exist", ["missing"],
+            lambda w: ["pack", w.f.model, "-o", w.tmp / "missing" / "p.qmoe"]),
+    CmdCase("pack: --target cuda on a machine without a CUDA device", ["cuda"],
+            lambda w: pytest.skip("a CUDA device is present") if _cuda_or_skip_reason()
+            else ["pack", w.f.model, "--target", "cuda", "-o", w.tmp / "out" / "p.qmoe"]),
+    # run on packed files
+    CmdCase("run: file packed for reference, run on cpu", ["raw v1", "cpu-t16", "qmoe pack --target cpu"],
+            lambda w: w.run(w.packed("reference"), "--backend", "cpu")),
+    CmdCase("run: packed file, one payload bit flipped", ["corrupted", "checksum"],
+            lambda w: w.run(_payload_corrupted(w), "--backend", "cpu")),
+    CmdCase("run: packed file, one header bit flipped", ["header", ("corrupted", "checksum")],
+            lambda w: w.run(_header_corrupted(w), "--backend", "cpu")),
+    CmdCase("run: packed file of format version 2", ["version"], lambda w: w.run(_version_changed(w), "--backend", "cpu")),
+    CmdCase("run: packed file truncated to 60%", ["truncated"], lambda w: w.run(_truncated(w), "--backend", "cpu")),
+    CmdCase("run: packed file with --no-prepack", ["--no-prepack", "packed"],
+            lambda w: w.run(w.packed(), "--backend", "cpu", "--no-prepack")),
+    CmdCase("run: packed file with --weights-layout raw", ["--weights-layout"],
+            lambda w: w.run(w.packed(), "--weights-layout", "raw")),
+    # inspect
+    CmdCase("inspect: packed file, one payload bit flipped", ["corrupted"], lambda w: ["inspect", _payload_corrupted(w)]),
+    CmdCase("inspect: packed file truncated to 60%", ["truncated"], lambda w: ["inspect", _truncated(w)]),
+    CmdCase("inspect: FILE does not exist", ["nope.qmoe"], lambda w: ["inspect", w.tmp / "nope.qmoe"]),
+    CmdCase("inspect: text file", [("ONNX", "protobuf")], lambda w: ["inspect", _text_file(w)]),
+    CmdCase("inspect: --layer on a packed file", ["--layer"], lambda w: ["inspect", w.packed(), "--layer", "1"]),
+    CmdCase("inspect: checkpoint layer without experts", ["layer", "2"], lambda w: ["inspect", w.ckpt, "--layer", "5"]),
+    # quantize
+    CmdCase("quantize: layer without experts", ["layer", "2"],
+            lambda w: ["quantize", w.ckpt, "--layer", "0", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: --block-size 24", ["block_size", "24"],
+            lambda w: ["quantize", w.ckpt, "--layer", "2", "--block-size", "24", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: CHECKPOINT is an ONNX model", ["not a Hugging Face checkpoint"],
+            lambda w: ["quantize", w.f.model, "--layer", "2", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: no config.json and no --k", ["--k"],
+            lambda w: ["quantize", _ckpt_without_config(w), "--layer", "2", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: a NaN in one expert's weights", [("finite", "nan")],
+            lambda w: ["quantize", _ckpt_with_nan(w), "--layer", "2", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: CHECKPOINT does not exist", ["nope"],
+            lambda w: ["quantize", w.tmp / "nope", "--layer", "2", "-o", w.tmp / "out" / "raw.safetensors"]),
+    CmdCase("quantize: -o into a directory that does not exist", ["missing"],
+            lambda w: ["quantize", w.ckpt, "--layer", "2", "-o", w.tmp / "missing" / "raw.safetensors"]),
+    # export-onnx
+    CmdCase("export-onnx: RAW is an ONNX model", ["safetensors"], lambda w: ["export-onnx", w.f.model, "-o", w.tmp / "out" / "l.onnx"]),
+    CmdCase("export-onnx: RAW is a checkpoint", ["qmoe quantize"],
+            lambda w: ["export-onnx", w.ckpt / "model.safetensors", "-o", w.tmp / "out" / "l.onnx"]),
+    CmdCase("export-onnx: RAW is a packed file", ["packed"], lambda w: ["export-onnx", w.packed(), "-o", w.tmp / "out" / "l.onnx"]),
+    CmdCase("export-onnx: raw metadata says expert_weight_bits = 3", ["expert_weight_bits"],
+            lambda w: ["export-onnx", _raw_with_bits(w, 3), "-o", w.tmp / "out" / "l.onnx"]),
+    CmdCase("export-onnx: raw metadata says 8 bits for 4-bit tensors", ["fc1_experts_weights"],
+            lambda w: ["export-onnx", _raw_with_bits(w, 8), "-o", w.tmp / "out" / "l.onnx"]),
+    # bench
+    CmdCase("bench: --block-size 24", ["block_size", "24"], lambda w: ["bench", "--block-size", "24", "--bandwidth-mib", "0"]),
+    CmdCase("bench: --bits 2 --block-size 8", ["block_size", "8"],
+            lambda w: ["bench", "--bits", "2", "--block-size", "8", "--bandwidth-mib", "0"]),
+]
+
+
+def _listing(root: Path):
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CMD_CASES, ids=[c.name for c in CMD_CASES])
+def test_subcommand_bad_input(case: CmdCase, tmp_path: Path):
+    w = Work(tmp_path)
+    args = case.make(w)
+    before = _listing(tmp_path)
+    p = ob.run_qmoe_cli(args)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    msg = lines[0] if lines else ""
+    RESULTS["cmd: " + case.name] = re.sub(r"\.tmp[-.][0-9.-]+", ".tmp.<unique>", msg.replace(str(tmp_path), "<dir>"))
+    assert p.returncode >= 0, f"{case.name}: killed by signal {-p.returncode}; stderr: {p.stderr!r}"
+    assert p.returncode == 1, f"{case.name}: exit code {p.returncode}, expected 1; stderr: {p.stderr!r}"
+    assert len(lines) == 1, f"{case.name}: expected one line on stderr, got {lines!r}"
+    assert msg.startswith("qmoe: error: "), f"{case.name}: message {msg!r}"
+    assert "internal error" not in msg, f"{case.name}: reported as an internal error: {msg!r}"
+    for want in case.expect:
+        options = want if isinstance(want, tuple) else (want,)
+        assert any(o.lower() in msg.lower() for o in options), f"{case.name}: message {msg!r} names none of {options}"
+    left = _listing(tmp_path) - before
+    assert not left, f"{case.name}: files left behind: {sorted(left)}"
+
+
+def test_failed_pack_keeps_existing_output(tmp_path):
+    """pack over an existing file fails without touching it (save_packed renames only when complete)."""
+    w = Work(tmp_path)
+    out = tmp_path / "out" / "p.qmoe"
+    out.write_bytes(b"previous contents")
+    p = ob.run_qmoe_cli(["pack", _model_without_scales(w), "--target", "cpu", "-o", out])
+    assert p.returncode == 1, p.stderr
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(os.listdir(out.parent)) == ["p.qmoe"]
+
+
+CMD_USAGE = [
+    ("pack without -o", lambda w: ["pack", w.f.model]),
+    ("pack --target tpu", lambda w: ["pack", w.f.model, "--target", "tpu", "-o", w.tmp / "p.qmoe"]),
+    ("inspect without FILE", lambda w: ["inspect"]),
+    ("quantize without --layer", lambda w: ["quantize", w.ckpt, "-o", w.tmp / "raw.safetensors"]),
+    ("quantize --bits 3", lambda w: ["quantize", w.ckpt, "--layer", "2", "--bits", "3", "-o", w.tmp / "raw.safetensors"]),
+    ("quantize --scale-dtype float64",
+     lambda w: ["quantize", w.ckpt, "--layer", "2", "--scale-dtype", "float64", "-o", w.tmp / "raw.safetensors"]),
+    ("export-onnx without -o", lambda w: ["export-onnx", w.tmp / "raw.safetensors"]),
+    ("bench --shape llama", lambda w: ["bench", "--shape", "llama"]),
+    ("bench --tokens 0", lambda w: ["bench", "--tokens", "1,0"]),
+    ("bench --repeat 0", lambda w: ["bench", "--repeat", "0"]),
+]
+
+
+@pytest.mark.parametrize("name,make", CMD_USAGE, ids=[u[0] for u in CMD_USAGE])
+def test_subcommand_usage_error(name, make, tmp_path):
+    w = Work(tmp_path)
+    before = _listing(tmp_path)
+    p = ob.run_qmoe_cli(make(w))
+    RESULTS["usage: " + name] = (p.stderr.strip().splitlines() or [""])[0]
+    assert p.returncode == 2, f"{name}: exit code {p.returncode}, expected 2 (usage); stderr {p.stderr!r}"
+    assert p.stderr.strip(), f"{name}: no message"
+    assert _listing(tmp_path) == before
+
+
 @pytest.fixture(scope="module", autouse=True)
 def errors_table():
     yield
     if os.environ.get("QMOE_WRITE_ERRORS") != "1" or not RESULTS:
         return
     rows = [[c.name, "1", f"`{RESULTS[c.name]}`"] for c in CASES if c.name in RESULTS]
+    rows += [[c.name, "1", f"`{RESULTS['cmd: ' + c.name]}`"] for c in CMD_CASES if "cmd: " + c.name in RESULTS]
     rows += [[n, "2", f"`{m}`"] for n, m in RESULTS.items() if n.startswith("usage: ")]
     header = (
-        "# Errors of `qmoe run` on malformed input\n\n"
+        "# Errors of the qmoe CLI on malformed input\n\n"
         "Generated by `QMOE_WRITE_ERRORS=1 pytest tests/python/test_cli_errors.py` (do not edit by hand).\n"
-        "Each row breaks one thing in an otherwise valid model or input; the suite checks the exit code, that\n"
-        "stderr is this one line, that it names the broken thing, and that no output file is left behind.\n"
+        "Each row breaks one thing in an otherwise valid model, input, checkpoint or packed file; the suite checks\n"
+        "the exit code, that stderr is this one line, that it names the broken thing, and that no output file\n"
+        "(nor a temporary one) is left behind. Rows without a subcommand prefix are `qmoe run` on an ONNX model.\n"
         "Exit code 1 = bad input, 2 = usage error (CLI11's message, first line shown).\n"
     )
     ob.write_table(ob.REPO / "docs" / "ERRORS.md", header, ["malformed input", "exit", "message"], rows)
