@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "commands.h"
+#include "progress.h"
 #include "qmoe/error.h"
 #include "qmoe/inputs.h"
 #include "qmoe/layer.h"
@@ -28,7 +29,7 @@ struct RunArgs {
   std::string weights_layout = "detect";
   bool weights_layout_given = false;
   bool bf16 = false;
-  bool json = false;
+  bool json = false, quiet = false;
   BackendFlags backend;
 };
 
@@ -60,6 +61,7 @@ void run_command(const RunArgs& a) {
   const FileKind kind = detect_file_kind(a.model);
   std::optional<RawModel> model;
   std::unique_ptr<PackedExperts> packed;
+  Progress progress("run: loading " + a.model, 0, !a.quiet);
   Stopwatch load_clock;
   if (kind == FileKind::packed) {
     if (a.weights_layout_given && a.weights_layout != "detect")
@@ -95,15 +97,18 @@ void run_command(const RunArgs& a) {
   }
 
   const size_t weight_bytes = packed ? packed->resident_bytes() : model->raw.nbytes();
+  progress.phase("run: prepacking for " + backend->name());
   Stopwatch prepack_clock;
   if (!packed) packed = backend->prepack(spec, std::move(model->raw));
   const double prepack_ms = kind == FileKind::packed ? 0.0 : prepack_clock.ms();
 
+  progress.phase("run: running");
   Tensor y(x.dtype(), x.shape());
   Stopwatch run_clock;
   backend->run(*packed, inputs, y);
   const double run_ms = run_clock.ms();
   write_npy(a.output, y.view());
+  progress.finish();
 
   if (a.json) {
     nlohmann::json j;
@@ -154,6 +159,7 @@ Subcommand add_run(CLI::App& root) {
       ->each([args](const std::string&) { args->weights_layout_given = true; });
   app->add_flag("--bf16", args->bf16, "Read uint16 .npy inputs as bfloat16 bit patterns (implied by a bf16 model)");
   app->add_flag("--json", args->json, "Print a JSON summary instead of text");
+  add_quiet_flag(*app, args->quiet);
   return {app, [args] { run_command(*args); }};
 }
 
