@@ -190,10 +190,6 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ __forceinline__ int warp_min_int(int v) {
-  for (int o = 16; o; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // Sparse mixer weight of `chosen` (see routing.cpp): 1 / sum over unmasked e of exp(score_e - max).
 __device__ float sparse_mixer_weight_dev(const RouteArgs& a, const float* lg, int chosen, int removed) {
@@ -228,22 +224,25 @@ __global__ void route_kernel(RouteArgs a) {
     // Sequential argmax semantics: best starts at the first non-excluded expert; a later one wins
     // only with a strictly larger value (NaN never wins, a NaN first stays). Equivalent: if the first
     // is NaN pick it, else the lowest index of the largest non-NaN value.
-    int first = INT_MAX, bi = -1;
-    float bv = 0.f;
+    // Keys: fp32 mapped to an order-preserving uint32 (-0 folded into +0 so equal floats tie),
+    // then two warp reductions (redux.sync, sm_80+): the largest key, and the lowest index holding it.
+    int first = INT_MAX, bi = INT_MAX;
+    uint32_t bk = 0;  // below every real key (ord(-inf) = 0x007fffff)
     for (int e = lane; e < E; e += 32) {
       if ((mask[e >> 5] >> (e & 31)) & 1u) continue;
-      const float v = lg[e];
+      const float v = lg[e] + 0.0f;
       if (first == INT_MAX) first = e;
-      if (v == v && (bi < 0 || v > bv)) bv = v, bi = e;
+      if (v == v) {
+        const uint32_t u = __float_as_uint(v);
+        const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        if (bi == INT_MAX || key > bk) bk = key, bi = e;
+      }
     }
-    first = warp_min_int(first);
-    for (int o = 16; o; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
-    }
+    first = __reduce_min_sync(0xffffffffu, first);
+    const uint32_t mkey = __reduce_max_sync(0xffffffffu, bk);
+    bi = __reduce_min_sync(0xffffffffu, (bi != INT_MAX && bk == mkey) ? bi : INT_MAX);
     const float fv = lg[first];
-    const int sel = (fv != fv || bi < 0) ? first : bi;
+    const int sel = (fv != fv || bi == INT_MAX) ? first : bi;
     if (lane == 0) {
       mask[sel >> 5] |= 1u << (sel & 31);
       a.route_e[t * a.k + j] = sel;
@@ -528,11 +527,13 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   const uint4* wp = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mtc) * G.S * kLanes + lane;
   const int64_t sbase = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
 
-  float acc[NT][4], part[NT][4];
+  // Two partial accumulators, even and odd k-steps, so consecutive mma.sync do not wait on each
+  // other (ncu showed "wait" stalls dominating the decode loop).
+  float acc[NT][4], part[2][NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[nt][r] = 0.f;
+    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[0][nt][r] = 0.f, part[1][nt][r] = 0.f;
 
   // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
   // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk blocks);
@@ -561,12 +562,11 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   auto flush = [&]() {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      acc[nt][0] = fmaf(sc0, part[nt][0], acc[nt][0]);
-      acc[nt][1] = fmaf(sc0, part[nt][1], acc[nt][1]);
-      acc[nt][2] = fmaf(sc1, part[nt][2], acc[nt][2]);
-      acc[nt][3] = fmaf(sc1, part[nt][3], acc[nt][3]);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) part[nt][r] = 0.f;
+      for (int r = 0; r < 4; ++r) {
+        acc[nt][r] = fmaf(r < 2 ? sc0 : sc1, part[0][nt][r] + part[1][nt][r], acc[nt][r]);
+        part[0][nt][r] = 0.f, part[1][nt][r] = 0.f;
+      }
     }
   };
 
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
         uint32_t af[4];
         dequant<CT, SB>(v, j, zr, af);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[nt], af, bx[nt][j].x, bx[nt][j].y);
+        for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[j & 1][nt], af, bx[nt][j].x, bx[nt][j].y);
         if constexpr (KB > 0) {
           if ((j + 1) % KB == 0) {
             flush();
