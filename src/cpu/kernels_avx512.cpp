@@ -99,11 +99,8 @@ void pair_w4(const PairJob& jb) {
     }
     __m512 ev[MT][2], od[MT][2];
     for (int t = 0; t < MT; ++t) ev[t][0] = ev[t][1] = od[t][0] = od[t][1] = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; ++j) {
-      // ~1 KB ahead of the stream: the hardware prefetcher follows two streams well, this covers the
-      // block and tile boundaries where it restarts.
-      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+    // One code byte j of both tiles: 32 rows x 2 columns.
+    auto step = [&](int64_t j) __attribute__((always_inline)) {
       const __m512i v0 = load_codes16(c0 + j * kTileRows);
       const __m512i v1 = load_codes16(c1 + j * kTileRows);
       __m512 lo0 = _mm512_permutexvar_ps(v0, tbl);
@@ -124,7 +121,18 @@ void pair_w4(const PairJob& jb) {
         ev[t][1] = _mm512_fmadd_ps(lo1, xe, ev[t][1]);
         od[t][1] = _mm512_fmadd_ps(hi1, xo, od[t][1]);
       }
+    };
+    // Unrolled by 4 (one 64-byte line per tile): one prefetch per line (~1 KB ahead, covering the
+    // block and tile boundaries where the hardware prefetcher restarts) instead of one per 16 bytes.
+    // Measured: no change in time (mixtral int4 block 32, T=1, one thread: 12.4 ms either way);
+    // kept since it issues a third fewer instructions.
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      step(j), step(j + 1), step(j + 2), step(j + 3);
     }
+    for (; j < j1; ++j) step(j);
     finish_block<MT>(jb, b, ev, od, acc);
   }
   store_acc<MT>(jb, acc);
@@ -146,9 +154,8 @@ void pair_w8(const PairJob& jb) {
     }
     __m512 ev[MT][2], od[MT][2];
     for (int t = 0; t < MT; ++t) ev[t][0] = ev[t][1] = od[t][0] = od[t][1] = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; j += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+    // Two code bytes (columns j, j+1) of both tiles.
+    auto step = [&](int64_t j) __attribute__((always_inline)) {
       const __m512 e0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c0 + j * kTileRows), z0));
       const __m512 o0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c0 + (j + 1) * kTileRows), z0));
       const __m512 e1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_codes16(c1 + j * kTileRows), z1));
@@ -161,7 +168,14 @@ void pair_w8(const PairJob& jb) {
         ev[t][1] = _mm512_fmadd_ps(e1, xe, ev[t][1]);
         od[t][1] = _mm512_fmadd_ps(o1, xo, od[t][1]);
       }
+    };
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {  // one 64-byte line per tile per iteration, one prefetch each
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      step(j), step(j + 2);
     }
+    for (; j < j1; j += 2) step(j);
     finish_block<MT>(jb, b, ev, od, acc);
   }
   store_acc<MT>(jb, acc);
