@@ -408,9 +408,11 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
     while (kw < 4 && warps * kw < target && S / (2 * kw) >= 3) kw *= 2;
     return kw;
   };
-  c.kw1 = pick_kw(items * p.geom.fc1.MT, p.geom.fc1.S);
-  c.kw2 = pick_kw(items * p.geom.fc2.MT, p.geom.fc2.S);
-  const int64_t warps = items * p.geom.fc2.MT * c.kw2;
+  const int tpw = cuda::tiles_per_warp(c.nt);
+  const int64_t w1 = (p.geom.fc1.MT + tpw - 1) / tpw, w2 = (p.geom.fc2.MT + tpw - 1) / tpw;
+  c.kw1 = pick_kw(items * w1, p.geom.fc1.S);
+  c.kw2 = pick_kw(items * w2, p.geom.fc2.S);
+  const int64_t warps = items * w2 * c.kw2;
   int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / (4 * c.kw2)));
   c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;

@@ -32,15 +32,16 @@ constexpr int kScaleBytes = kScaleChunk * kTileRows * 5;  // fp32 scales (worst 
 // 4 when the activations of 16..32 tokens make a stage large.
 template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
 
-// One pipeline stage of one warp: the span's 512 weight bytes, then the span's activations of the
+// One pipeline stage of one warp: the span's 512 weight bytes of each of its TPW tiles, then the span's activations of the
 // warp's NT*8 token columns. A token row's span (SPAN values, 2 bytes each) is stored with a 32-byte
 // pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
 // puts the 16 lanes of each 64-bit access phase in distinct banks.
-template <int SB, int NT> struct StageLayout {
+template <int SB, int NT, int TPW> struct StageLayout {
   static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
   static constexpr int kTokenStride = kTokenBytes + 32;
   static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
-  static constexpr int kBytes = kSpanBytes + NT * 8 * kTokenStride;
+  static constexpr int kXOffset = TPW * kSpanBytes;             // after the TPW weight vectors
+  static constexpr int kBytes = kXOffset + NT * 8 * kTokenStride;
   static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
 };
 
@@ -487,7 +488,8 @@ template <class CT, int SB, int NT, bool FC1>
 __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
-  constexpr int STAGES = kStages<NT>;  // spans in flight per warp (512 weight bytes each)
+  constexpr int STAGES = kStages<NT>;  // spans in flight per warp
+  constexpr int TPW = tiles_per_warp(NT);  // 16-row tiles per warp, sharing the activations
   const int item = blockIdx.x;
   if (item >= *a.n_items) return;  // whole block: no barrier is skipped by part of it
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -495,9 +497,9 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   // sums meet in shared memory in a fixed order (deterministic) before the epilogue.
   const int KW = a.kw;
   const int kq = warp % KW;
-  const int64_t mt = int64_t(blockIdx.y) * (kWarps / KW) + warp / KW;
+  const int64_t mt0 = (int64_t(blockIdx.y) * (kWarps / KW) + warp / KW) * TPW;
   const MatrixGeom& G = a.geom;
-  const bool active = mt < G.MT;  // inactive warps still reach the block barrier
+  const bool active = mt0 < G.MT;  // inactive warps still reach the block barrier
   const int4 it = a.items[item];
   const int e = it.x, p0 = it.y, cnt = it.z;
   const int g = lane >> 2, t = lane & 3;
@@ -523,51 +525,64 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     s_end = min(s_end, s_begin + per);
   }
   if (!active) s_end = s_begin;
-  const int64_t mtc = active ? mt : 0;
-  const uint4* wp = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mtc) * G.S * kLanes + lane;
-  const int64_t sbase = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
+  // Tile u of this warp; a tile past the end (odd MT) re-reads tile mt0 and is never stored.
+  const uint4* wp[TPW];
+  int64_t sbase[TPW];
+#pragma unroll
+  for (int u = 0; u < TPW; ++u) {
+    const int64_t mtc = (active && mt0 + u < G.MT) ? mt0 + u : (active ? mt0 : 0);
+    wp[u] = reinterpret_cast<const uint4*>(a.w) + (int64_t(e) * G.MT + mtc) * G.S * kLanes + lane;
+    sbase[u] = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
+  }
 
   // Two partial accumulators, even and odd k-steps, so consecutive mma.sync do not wait on each
   // other (ncu showed "wait" stalls dominating the decode loop).
-  float acc[NT][4], part[2][NT][4];
+  float acc[TPW][NT][4], part[2][TPW][NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int u = 0; u < TPW; ++u)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f, part[0][nt][r] = 0.f, part[1][nt][r] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[u][nt][r] = 0.f, part[0][u][nt][r] = 0.f, part[1][u][nt][r] = 0.f;
 
   // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
   // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk blocks);
   // a scale block then costs a shared-memory read instead of a dependent DRAM round trip.
   extern __shared__ __align__(16) uint8_t fc_smem[];
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
-  uint8_t* ssm = fc_smem + warp * a.smem_per_warp;
-  uint8_t* zsm = ssm + kScaleChunk * kTileRows * 4;
-  uint8_t* ring = ssm + kScaleBytes;  // STAGES x StageLayout<SB, NT>::kBytes
+  uint8_t* ssm = fc_smem + warp * a.smem_per_warp;  // TPW x kScaleBytes, then the ring
+  uint8_t* ring = ssm + TPW * kScaleBytes;          // STAGES x StageLayout<SB, NT>::kBytes
   int64_t chunk0 = -1;  // first block held in shared memory
   int64_t ks = s_begin * KSTEPS;  // global k-step
   int64_t blk = ks / G.kpb;
   int kc = int(ks % G.kpb);
-  ZeroRep<CT, SB> zr;
-  float sc0 = 0.f, sc1 = 0.f;
+  ZeroRep<CT, SB> zr[TPW];
+  float sc0[TPW], sc1[TPW];
   auto load_block = [&](int64_t b) {
-    if (b >= chunk0 + kScaleChunk || chunk0 < 0) {
-      chunk0 = b;
-      fill_scales(ssm, zsm, a.s, a.z, sbase + b * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
+    const bool refill = b >= chunk0 + kScaleChunk || chunk0 < 0;
+    if (refill) chunk0 = b;
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) {
+      uint8_t* us = ssm + u * kScaleBytes;
+      uint8_t* uz = us + kScaleChunk * kTileRows * 4;
+      if (refill)
+        fill_scales(us, uz, a.s, a.z, sbase[u] + b * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
+      const BlockParams bp = block_params(us, uz, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
+                                          a.zdefault);
+      sc0[u] = bp.s0, sc1[u] = bp.s1;
+      zr[u].set(bp.z0, bp.z1);
     }
-    const BlockParams bp = block_params(ssm, zsm, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
-                                        a.zdefault);
-    sc0 = bp.s0, sc1 = bp.s1;
-    zr.set(bp.z0, bp.z1);
   };
   auto flush = [&]() {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int u = 0; u < TPW; ++u)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        acc[nt][r] = fmaf(r < 2 ? sc0 : sc1, part[0][nt][r] + part[1][nt][r], acc[nt][r]);
-        part[0][nt][r] = 0.f, part[1][nt][r] = 0.f;
-      }
-    }
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          acc[u][nt][r] = fmaf(r < 2 ? sc0[u] : sc1[u], part[0][u][nt][r] + part[1][u][nt][r], acc[u][nt][r]);
+          part[0][u][nt][r] = 0.f, part[1][u][nt][r] = 0.f;
+        }
   };
 
   // Software pipeline through shared memory (cp.async, PTX ISA "cp.async"): STAGES spans in flight
@@ -575,21 +590,22 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
   // misses), rolled they need register moves that wait on the newest load (one load in flight).
   // Shared memory is indexed at run time, so the loop stays rolled and small.
-  using SL = StageLayout<SB, NT>;
+  using SL = StageLayout<SB, NT, TPW>;
   const uint8_t* xsrc[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xsrc[nt] = reinterpret_cast<const uint8_t*>(xrow[nt]);
   auto issue = [&](int64_t s) {
     if (s < s_end) {
       uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
-      cp_async16_stream(st + lane * 16, wp + s * kLanes);
+#pragma unroll
+      for (int u = 0; u < TPW; ++u) cp_async16_stream(st + u * kSpanBytes + lane * 16, wp[u] + s * kLanes);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int c = 0; c < SL::kChunksPerLane; ++c) {
           const int chunk = t * SL::kChunksPerLane + c;
           const uint8_t* src = xsrc[nt] ? xsrc[nt] + s * SL::kTokenBytes + chunk * 16 : static_cast<const uint8_t*>(a.x);
-          cp_async16_zfill(st + kSpanBytes + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
+          cp_async16_zfill(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
         }
     }
     cp_async_commit();  // always, so group counting stays uniform at the tail
@@ -609,20 +625,25 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
       __syncwarp();                 // ... and every lane's (x chunks are read by other lanes)
       issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
       const uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
-      const uint4 v = *reinterpret_cast<const uint4*>(st + lane * 16);
+      uint4 v[TPW];
+#pragma unroll
+      for (int u = 0; u < TPW; ++u) v[u] = *reinterpret_cast<const uint4*>(st + u * kSpanBytes + lane * 16);
       uint2 bx[NT][KSTEPS];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int j = 0; j < KSTEPS; ++j)
-          bx[nt][j] = *reinterpret_cast<const uint2*>(st + kSpanBytes + (nt * 8 + g) * SL::kTokenStride +
+          bx[nt][j] = *reinterpret_cast<const uint2*>(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride +
                                                       (16 * j + 4 * t) * 2);
 #pragma unroll
       for (int j = 0; j < KSTEPS; ++j) {
-        uint32_t af[4];
-        dequant<CT, SB>(v, j, zr, af);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[j & 1][nt], af, bx[nt][j].x, bx[nt][j].y);
+        for (int u = 0; u < TPW; ++u) {
+          uint32_t af[4];
+          dequant<CT, SB>(v[u], j, zr[u], af);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[j & 1][u][nt], af, bx[nt][j].x, bx[nt][j].y);
+        }
         if constexpr (KB > 0) {
           if ((j + 1) % KB == 0) {
             flush();
@@ -655,73 +676,82 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   if (kc != 0) flush();
 
   if (KW > 1) {
-    __shared__ float red[kWarps][NT * 4][32];
+    __shared__ float red[kWarps][TPW * NT * 4][32];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int u = 0; u < TPW; ++u)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) red[warp][nt * 4 + r][lane] = acc[nt][r];
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[warp][(u * NT + nt) * 4 + r][lane] = acc[u][nt][r];
     __syncthreads();
     if (kq != 0) return;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int u = 0; u < TPW; ++u)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        float v = acc[nt][r];
-        for (int q = 1; q < KW; ++q) v += red[warp + q][nt * 4 + r][lane];  // fixed order
-        acc[nt][r] = v;
-      }
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float v = acc[u][nt][r];
+          for (int q = 1; q < KW; ++q) v += red[warp + q][(u * NT + nt) * 4 + r][lane];  // fixed order
+          acc[u][nt][r] = v;
+        }
   }
   if (!active) return;
 
-  if constexpr (FC1) {
-    const bool swiglu = G.map == RowMap::swiglu;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+  for (int u = 0; u < TPW; ++u) {
+    const int64_t mt = mt0 + u;
+    if (mt >= G.MT) break;
+    if constexpr (FC1) {
+      const bool swiglu = G.map == RowMap::swiglu;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int idx = nt * 8 + 2 * t + c;
-        if (idx >= cnt) continue;
-        CT* arow = static_cast<CT*>(a.a) + int64_t(p0 + idx) * a.a_ld;
-        if (swiglu) {
-          const int64_t i = 8 * mt + g;
-          float v = 0.f;
-          if (i < a.I) {
-            float gt = acc[nt][c], ln = acc[nt][2 + c];
-            if (a.bias_g) gt += a.bias_g[int64_t(e) * a.a_ld + i];
-            if (a.bias_l) ln += a.bias_l[int64_t(e) * a.a_ld + i];
-            gt = (a.limit < gt) ? a.limit : gt;                        // std::min(g, limit)
-            ln = ln < -a.limit ? -a.limit : (a.limit < ln ? a.limit : ln);  // std::clamp
-            v = gt * (1.0f / (1.0f + expf(-a.alpha * gt))) * (ln + a.beta);
-          }
-          arow[i] = CtTraits<CT>::from_float(v);
-        } else {
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t n = 16 * mt + g + 8 * h;
+        for (int c = 0; c < 2; ++c) {
+          const int idx = nt * 8 + 2 * t + c;
+          if (idx >= cnt) continue;
+          CT* arow = static_cast<CT*>(a.a) + int64_t(p0 + idx) * a.a_ld;
+          if (swiglu) {
+            const int64_t i = 8 * mt + g;
             float v = 0.f;
-            if (n < a.I) {
-              v = acc[nt][2 * h + c];
-              if (a.bias_g) v += a.bias_g[int64_t(e) * a.a_ld + n];
-              v = act_dev(a.act, v);
+            if (i < a.I) {
+              float gt = acc[u][nt][c], ln = acc[u][nt][2 + c];
+              if (a.bias_g) gt += a.bias_g[int64_t(e) * a.a_ld + i];
+              if (a.bias_l) ln += a.bias_l[int64_t(e) * a.a_ld + i];
+              gt = (a.limit < gt) ? a.limit : gt;                        // std::min(g, limit)
+              ln = ln < -a.limit ? -a.limit : (a.limit < ln ? a.limit : ln);  // std::clamp
+              v = gt * (1.0f / (1.0f + expf(-a.alpha * gt))) * (ln + a.beta);
             }
-            arow[n] = CtTraits<CT>::from_float(v);
+            arow[i] = CtTraits<CT>::from_float(v);
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t n = 16 * mt + g + 8 * h;
+              float v = 0.f;
+              if (n < a.I) {
+                v = acc[u][nt][2 * h + c];
+                if (a.bias_g) v += a.bias_g[int64_t(e) * a.a_ld + n];
+                v = act_dev(a.act, v);
+              }
+              arow[n] = CtTraits<CT>::from_float(v);
+            }
           }
         }
       }
-    }
-  } else {
+    } else {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int idx = nt * 8 + 2 * t + c;
-        if (idx >= cnt) continue;
-        const int slot = a.sorted_slot[p0 + idx];
-        float* yrow = a.y + (int64_t(blockIdx.z) * a.slots + slot) * a.H;
+        for (int c = 0; c < 2; ++c) {
+          const int idx = nt * 8 + 2 * t + c;
+          if (idx >= cnt) continue;
+          const int slot = a.sorted_slot[p0 + idx];
+          float* yrow = a.y + (int64_t(blockIdx.z) * a.slots + slot) * a.H;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t n = 16 * mt + g + 8 * h;
-          if (n < a.H) yrow[n] = acc[nt][2 * h + c];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t n = 16 * mt + g + 8 * h;
+            if (n < a.H) yrow[n] = acc[u][nt][2 * h + c];
+          }
         }
       }
     }
@@ -731,14 +761,14 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 template <class CT, int SB, int NT, bool FC1>
 void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
-  b.smem_per_warp = kScaleBytes + kStages<NT> * StageLayout<SB, NT>::kBytes;
+  b.smem_per_warp = tiles_per_warp(NT) * kScaleBytes + kStages<NT> * StageLayout<SB, NT, tiles_per_warp(NT)>::kBytes;
   const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 68..100 KB: needs the opt-in above 48 KB
   fc_kernel<CT, SB, NT, FC1><<<grid, kWarps * 32, smem, st>>>(b);
 }
 
 template <class CT, int SB, int NT, bool FC1>
 cudaError_t set_smem_attr() {
-  const int smem = kWarps * (kScaleBytes + kStages<NT> * StageLayout<SB, NT>::kBytes);
+  const int smem = kWarps * (tiles_per_warp(NT) * kScaleBytes + kStages<NT> * StageLayout<SB, NT, tiles_per_warp(NT)>::kBytes);
   return cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
 }
 template <class CT, int SB, bool FC1>
@@ -751,7 +781,7 @@ cudaError_t set_smem_attrs_nt() {
 
 template <bool FC1, class CT, int SB>
 void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
-  const int tiles_per_block = kWarps / a.kw;
+  const int tiles_per_block = kWarps / a.kw * tiles_per_warp(a.nt);
   const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + tiles_per_block - 1) / tiles_per_block),
                   unsigned(a.splits));
   switch (a.nt) {

@@ -70,6 +70,9 @@ void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, in
                           int64_t ld, cudaStream_t st);
 
 // ---- the grouped mixed-input GEMMs ----
+// 16-row tiles one warp streams side by side (they share the activations in shared memory): two at
+// decode (nt = 1), where per-span overhead dominates, one otherwise.
+QMOE_HD constexpr int tiles_per_warp(int nt) { return nt == 1 ? 2 : 1; }
 struct FcArgs {
   MatrixGeom geom;
   const uint8_t* w = nullptr;  // packed weights, all experts
