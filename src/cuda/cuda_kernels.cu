@@ -484,12 +484,12 @@ __device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const ui
   return p;
 }
 
-template <class CT, int SB, int NT, bool FC1>
+template <class CT, int SB, int NT, bool FC1, int TPW>
 __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
   constexpr int STAGES = kStages<NT>;  // spans in flight per warp
-  constexpr int TPW = tiles_per_warp(NT);  // 16-row tiles per warp, sharing the activations
+  // TPW: 16-row tiles per warp, sharing the activation stage (see FcArgs::tpw).
   const int item = blockIdx.x;
   if (item >= *a.n_items) return;  // whole block: no barrier is skipped by part of it
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -758,36 +758,45 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   }
 }
 
-template <class CT, int SB, int NT, bool FC1>
-void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
-  FcArgs b = a;
-  b.smem_per_warp = tiles_per_warp(NT) * kScaleBytes + kStages<NT> * StageLayout<SB, NT, tiles_per_warp(NT)>::kBytes;
-  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 68..100 KB: needs the opt-in above 48 KB
-  fc_kernel<CT, SB, NT, FC1><<<grid, kWarps * 32, smem, st>>>(b);
+template <int SB, int NT, int TPW> constexpr int fc_smem_per_warp() {
+  return TPW * kScaleBytes + kStages<NT> * StageLayout<SB, NT, TPW>::kBytes;
 }
 
-template <class CT, int SB, int NT, bool FC1>
+template <class CT, int SB, int NT, bool FC1, int TPW>
+void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
+  FcArgs b = a;
+  b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW>();
+  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 58..100 KB: needs the opt-in above 48 KB
+  fc_kernel<CT, SB, NT, FC1, TPW><<<grid, kWarps * 32, smem, st>>>(b);
+}
+
+template <class CT, int SB, int NT, bool FC1, int TPW>
 cudaError_t set_smem_attr() {
-  const int smem = kWarps * (tiles_per_warp(NT) * kScaleBytes + kStages<NT> * StageLayout<SB, NT, tiles_per_warp(NT)>::kBytes);
-  return cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  return cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kWarps * fc_smem_per_warp<SB, NT, TPW>());
 }
 template <class CT, int SB, bool FC1>
 cudaError_t set_smem_attrs_nt() {
-  cudaError_t e = set_smem_attr<CT, SB, 1, FC1>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1>();
+  cudaError_t e = set_smem_attr<CT, SB, 1, FC1, 1>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 2>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 1>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 1>();
   return e;
 }
 
 template <bool FC1, class CT, int SB>
 void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
-  const int tiles_per_block = kWarps / a.kw * tiles_per_warp(a.nt);
+  const int tpw = (a.nt == 1 && a.tpw == 2) ? 2 : 1;  // two tiles per warp only with one n-tile
+  const int tiles_per_block = kWarps / a.kw * tpw;
   const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + tiles_per_block - 1) / tiles_per_block),
                   unsigned(a.splits));
   switch (a.nt) {
-    case 1: launch_fc_one<CT, SB, 1, FC1>(a, grid, st); break;
-    case 2: launch_fc_one<CT, SB, 2, FC1>(a, grid, st); break;
-    case 4: launch_fc_one<CT, SB, 4, FC1>(a, grid, st); break;
+    case 1:
+      if (tpw == 2) launch_fc_one<CT, SB, 1, FC1, 2>(a, grid, st);
+      else launch_fc_one<CT, SB, 1, FC1, 1>(a, grid, st);
+      break;
+    case 2: launch_fc_one<CT, SB, 2, FC1, 1>(a, grid, st); break;
+    case 4: launch_fc_one<CT, SB, 4, FC1, 1>(a, grid, st); break;
     default: break;  // the host checks nt
   }
 }

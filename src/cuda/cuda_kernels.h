@@ -70,9 +70,7 @@ void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, in
                           int64_t ld, cudaStream_t st);
 
 // ---- the grouped mixed-input GEMMs ----
-// 16-row tiles one warp streams side by side (they share the activations in shared memory): two at
-// decode (nt = 1), where per-span overhead dominates, one otherwise.
-QMOE_HD constexpr int tiles_per_warp(int nt) { return nt == 1 ? 2 : 1; }
+
 struct FcArgs {
   MatrixGeom geom;
   const uint8_t* w = nullptr;  // packed weights, all experts
@@ -105,6 +103,9 @@ struct FcArgs {
   int splits = 1;              // grid split-K count (fc2 only; combine sums the splits)
   int64_t spans_per_split = 0;
   int kw = 1;                  // warps per tile inside a block (1, 2, 4): deterministic in-block split-K
+  int tpw = 1;                 // 16-row tiles per warp (2 only with nt = 1): they share the activation
+                               // stage, halving per-span overhead, but fewer warps fit (measured on
+                               // H100: faster at 2+ tokens per expert, slower at 1)
   int smem_per_warp = 0;       // set by the launcher
 };
 // Once per device, before any launch or capture: sets the FC kernels' shared-memory limits.
