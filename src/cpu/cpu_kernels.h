@@ -11,8 +11,10 @@
 //   q - z is an exact small integer, so float(q - z) is exact; the FMAs are IEEE fused, and the chain
 //   split (even/odd) gives a single token two independent FMA chains per tile.
 // One exception: a block whose scale is +-Inf. There s * sum(...) and the reference's sum of s * (q - z)
-// * x differ in which outputs become NaN (Inf * 0 where q == z), so every kernel replaces that block's
-// term with reference_block_term() (the reference's order, acc + term, no FMA). Rare and slow.
+// * x differ in which outputs become NaN (Inf * 0 where q == z), so that block's term is
+// reference_block_term() (the reference's order, acc + term, no FMA). The portable kernel does this
+// per block; the SIMD kernels scan a pair's scales first and hand a pair with any infinite scale to
+// the portable kernel (rare input; keeps the check out of their block loop).
 // Bias, activation and route mixing happen outside the kernel (cpu_backend.cpp), in shared scalar code.
 #pragma once
 

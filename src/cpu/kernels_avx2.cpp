@@ -78,19 +78,9 @@ void groups(const PairJob& jb, int g0, int64_t b, int64_t j0, int64_t j1, float*
   for (int gi = 0; gi < G; ++gi) {
     const int g = g0 + gi, tile = g / 2, half = g % 2;
     const __m256 s = load_scales8(jb.scale_dtype, jb.scales[tile], b * kTileRows + half * 8);
-    // Lanes with an infinite scale take the reference's per-element order (cpu_kernels.h).
-    const __m256 abs_s = _mm256_andnot_ps(_mm256_set1_ps(-0.f), s);
-    const int inf = _mm256_movemask_ps(_mm256_cmp_ps(abs_s, _mm256_set1_ps(__builtin_inff()), _CMP_EQ_OQ));
     for (int t = 0; t < MT; ++t) {
       float* a = acc + t * kPairRows + g * 8;
-      const __m256 before = _mm256_loadu_ps(a);
-      _mm256_storeu_ps(a, _mm256_fmadd_ps(s, _mm256_add_ps(ev[t][gi], od[t][gi]), before));
-      if (__builtin_expect(inf != 0, 0)) {
-        alignas(32) float bf[8];
-        _mm256_store_ps(bf, before);
-        for (int l = 0; l < 8; ++l)
-          if ((inf >> l) & 1) a[l] = bf[l] + reference_block_term(jb, tile, half * 8 + l, t, b);
-      }
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(s, _mm256_add_ps(ev[t][gi], od[t][gi]), _mm256_loadu_ps(a)));
     }
   }
 }
@@ -106,8 +96,20 @@ void pair(const PairJob& jb) {
   std::copy(acc, acc + MT * kPairRows, jb.acc);
 }
 
+// Whether any scale of the pair is +-Inf: such pairs go to the portable kernel, which handles those
+// blocks the reference's way (cpu_kernels.h); scanning once keeps the check out of the block loop.
+bool any_inf_scale(const PairJob& jb) {
+  __m256 m = _mm256_setzero_ps();
+  const __m256 inf = _mm256_set1_ps(__builtin_inff()), sign = _mm256_set1_ps(-0.f);
+  for (int tile = 0; tile < 2; ++tile)
+    for (int64_t i = 0; i < jb.nb * kTileRows; i += 8)
+      m = _mm256_or_ps(m, _mm256_cmp_ps(_mm256_andnot_ps(sign, load_scales8(jb.scale_dtype, jb.scales[tile], i)), inf, _CMP_EQ_OQ));
+  return _mm256_movemask_ps(m) != 0;
+}
+
 template <int BITS>
 void avx2_pair(const PairJob& jb) {
+  if (__builtin_expect(any_inf_scale(jb), 0)) return BITS == 4 ? portable_kernels().w4(jb) : portable_kernels().w8(jb);
   switch (jb.tokens) {
     case 1: return pair<1, BITS>(jb);
     case 2: return pair<2, BITS>(jb);
