@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -150,6 +151,17 @@ double read_bandwidth(int threads, int mib) {
   return best;
 }
 
+// "AMD EPYC 9654 96-Core Processor" from /proc/cpuinfo, so a saved report says which machine ran it.
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
+    }
+  return "unknown";
+}
+
 struct Case {
   int64_t tokens = 0;
   double median_us = 0, min_us = 0, touched = 0, floor_bytes = 0, flops = 0;
@@ -258,6 +270,7 @@ void bench_command(const BenchArgs& a) {
     j["backend"] = backend->name();
     j["layout"] = tag.to_string();
     j["threads"] = threads;
+    j["cpu"] = cpu_model();
     j["read_bandwidth_gbs"] = bw / 1e9;
     j["bandwidth_probe_mib"] = a.bandwidth_mib;
     j["weight_bytes"] = raw_bytes;
@@ -285,7 +298,8 @@ void bench_command(const BenchArgs& a) {
   std::printf("qmoe bench: %s (%s), random weights (seed %llu)\n", shape.name, shape.note,
               static_cast<unsigned long long>(a.seed));
   std::printf("  spec     %s\n", s.to_string().c_str());
-  std::printf("  backend  %s, layout %s, %d threads\n", backend->name().c_str(), tag.to_string().c_str(), threads);
+  std::printf("  backend  %s, layout %s, %d threads on %s\n", backend->name().c_str(), tag.to_string().c_str(), threads,
+              cpu_model().c_str());
   if (bw > 0)
     std::printf("  memory   read bandwidth %.1f GB/s (%d MiB, %d threads, best of 5)\n", bw / 1e9, a.bandwidth_mib, threads);
   std::printf("  weights  %s raw (%s per expert), %s resident; prepack %.1f ms (%.2f GB/s)\n",
