@@ -28,6 +28,7 @@
 #include "qmoe/onnx_model.h"
 #include "qmoe/packed_file.h"
 #include "qmoe/reference.h"
+#include "qmoe/safetensors.h"
 #include "qmoe_onnx/onnx.pb.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -167,12 +168,6 @@ std::string safetensors(const std::string& header_json, size_t data_bytes, uint6
 }
 
 }  // namespace
-// backend.h (via packed_file.h) and safetensors.h both define qmoe::NamedTensor (reported in
-// fuzz/FINDINGS.md); this file uses neither, so safetensors.h's is renamed out of the way. Nothing
-// called here has NamedTensor in its signature, so the symbols linked are unchanged.
-#define NamedTensor SafetensorsNamedTensor_
-#include "qmoe/safetensors.h"
-#undef NamedTensor
 namespace {
 
 void open_and_read_all(const std::string& path) {
