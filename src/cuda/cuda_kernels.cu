@@ -1,13 +1,16 @@
 // The CUDA backend's kernels: prepack, routing, grouping, the two grouped mixed-input GEMMs, combine.
 //
 // A run is five launches (six with an input conversion): route -> group -> fc1 -> fc2 -> combine.
-// fc1 and fc2 are one templated weight-streaming kernel (fc_kernel): a warp owns one 16-row tile of
-// one expert's packed matrix and streams it along K with one 16-byte load per lane per span (layout in
-// cuda_sm80_layout.h), several spans in flight, dequantizes in registers and runs mma.sync m16n8k16
-// with up to NT*8 tokens as the B operand. Scales are applied per scale block in fp32 AFTER the mma
-// (the mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation
-// and the fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere;
-// the grouping uses integer atomics only to place rows, and every row's result is independent of its
+// fc1 and fc2 are one templated weight-streaming kernel (fc_kernel): a warp owns one (or two) 16-row
+// tiles of one expert's packed matrix and streams them along K, one 16-byte cp.async per lane per
+// span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring that also holds the
+// span's activations (8 spans in flight at decode), dequantizes in registers (lop3/prmt magic
+// numbers) and runs mma.sync m16n8k16 with up to NT*8 tokens as the B operand. Split-K: inside a block
+// (kw warps per tile, summed in shared memory in a fixed order) and, for fc2, across blocks (summed by
+// the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
+// mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
+// fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere; the
+// grouping uses integer atomics only to place rows, and every row's result is independent of its
 // position in a tile (each mma output column depends only on its own B column), so outputs are
 // bitwise reproducible.
 #include <cuda_bf16.h>
