@@ -23,6 +23,8 @@ class MoeLayer {
  public:
   // Validates and prepacks; raw is consumed (buffers qmoe owns are freed once packed).
   MoeLayer(const MoeSpec& spec, RawExperts raw, const LayerOptions& opt = {});
+  // Adopts weights already packed for `backend` (e.g. from load_packed); checks the layout matches.
+  MoeLayer(std::unique_ptr<Backend> backend, std::unique_ptr<PackedExperts> packed);
 
   // Runs the layer; the output has the input's shape and dtype.
   Tensor run(const MoeInputs& inputs);

@@ -38,6 +38,12 @@ MoeLayer::MoeLayer(const MoeSpec& spec, RawExperts raw, const LayerOptions& opt)
   packed_ = backend_->prepack(spec, std::move(raw));
 }
 
+MoeLayer::MoeLayer(std::unique_ptr<Backend> backend, std::unique_ptr<PackedExperts> packed)
+    : backend_(std::move(backend)), packed_(std::move(packed)) {
+  if (!backend_ || !packed_) throw Error("MoeLayer: backend and packed weights must both be given");
+  require_layout(*packed_, backend_->layout_for(packed_->spec()), "MoeLayer (" + backend_->name() + " backend)");
+}
+
 Tensor MoeLayer::run(const MoeInputs& inputs) {
   validate_inputs(spec(), inputs);
   Tensor out(inputs.input.dtype, inputs.input.shape);
