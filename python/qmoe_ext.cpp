@@ -1,31 +1,50 @@
 // The Python binding of qmoe (module qmoe._qmoe), the only file that knows about Python.
 //
 // Thin by design: every rule (shapes, dtypes, quantization, routing, the layer) lives in the C++
-// library and is reached through its public headers; this file only converts NumPy arrays to
-// TensorViews and Tensors back to NumPy arrays, releases the GIL around long C++ calls, and maps
-// qmoe::Error to the Python exception qmoe.Error (a ValueError). python/qmoe/__init__.py adds the
-// Python-side conveniences (keyword arguments, torch and ml_dtypes bfloat16 arrays).
+// library and is reached through its public headers; this file only turns arrays into TensorViews
+// (and Tensors back into NumPy arrays), releases the GIL around long C++ calls, and maps qmoe::Error
+// to the Python exception qmoe.Error (a ValueError). python/qmoe/__init__.py adds the Python-side
+// conveniences (keyword arguments, torch streams and output allocation, ml_dtypes bfloat16).
+//
+// Two kinds of array cross here. Weights and quantize()/dequantize() arguments are host arrays that
+// are copied anyway, so they may be converted to C-contiguous form on the way in. Layer.run()'s
+// arrays are taken as they are, from any DLPack producer or NumPy, zero-copy: they must be
+// C-contiguous and on one device (host, or the CUDA device of a cuda layer), and the output array is
+// allocated by the caller and written in place, so a torch tensor comes back as a torch tensor on the
+// same device. CUDA arrays run on the stream the caller passes (cuda_run_device); without
+// QMOE_HAVE_CUDA they are refused with an error.
 //
 // bfloat16 has no NumPy dtype, so it crosses this boundary as uint16 bit patterns: a uint16 array is
 // accepted wherever the spec says float16 or bfloat16 (the spec, not the array, says which), and
 // bfloat16 results come back as uint16 arrays that the Python side views as ml_dtypes.bfloat16.
+// DLPack producers with a real bfloat16 (torch) pass it as such.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "qmoe/checkpoint.h"
 #include "qmoe/error.h"
 #include "qmoe/layer.h"
 #include "qmoe/onnx_model.h"
+#include "qmoe/packed_file.h"
 #include "qmoe/quantize.h"
+
+#ifdef QMOE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "qmoe/cuda_backend.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -43,7 +62,7 @@ struct ArrayType {
   std::string name;
 };
 
-ArrayType array_type(const Array& a) {
+template <class A> ArrayType array_type(const A& a) {
   const nb::dlpack::dtype t = a.dtype();
   const auto code = nb::dlpack::dtype_code(t.code);
   ArrayType r;
@@ -63,7 +82,7 @@ ArrayType array_type(const Array& a) {
   return r;
 }
 
-Shape array_shape(const Array& a) {
+template <class A> Shape array_shape(const A& a) {
   Shape s(a.ndim());
   for (size_t i = 0; i < a.ndim(); ++i) s[i] = int64_t(a.shape(i));
   return s;
@@ -71,7 +90,7 @@ Shape array_shape(const Array& a) {
 
 // Views `a` as dtype `want`; a uint16 array stands for float16/bfloat16 bits. Anything else is an
 // error naming the argument: qmoe never converts dtypes silently.
-TensorView view_as(const Array& a, DType want, const std::string& name) {
+template <class A> TensorView view_as(const A& a, DType want, const std::string& name) {
   const ArrayType t = array_type(a);
   const bool ok = (t.dtype && *t.dtype == want) || (t.raw16 && (want == DType::f16 || want == DType::bf16));
   if (!ok)
@@ -158,28 +177,226 @@ nb::object dequantize(const Array& weights, const Array& scales, const std::stri
   return to_numpy(std::move(out));
 }
 
+// ---------------------------------------------------------------- run(): arrays from any DLPack producer
+// run() takes its arrays as they come (NumPy through the buffer protocol, torch/CuPy/JAX through
+// DLPack), unconverted: nothing is copied behind the caller's back, so every mismatch (device, dtype,
+// layout) is an error naming the argument instead of a silent conversion.
+using InArray = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+constexpr int kCpu = nb::device::cpu::value;
+constexpr int kCuda = nb::device::cuda::value;
+// make_backend() places a "cuda" layer on device 0 (CudaBackendOptions{0, ...}); the header offers no
+// accessor for a layer's device, so the binding states it here.
+constexpr int kLayerCudaDevice = 0;
+
+std::string device_str(int type, int id) {
+  if (type == kCpu) return "cpu";
+  if (type == kCuda) return "cuda:" + std::to_string(id);
+  if (type == nb::device::cuda_host::value) return "cuda_host (pinned)";
+  if (type == nb::device::cuda_managed::value) return "cuda_managed:" + std::to_string(id);
+  return "DLPack device type " + std::to_string(type) + ":" + std::to_string(id);
+}
+
+template <class A> std::string device_of(const A& a) { return device_str(a.device_type(), a.device_id()); }
+
+// C-contiguous (row-major, dense) in the sense torch uses: dimensions of extent 1 may have any stride.
+template <class A> void require_c_contiguous(const A& a, const std::string& name) {
+  int64_t want = 1;
+  bool ok = true;
+  for (size_t i = a.ndim(); i-- > 0;) {
+    if (a.shape(i) == 0) return;  // no elements, nothing to address
+    if (a.shape(i) != 1 && a.stride(i) != want) ok = false;
+    want *= int64_t(a.shape(i));
+  }
+  if (ok) return;
+  std::string strides = "[";
+  for (size_t i = 0; i < a.ndim(); ++i) strides += (i ? ", " : "") + std::to_string(a.stride(i));
+  throw Error(name + ": expected a C-contiguous array, got shape " + shape_str(array_shape(a)) + " with strides " +
+              strides + "] (elements); pass np.ascontiguousarray(a) or a.contiguous()");
+}
+
+// One run's arrays, checked against each other and the layer: one device for all, C-contiguous,
+// the layer's dtype T. Shapes are validate_inputs()'s (called by the caller).
+struct RunArrays {
+  MoeInputs in;
+  TensorView out;
+  int device_type = kCpu;
+  int device_id = 0;
+};
+
+template <class A> TensorView run_view(const A& a, DType t, const std::string& name, int device_type, int device_id,
+                                       const std::string& x_device) {
+  if (a.device_type() != device_type || a.device_id() != device_id)
+    throw Error(name + ": on " + device_of(a) + ", but input is on " + x_device + " (all arrays of one run share a device)");
+  require_c_contiguous(a, name);
+  return view_as(a, t, name);
+}
+
+RunArrays run_arrays(const MoeSpec& spec, const std::string& backend, const InArray& x, const InArray& logits,
+                     const std::optional<InArray>& rw, const OutArray& out) {
+  RunArrays r;
+  r.device_type = x.device_type();
+  r.device_id = x.device_id();
+  const std::string xd = device_of(x);
+  const bool cuda_layer = backend == "cuda";
+  if (r.device_type == kCuda) {
+#ifndef QMOE_HAVE_CUDA
+    throw Error("input: a CUDA array (" + xd + ") was given, but this qmoe was built without CUDA (QMOE_CUDA=OFF): "
+                "its layers run on the host; move the arrays there (.cpu())");
+#endif
+    if (!cuda_layer)
+      throw Error("input: a CUDA array (" + xd + ") was given to a layer on the '" + backend +
+                  "' backend; move it to the host (.cpu()) or build the layer with backend='cuda'");
+    if (r.device_id != kLayerCudaDevice)
+      throw Error("input: on " + xd + ", but the layer's weights are on cuda:" + std::to_string(kLayerCudaDevice));
+  } else if (r.device_type != kCpu) {
+    throw Error("input: expected a host (cpu) or CUDA array, got one on " + xd);
+  }
+  const DType t = spec.act_dtype;
+  r.in.input = run_view(x, t, "input", r.device_type, r.device_id, xd);
+  r.in.router_probs = run_view(logits, t, "router_logits", r.device_type, r.device_id, xd);
+  if (rw) r.in.router_weights = run_view(*rw, t, "router_weights", r.device_type, r.device_id, xd);
+  validate_inputs(spec, r.in);
+  r.out = run_view(out, t, "out", r.device_type, r.device_id, xd);
+  if (r.out.shape != r.in.input.shape)
+    throw Error("out: expected shape " + shape_str(r.in.input.shape) + " (the input's), got " + shape_str(r.out.shape));
+  return r;
+}
+
+#ifdef QMOE_HAVE_CUDA
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw Error(std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+
+// Makes `device` current for the scope (kernels launch on the calling thread's current device).
+struct CudaDeviceScope {
+  int prev = -1;
+  explicit CudaDeviceScope(int device) {
+    cuda_check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~CudaDeviceScope() {
+    int now = -1;
+    if (prev >= 0 && cudaGetDevice(&now) == cudaSuccess && now != prev) cudaSetDevice(prev);
+  }
+};
+#endif
+
 // The Python-facing layer: a MoeLayer and where it came from.
 struct PyLayer {
   std::unique_ptr<MoeLayer> layer;
-  std::string source;  // "arrays" or the ONNX path
+  std::string source;  // "arrays", or the ONNX / packed / checkpoint path
+  std::map<std::string, std::string> metadata;  // from_checkpoint: family, source names, notes
   // run() releases the GIL, so two Python threads may call it at once; backends keep per-layer
   // scratch state and are not promised to be re-entrant, so calls on one layer are serialized.
   // (Taken after the GIL is released, so a waiting thread never blocks Python.)
   std::mutex run_mutex;
+#ifdef QMOE_HAVE_CUDA
+  // Device runs (cuda_run_device) go on the caller's stream but share the backend's one workspace.
+  // `last_run` is recorded after each: the next run's stream waits on it (GPU-side, no host sync),
+  // and it is synchronized before the workspace is replaced or used by a host-array run.
+  cudaEvent_t last_run = nullptr;
+  bool last_run_recorded = false;
+  int64_t reserved_rows = 0;
 
-  nb::object run(const Array& x, const Array& router_logits, std::optional<Array> router_weights) {
-    const DType t = layer->spec().act_dtype;
-    MoeInputs in;
-    in.input = view_as(x, t, "input");
-    in.router_probs = view_as(router_logits, t, "router_logits");
-    if (router_weights) in.router_weights = view_as(*router_weights, t, "router_weights");
-    Tensor out;
-    {
-      nb::gil_scoped_release unlocked;
-      std::lock_guard<std::mutex> lock(run_mutex);
-      out = layer->run(in);
+  ~PyLayer() {
+    if (last_run) cudaEventDestroy(last_run);  // errors ignored: the context may already be gone at exit
+  }
+
+  void wait_device_runs() {
+    if (last_run_recorded) cuda_check(cudaEventSynchronize(last_run), "waiting for the layer's previous run");
+  }
+
+  size_t reserve_locked(int64_t rows) {
+    CudaDeviceScope scope(kLayerCudaDevice);
+    wait_device_runs();  // the workspace about to be replaced may still be in use on some stream
+    const size_t bytes = cuda_reserve_workspace(layer->backend(), layer->packed(), std::max<int64_t>(rows, 1));
+    reserved_rows = std::max(reserved_rows, rows);
+    return bytes;
+  }
+
+  void run_device(const MoeInputs& in, void* out, uintptr_t stream_handle) {
+    const int64_t rows = input_rows(in);
+    if (rows == 0) return;
+    auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    CudaDeviceScope scope(kLayerCudaDevice);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cuda_check(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+    if (rows > reserved_rows) {
+      if (capturing)
+        throw Error("run: " + std::to_string(rows) + " rows need a larger workspace, which cannot be allocated while "
+                    "the stream is being captured; call layer.reserve(" + std::to_string(rows) +
+                    ") (or run once) before capturing");
+      reserve_locked(rows);
     }
-    return to_numpy(std::move(out));
+    // Outside capture, order this run after the previous one (it may be on another stream). Under
+    // capture, events from outside the graph cannot be waited on; the caller orders replays.
+    if (!capturing && last_run_recorded) cuda_check(cudaStreamWaitEvent(stream, last_run, 0), "cudaStreamWaitEvent");
+    CudaRunArgs args;
+    args.input = in.input.data;
+    args.router_probs = in.router_probs.data;
+    args.router_weights = in.router_weights ? in.router_weights->data : nullptr;
+    args.output = out;
+    args.rows = rows;
+    args.stream = stream;
+    cuda_run_device(layer->backend(), layer->packed(), args);
+    if (!capturing) {
+      if (!last_run) cuda_check(cudaEventCreateWithFlags(&last_run, cudaEventDisableTiming), "cudaEventCreate");
+      cuda_check(cudaEventRecord(last_run, stream), "cudaEventRecord");
+      last_run_recorded = true;
+    }
+  }
+#endif
+
+  bool on_cuda() const { return layer->backend().name() == "cuda"; }
+
+  // Writes the layer's output for (x, router_logits, router_weights) into `out` (same device, shape
+  // and dtype as x). Host arrays run through MoeLayer::run (a cuda layer copies them in and out and
+  // returns when done); CUDA arrays run on `stream` (a cudaStream_t as an integer) without any
+  // allocation or host synchronization once the workspace is large enough.
+  void run(const InArray& x, const InArray& router_logits, std::optional<InArray> router_weights, const OutArray& out,
+           uintptr_t stream) {
+    const std::string backend = layer->backend().name();
+    RunArrays r = run_arrays(layer->spec(), backend, x, router_logits, router_weights, out);
+    nb::gil_scoped_release unlocked;
+    std::lock_guard<std::mutex> lock(run_mutex);
+    if (r.device_type == kCpu) {
+#ifdef QMOE_HAVE_CUDA
+      if (on_cuda()) wait_device_runs();
+#endif
+      Tensor o = Tensor::wrap(r.out.dtype, r.out.shape, const_cast<void*>(r.out.data), nullptr);
+      layer->run(r.in, o);
+      return;
+    }
+#ifdef QMOE_HAVE_CUDA
+    // The FC kernels copy input rows straight into shared memory with 16-byte cp.async when the
+    // input is already fp16/bf16 (cuda_backend.cpp input_direct); cuda_backend.h does not state it,
+    // so it is checked here for every dtype rather than faulting on an odd-offset view.
+    if (reinterpret_cast<uintptr_t>(r.in.input.data) % 16 != 0)
+      throw Error("input: device address is not 16-byte aligned (a view at an odd element offset?); pass a "
+                  "freshly allocated or .clone()d tensor");
+    run_device(r.in, const_cast<void*>(r.out.data), stream);
+#else
+    (void)stream;
+#endif
+  }
+
+  // Grows a cuda layer's device workspace to `rows` tokens (for CUDA graph capture); 0 elsewhere.
+  size_t reserve(int64_t rows) {
+    if (rows < 0) throw Error("reserve: expected rows >= 0, got " + std::to_string(rows));
+    if (!on_cuda()) return 0;
+#ifdef QMOE_HAVE_CUDA
+    nb::gil_scoped_release unlocked;
+    std::lock_guard<std::mutex> lock(run_mutex);
+    return reserve_locked(rows);
+#else
+    return 0;
+#endif
   }
 };
 
@@ -241,6 +458,52 @@ PyLayer* layer_from_onnx(const std::string& path, const std::string& backend, co
   return out.release();
 }
 
+// A packed file from `qmoe pack` (or save_packed), loaded without repacking. "auto" is make_backend's
+// choice, as in `qmoe run`; a file packed for another backend is refused by load_packed, naming both
+// layouts.
+PyLayer* layer_from_packed(const std::string& path, const std::string& backend, int threads) {
+  auto out = std::make_unique<PyLayer>();
+  {
+    nb::gil_scoped_release unlocked;
+    const LayerOptions opt{backend, true, threads};
+    std::unique_ptr<Backend> b = make_backend(backend, opt);
+    std::unique_ptr<PackedExperts> packed = load_packed(path, *b);
+    out->layer = std::make_unique<MoeLayer>(std::move(b), std::move(packed));
+  }
+  out->source = path;
+  return out.release();
+}
+
+// One decoder layer of a Hugging Face checkpoint, quantized expert by expert (as `qmoe quantize`)
+// and packed for the backend; nothing is written to disk.
+PyLayer* layer_from_checkpoint(const std::string& path, int64_t layer_index, int bits, int64_t block_size,
+                               bool symmetric, const std::string& dtype, const std::string& scale_dtype,
+                               int swiglu_fusion, std::optional<int64_t> k, std::optional<bool> normalize,
+                               const std::string& backend, bool prepack, int threads) {
+  if (swiglu_fusion < 0 || swiglu_fusion > 2)
+    throw Error("swiglu_fusion: expected 0, 1 or 2, got " + std::to_string(swiglu_fusion));
+  CheckpointQuantizeOptions opt;
+  opt.quant.bits = bits;
+  opt.quant.block_size = block_size;
+  opt.quant.symmetric = symmetric;
+  opt.act_dtype = parse_dtype(dtype);
+  opt.quant.scale_dtype = scale_dtype.empty() ? opt.act_dtype : parse_dtype(scale_dtype);
+  opt.fusion = SwigluFusion(swiglu_fusion);
+  opt.k = k;
+  opt.normalize_routing_weights = normalize;
+  auto out = std::make_unique<PyLayer>();
+  {
+    nb::gil_scoped_release unlocked;
+    const CheckpointLayer L = open_checkpoint_layer(path, layer_index);
+    checkpoint_spec(L, opt);  // unknown k / normalization and bad options fail before any quantization
+    RawLayer raw = quantize_checkpoint_layer(L, opt);
+    out->metadata = std::move(raw.metadata);
+    out->layer = std::make_unique<MoeLayer>(raw.spec, std::move(raw.raw), LayerOptions{backend, prepack, threads});
+  }
+  out->source = path;
+  return out.release();
+}
+
 std::string str_of(DType t) { return std::string(dtype_name(t)); }
 
 }  // namespace
@@ -294,15 +557,35 @@ NB_MODULE(_qmoe, m) {
                   "threads"_a = 0, nb::rv_policy::take_ownership)
       .def_static("from_onnx", &layer_from_onnx, "path"_a, "backend"_a = "auto", "layout"_a = "detect",
                   "prepack"_a = true, "threads"_a = 0, nb::rv_policy::take_ownership)
-      .def("run", &PyLayer::run, "x"_a, "router_logits"_a, "router_weights"_a = nb::none())
+      .def_static("from_packed", &layer_from_packed, "path"_a, "backend"_a = "auto", "threads"_a = 0,
+                  nb::rv_policy::take_ownership)
+      .def_static("from_checkpoint", &layer_from_checkpoint, "path"_a, "layer"_a, "bits"_a, "block_size"_a,
+                  "symmetric"_a, "dtype"_a, "scale_dtype"_a, "swiglu_fusion"_a, "k"_a.none(),
+                  "normalize_routing_weights"_a.none(), "backend"_a, "prepack"_a, "threads"_a,
+                  nb::rv_policy::take_ownership)
+      .def("run", &PyLayer::run, "x"_a, "router_logits"_a, "router_weights"_a.none(), "out"_a, "stream"_a = 0)
+      .def("reserve", &PyLayer::reserve, "rows"_a)
+      .def(
+          "save_packed",
+          [](const PyLayer& l, const std::string& path) {
+            nb::gil_scoped_release unlocked;
+            save_packed(path, l.layer->packed(), "qmoe python");
+          },
+          "path"_a)
       .def_prop_ro("spec", [](const PyLayer& l) { return l.layer->spec(); })
       .def_prop_ro("backend", [](PyLayer& l) { return l.layer->backend().name(); })
       .def_prop_ro("layout", [](const PyLayer& l) { return l.layer->packed().tag().to_string(); })
       .def_prop_ro("resident_bytes", [](const PyLayer& l) { return l.layer->packed().resident_bytes(); })
-      .def_ro("source", &PyLayer::source);
+      .def_ro("source", &PyLayer::source)
+      .def_ro("metadata", &PyLayer::metadata);
 
   m.def("quantize", &quantize, "w"_a, "w_dtype"_a, "bits"_a, "block_size"_a, "symmetric"_a, "scale_dtype"_a);
   m.def("dequantize", &dequantize, "weights"_a, "scales"_a, "scale_dtype"_a, "zero_points"_a.none(), "bits"_a,
         "block_size"_a);
   m.def("available_backends", &available_backends);
+#ifdef QMOE_HAVE_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
 }

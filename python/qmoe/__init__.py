@@ -5,26 +5,29 @@ into the arrays and names the extension takes:
 
 * ``quantize`` / ``dequantize``: the raw QMoE weight format, byte-identical to ONNX Runtime's
   ``quantize_matmul_{2,4,8}bits`` (contract §5-6).
-* ``Layer``: a QMoE layer built from raw arrays or loaded from an ONNX file; ``run`` returns an array
-  of the input's dtype.
+* ``Layer``: a QMoE layer built from raw arrays, an ONNX file, a packed file or a Hugging Face
+  checkpoint; ``run`` returns an array of the input's kind, dtype and device.
+* ``available_backends()``: the backends usable here, best first ("cuda" only with a GPU).
 * ``Error``: raised for every invalid argument (a ``ValueError``); the message names the tensor or
   attribute with the expected and actual values.
 
-Arrays may be NumPy arrays (float32, float16, ``ml_dtypes.bfloat16``) or torch tensors (moved to
-host). bfloat16 crosses into C++ as uint16 bit patterns, because NumPy has no bfloat16 of its own.
+Weights may be NumPy arrays (float32, float16, ``ml_dtypes.bfloat16``) or torch tensors (copied to
+host). ``Layer.run`` takes NumPy arrays or torch tensors zero-copy (docs/PYTHON.md): NumPy in,
+NumPy out; torch in, torch out on the same device, CUDA tensors on the current CUDA stream.
+bfloat16 NumPy arrays cross into C++ as uint16 bit patterns, because NumPy has no bfloat16 of its own.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import _qmoe
-from ._qmoe import Error, Spec, available_backends
+from ._qmoe import Error, Spec, available_backends, built_with_cuda
 
-__all__ = ["Error", "Layer", "Spec", "available_backends", "dequantize", "quantize"]
+__all__ = ["Error", "Layer", "Spec", "available_backends", "built_with_cuda", "dequantize", "quantize"]
 
 
 def _is_torch(a: Any) -> bool:
@@ -120,6 +123,8 @@ class Layer:
     ``inter``. ``backend`` is "auto", "cpu", "cuda" or "reference".
     """
 
+    _impl: Any  # qmoe._qmoe._Layer
+
     def __init__(
         self,
         *,
@@ -177,12 +182,58 @@ class Layer:
 
     @classmethod
     def from_onnx(
-        cls, path: str, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0
+        cls, path: Any, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0
     ) -> "Layer":
         """Loads the single com.microsoft::QMoE node of an ONNX file (external data allowed).
         ``layout`` is "detect", "raw" or "ort_cuda" (contract §7)."""
+        return cls._wrap(_qmoe._Layer.from_onnx(str(path), backend, layout, bool(prepack), int(threads)))
+
+    @classmethod
+    def from_packed(cls, path: Any, backend: str = "auto", threads: int = 0) -> "Layer":
+        """Loads a packed file written by ``qmoe pack`` without repacking. The file's layout must be
+        the one ``backend`` packs on this machine ("auto": the best backend present, as in ``qmoe
+        run``); otherwise the error names both layouts and the ``qmoe pack --target`` to use."""
+        return cls._wrap(_qmoe._Layer.from_packed(str(path), backend, int(threads)))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Any,
+        layer: int,
+        bits: int = 4,
+        block_size: int = 128,
+        symmetric: bool = True,
+        backend: str = "auto",
+        *,
+        dtype: Any = "float32",
+        scale_dtype: Any = None,
+        swiglu_fusion: int = 1,
+        k: Optional[int] = None,
+        normalize_routing_weights: Optional[bool] = None,
+        prepack: bool = True,
+        threads: int = 0,
+    ) -> "Layer":
+        """Quantizes the routed experts of decoder layer ``layer`` of a Hugging Face checkpoint (a
+        folder, a ``.safetensors`` file or a ``model.safetensors.index.json``; the model families of
+        docs/CHECKPOINTS.md), as ``qmoe quantize`` does, and packs them for ``backend``.
+
+        ``dtype`` is the layer's T (input, output, biases); ``scale_dtype`` its T2 (default: ``dtype``).
+        SwiGLU experts are stored with ``swiglu_fusion`` 1 (interleaved, ONNX Runtime CPU's mode), 2
+        (concatenated) or 0 (separate fc3). ``k`` and ``normalize_routing_weights`` come from the
+        folder's config.json; pass them when it has none (qmoe never guesses them). ``metadata``
+        holds the source facts (family, tensor names, notes on routing QMoE does not compute)."""
+        sd = "" if scale_dtype is None else _dtype_name(scale_dtype)
+        impl = _qmoe._Layer.from_checkpoint(
+            str(path), int(layer), int(bits), int(block_size), bool(symmetric), _dtype_name(dtype), sd,
+            int(swiglu_fusion), None if k is None else int(k),
+            None if normalize_routing_weights is None else bool(normalize_routing_weights),
+            backend, bool(prepack), int(threads))
+        return cls._wrap(impl)
+
+    @classmethod
+    def _wrap(cls, impl: Any) -> "Layer":
         self = cls.__new__(cls)
-        self._impl = _qmoe._Layer.from_onnx(str(path), backend, layout, bool(prepack), int(threads))
+        self._impl = impl
         return self
 
     @property
@@ -194,24 +245,105 @@ class Layer:
         return self._impl.backend
 
     @property
+    def device(self) -> str:
+        """Where the packed weights live and where torch tensors for ``run`` must be: "cpu" or
+        "cuda:0" (a cuda layer also takes NumPy arrays, through host copies)."""
+        return "cuda:0" if self._impl.backend == "cuda" else "cpu"
+
+    @property
     def layout(self) -> str:
         return self._impl.layout
 
-    def run(self, x: Any, router_logits: Any, router_weights: Any = None) -> Any:
-        """Output of the layer for ``x`` [rows, H] or [B, S, H] and router logits [rows, E]; the
-        result has x's shape and dtype (a torch tensor when x is one)."""
-        xa, _ = _to_numpy(x)
-        ra, _ = _to_numpy(router_logits)
-        wa = None if router_weights is None else _to_numpy(router_weights)[0]
-        out = self._impl.run(xa, ra, wa)
-        if _is_torch(x):
-            import torch
+    @property
+    def resident_bytes(self) -> int:
+        return self._impl.resident_bytes
 
-            t = torch.from_numpy(out)
-            return t.view(torch.bfloat16) if self.spec.dtype == "bfloat16" else t
-        if self.spec.dtype == "bfloat16":
-            return _bf16_view(out)
+    @property
+    def source(self) -> str:
+        return self._impl.source
+
+    @property
+    def metadata(self) -> Dict[str, str]:
+        return dict(self._impl.metadata)
+
+    def save_packed(self, path: Any) -> None:
+        """Writes the packed weights to ``path`` (as ``qmoe pack`` does; atomically, no partial file on
+        failure) for ``Layer.from_packed`` on a machine with the same backend and layout."""
+        self._impl.save_packed(str(path))
+
+    def reserve(self, rows: int) -> int:
+        """Grows a cuda layer's device workspace for runs of up to ``rows`` tokens and returns its
+        size in bytes (0 on other backends). Call it before capturing ``run`` in a CUDA graph: no
+        allocation may happen during capture."""
+        return self._impl.reserve(int(rows))
+
+    def run(self, x: Any, router_logits: Any, router_weights: Any = None, *, out: Any = None) -> Any:
+        """Output of the layer for ``x`` [rows, H] or [B, S, H] and router logits [rows, E] (and
+        optional ``router_weights`` [rows, E], contract input 14), all of dtype T, C-contiguous.
+
+        NumPy arrays give a NumPy array (on a cuda layer through host copies, synchronously).
+        torch tensors give a torch tensor on the same device: CPU tensors on a CPU layer, CUDA
+        tensors on a cuda layer, run on ``torch.cuda.current_stream()`` without a host sync.
+        Nothing is copied or converted: a wrong dtype, device or layout is an ``Error``. ``out``
+        (same kind, device, dtype and shape as ``x``) receives the result instead of a new array.
+        """
+        if _is_torch(x):
+            return self._run_torch(x, router_logits, router_weights, out)
+        return self._run_numpy(x, router_logits, router_weights, out)
+
+    def _run_numpy(self, x: Any, router_logits: Any, router_weights: Any, out: Any) -> np.ndarray:
+        for name, a in (("router_logits", router_logits), ("router_weights", router_weights), ("out", out)):
+            if _is_torch(a):
+                raise TypeError(f"{name}: a torch tensor, but input is a NumPy array (pass all of one kind)")
+        xa = _run_array(x)
+        ra = _run_array(router_logits)
+        wa = None if router_weights is None else _run_array(router_weights)
+        if out is None:
+            oa = np.empty(xa.shape, xa.dtype)
+        else:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out: expected a NumPy array like input, got {type(out).__name__}")
+            oa = _run_array(out)
+        self._impl.run(xa, ra, wa, oa, 0)
+        if out is not None:
+            return out
+        return _bf16_view(oa) if self.spec.dtype == "bfloat16" else oa
+
+    def _run_torch(self, x: Any, router_logits: Any, router_weights: Any, out: Any) -> Any:
+        import torch
+
+        named = (("router_logits", router_logits), ("router_weights", router_weights), ("out", out))
+        for name, a in named:
+            if a is None:
+                continue
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch tensor like input, got {type(a).__name__}")
+            if a.device != x.device:  # checked here: torch refuses to export a tensor of another GPU
+                raise Error(f"{name}: on {a.device}, but input is on {x.device} (all arrays of one run share a device)")
+        if x.device.type == "cpu" and self.backend == "cuda":
+            # The binding could copy host tensors through (as it does NumPy arrays), but a CPU tensor
+            # given to a GPU layer is almost always a forgotten .cuda(): refuse it rather than copy.
+            raise Error("input: a CPU tensor was given to a layer on the cuda backend; move it with "
+                        ".to('cuda') (or build the layer with backend='cpu')")
+        if out is None:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        args = [x, router_logits, router_weights, out]
+        if x.device.type != "cuda":
+            self._impl.run(*[None if a is None else a.detach() for a in args], 0)
+            return out
+        with torch.cuda.device(x.device):
+            # stream=-1: no synchronization with the legacy default stream (torch's default for
+            # stream=None), which would also be illegal while a CUDA graph is being captured. The
+            # run itself is ordered on the current stream, like any torch operation.
+            caps = [None if a is None else a.detach().__dlpack__(stream=-1) for a in args]
+            self._impl.run(*caps, torch.cuda.current_stream().cuda_stream)
         return out
 
     def __repr__(self) -> str:
         return f"qmoe.Layer({self.spec!r}, backend={self.backend!r}, layout={self.layout!r})"
+
+
+def _run_array(a: Any) -> np.ndarray:
+    """A host array for Layer.run as it is (no copy); ml_dtypes.bfloat16 viewed as uint16 bits."""
+    arr = np.asarray(a)
+    return arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr

@@ -296,3 +296,191 @@ def test_from_onnx_matches_ort(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"input": x, "router_probs": logits})[0]
     assert rel_err(got, want.astype(np.float64)) <= 1e-5
+
+
+# ---------------------------------------------------------------- run(): arrays as they are, out=
+def test_run_writes_every_element_of_out():
+    # Canary: a NaN-poisoned out array must come back fully overwritten, and be the array returned.
+    cfg = CONFIGS[4]
+    kwargs, W, B = build(cfg)
+    layer = qmoe.Layer(backend="cpu", **kwargs)
+    x, logits, _ = inputs(cfg)
+    out = np.full_like(x, np.nan)
+    got = layer.run(x, logits, out=out)
+    assert got is out
+    assert not np.isnan(out).any(), f"unwritten elements at {np.argwhere(np.isnan(out))[:5].tolist()}"
+    assert np.array_equal(out, layer.run(x, logits))
+
+
+def test_run_takes_arrays_as_they_are():
+    # Zero-copy: a non-contiguous view is refused (naming the argument and its strides), not copied.
+    cfg = CONFIGS[0]
+    kwargs, _, _ = build(cfg)
+    layer = qmoe.Layer(backend="cpu", **kwargs)
+    x, logits, _ = inputs(cfg)
+    with pytest.raises(qmoe.Error, match=r"input: expected a C-contiguous array, got shape \[7, 32\] with strides \[1, 7\]"):
+        layer.run(np.asfortranarray(x), logits)
+    wide = np.zeros((cfg.rows, 2 * cfg.E), np.float32)
+    with pytest.raises(qmoe.Error, match="router_logits: expected a C-contiguous array"):
+        layer.run(x, wide[:, ::2])
+    with pytest.raises(qmoe.Error, match=r"out: expected shape \[7, 32\] \(the input's\), got \[7, 31\]"):
+        layer.run(x, logits, out=np.empty((cfg.rows, cfg.H - 1), np.float32))
+    with pytest.raises(qmoe.Error, match="out: expected dtype float32, got float16"):
+        layer.run(x, logits, out=np.empty_like(x, np.float16))
+    with pytest.raises(qmoe.Error, match="router_logits: expected dtype float32, got float64"):
+        layer.run(x, logits.astype(np.float64))
+    # A row slice is contiguous and runs in place of the whole.
+    assert np.array_equal(layer.run(x[2:5], logits[2:5]), layer.run(x, logits)[2:5])
+    # Zero rows: an empty result, no error.
+    assert layer.run(x[:0], logits[:0]).shape == (0, cfg.H)
+
+
+def test_available_backends():
+    names = qmoe.available_backends()
+    assert names[-2:] == ["cpu", "reference"], names
+    assert ("cuda" in names) <= qmoe.built_with_cuda
+    for b in names:
+        if b != "cuda":
+            assert qmoe.Layer(backend=b, **build(CONFIGS[0])[0]).backend == b
+    with pytest.raises(qmoe.Error, match="backend: expected auto or one of"):
+        qmoe.Layer(backend="tpu", **build(CONFIGS[0])[0])
+
+
+# ---------------------------------------------------------------- from_packed
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_packed_round_trip(tmp_path, backend):
+    cfg = CONFIGS[5]
+    kwargs, _, _ = build(cfg)
+    layer = qmoe.Layer(backend=backend, **kwargs)
+    path = tmp_path / "layer.qmoepk"
+    layer.save_packed(path)
+    loaded = qmoe.Layer.from_packed(path, backend=backend)
+    assert loaded.layout == layer.layout and loaded.backend == backend and loaded.source == str(path)
+    assert repr(loaded.spec) == repr(layer.spec)
+    x, logits, rw = inputs(cfg)
+    assert np.array_equal(loaded.run(x, logits, rw), layer.run(x, logits, rw))
+
+
+def test_from_packed_errors(tmp_path):
+    kwargs, _, _ = build(CONFIGS[0])
+    path = tmp_path / "cpu.qmoepk"
+    qmoe.Layer(backend="cpu", **kwargs).save_packed(path)
+    # Another backend's layout is refused, naming both layouts.
+    with pytest.raises(qmoe.Error, match=r"packed file holds layout cpu-.*but backend 'reference' runs layout raw"):
+        qmoe.Layer.from_packed(path, backend="reference")
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros(4, np.float32))
+    with pytest.raises(qmoe.Error, match="NumPy"):
+        qmoe.Layer.from_packed(npy)
+    with pytest.raises(qmoe.Error, match="missing.qmoepk"):
+        qmoe.Layer.from_packed(tmp_path / "missing.qmoepk")
+    bad = tmp_path / "truncated.qmoepk"
+    bad.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(qmoe.Error, match="truncated"):
+        qmoe.Layer.from_packed(bad, backend="cpu")
+
+
+# ---------------------------------------------------------------- from_checkpoint
+def write_safetensors(path, tensors: dict) -> None:
+    """A safetensors file written from the format's description (8-byte header length, JSON, data)."""
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        dt = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[a.dtype.name]
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        blobs.append(a.tobytes())
+        offset += a.nbytes
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def mixtral_checkpoint(folder, E=4, H=64, I=32, layer=1, dtype=np.float32, seed=31, config=True):
+    """Decoder layer `layer` of a tiny Mixtral: experts w1 (gate) [I, H], w3 (up) [I, H], w2 (down) [H, I]."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    p = f"model.layers.{layer}.block_sparse_moe."
+    t, W = {}, {}
+    for e in range(E):
+        for name, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
+            W[e, name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
+            t[f"{p}experts.{e}.{name}.weight"] = W[e, name]
+    t[f"{p}gate.weight"] = rng.standard_normal((E, H)).astype(dtype)
+    folder.mkdir(exist_ok=True)
+    write_safetensors(folder / "model.safetensors", t)
+    if config:
+        (folder / "config.json").write_text(json.dumps(
+            {"model_type": "mixtral", "num_local_experts": E, "num_experts_per_tok": 2, "hidden_size": H,
+             "intermediate_size": I}))
+    return W
+
+
+def test_from_checkpoint_matches_layer_from_quantize(tmp_path):
+    """from_checkpoint == qmoe.quantize of the same weights in the exported arrangement (fc1 = gate
+    and up interleaved by row, swiglu_fusion 1; fc2 = w2), bitwise on the same backend."""
+    E, H, I, block = 4, 64, 32, 32
+    W = mixtral_checkpoint(tmp_path / "ckpt", E, H, I)
+    layer = qmoe.Layer.from_checkpoint(tmp_path / "ckpt", 1, bits=4, block_size=block, backend="cpu")
+    s = layer.spec
+    assert (s.num_experts, s.hidden, s.inter, s.k, s.activation, s.swiglu_fusion) == (E, H, I, 2, "swiglu", 1)
+    assert s.normalize_routing_weights and s.block_size == block and s.dtype == "float32"
+    assert layer.metadata.get("source_family") == "mixtral", layer.metadata
+    assert layer.source == str(tmp_path / "ckpt")
+
+    fc1 = np.empty((E, 2 * I, H), np.float32)
+    fc1[:, 0::2] = np.stack([W[e, "w1"] for e in range(E)])
+    fc1[:, 1::2] = np.stack([W[e, "w3"] for e in range(E)])
+    fc2 = np.stack([W[e, "w2"] for e in range(E)])
+    arrays = {}
+    for fc, w in (("fc1", fc1), ("fc2", fc2)):
+        arrays[f"{fc}_weights"], arrays[f"{fc}_scales"], _ = qmoe.quantize(w, bits=4, block_size=block)
+    want = qmoe.Layer(k=2, activation="swiglu", swiglu_fusion=1, bits=4, block_size=block,
+                      normalize_routing_weights=True, backend="cpu", **arrays)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, H)).astype(np.float32)
+    logits = rng.standard_normal((9, E)).astype(np.float32)
+    assert np.array_equal(layer.run(x, logits), want.run(x, logits))
+
+
+def test_from_checkpoint_options_and_errors(tmp_path):
+    mixtral_checkpoint(tmp_path / "fp16", dtype=np.float16)
+    layer = qmoe.Layer.from_checkpoint(tmp_path / "fp16", 1, bits=8, block_size=0, symmetric=False,
+                                       backend="reference", dtype="float16", swiglu_fusion=2)
+    s = layer.spec
+    assert (s.bits, s.block_size, s.swiglu_fusion, s.dtype, s.scale_dtype) == (8, 0, 2, "float16", "float16")
+    assert s.fc1_zero_points and s.fc2_zero_points
+    x = np.ones((3, s.hidden), np.float16)
+    assert layer.run(x, np.zeros((3, s.num_experts), np.float16)).dtype == np.float16
+
+    # Without config.json the names still say Mixtral, so k = 2 and normalization are known ...
+    mixtral_checkpoint(tmp_path / "noconf", config=False)
+    assert qmoe.Layer.from_checkpoint(tmp_path / "noconf", 1, k=1).spec.k == 1
+    # ... but a layer without experts is an error naming the layers that have them.
+    with pytest.raises(qmoe.Error, match="layer 0 has no MoE experts .*layers with experts: 1"):
+        qmoe.Layer.from_checkpoint(tmp_path / "noconf", 0)
+    with pytest.raises(qmoe.Error, match="block_size: expected a power of two >= 16"):
+        qmoe.Layer.from_checkpoint(tmp_path / "fp16", 1, block_size=24)
+    with pytest.raises(qmoe.Error, match="swiglu_fusion"):
+        qmoe.Layer.from_checkpoint(tmp_path / "fp16", 1, swiglu_fusion=3)
+    with pytest.raises(qmoe.Error):
+        qmoe.Layer.from_checkpoint(tmp_path / "missing", 1)
+
+
+def test_from_checkpoint_needs_routing_facts(tmp_path):
+    # Qwen-style names without config.json: the family (and so k) is unknown; qmoe never guesses.
+    rng = np.random.default_rng(3)
+    t = {}
+    for e in range(4):
+        for name, shape in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+            t[f"model.layers.0.mlp.experts.{e}.{name}.weight"] = rng.standard_normal(shape).astype(np.float32)
+    (tmp_path / "q").mkdir()
+    write_safetensors(tmp_path / "q" / "model.safetensors", t)
+    with pytest.raises(qmoe.Error, match=r"\bk\b|experts per token"):
+        qmoe.Layer.from_checkpoint(tmp_path / "q", 0)
+    layer = qmoe.Layer.from_checkpoint(tmp_path / "q", 0, k=2, normalize_routing_weights=False, backend="cpu")
+    assert layer.spec.k == 2 and not layer.spec.normalize_routing_weights
