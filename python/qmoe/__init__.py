@@ -303,6 +303,8 @@ class Layer:
         else:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out: expected a NumPy array like input, got {type(out).__name__}")
+            if not out.flags.writeable:
+                raise Error("out: the array is read-only")
             oa = _run_array(out)
         self._impl.run(xa, ra, wa, oa, 0)
         if out is not None:

@@ -1,6 +1,7 @@
 # Type stub of the C++ extension qmoe._qmoe (python/qmoe_ext.cpp). Users call the wrappers in
-# qmoe/__init__.py; these signatures are what the wrappers pass (bfloat16 travels as uint16 bits).
-from typing import Optional, Tuple
+# qmoe/__init__.py; these signatures are what the wrappers pass (bfloat16 NumPy arrays travel as
+# uint16 bits). `run` takes NumPy arrays, DLPack producers or DLPack capsules as they are.
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -41,9 +42,27 @@ class _Layer:
     def from_onnx(
         path: str, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0
     ) -> _Layer: ...
-    def run(
-        self, x: npt.ArrayLike, router_logits: npt.ArrayLike, router_weights: Optional[npt.ArrayLike] = None
-    ) -> np.ndarray: ...
+    @staticmethod
+    def from_packed(path: str, backend: str = "auto", threads: int = 0) -> _Layer: ...
+    @staticmethod
+    def from_checkpoint(
+        path: str,
+        layer: int,
+        bits: int,
+        block_size: int,
+        symmetric: bool,
+        dtype: str,
+        scale_dtype: str,
+        swiglu_fusion: int,
+        k: Optional[int],
+        normalize_routing_weights: Optional[bool],
+        backend: str,
+        prepack: bool,
+        threads: int,
+    ) -> _Layer: ...
+    def run(self, x: Any, router_logits: Any, router_weights: Optional[Any], out: Any, stream: int = 0) -> None: ...
+    def reserve(self, rows: int) -> int: ...
+    def save_packed(self, path: str) -> None: ...
     @property
     def spec(self) -> Spec: ...
     @property
@@ -54,6 +73,8 @@ class _Layer:
     def resident_bytes(self) -> int: ...
     @property
     def source(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
 
 def quantize(
     w: npt.ArrayLike, w_dtype: str, bits: int, block_size: int, symmetric: bool, scale_dtype: str
@@ -67,3 +88,5 @@ def dequantize(
     block_size: int,
 ) -> np.ndarray: ...
 def available_backends() -> list[str]: ...
+
+built_with_cuda: bool
