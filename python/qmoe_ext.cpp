@@ -178,8 +178,8 @@ nb::object dequantize(const Array& weights, const Array& scales, const std::stri
 }
 
 // ---------------------------------------------------------------- run(): arrays from any DLPack producer
-// run() takes its arrays as they come (NumPy through the buffer protocol, torch/CuPy/JAX through
-// DLPack), unconverted: nothing is copied behind the caller's back, so every mismatch (device, dtype,
+// run() takes its arrays as they come (NumPy, torch or any other producer, through DLPack or the
+// buffer protocol, or a DLPack capsule), unconverted: nothing is copied behind the caller's back, so every mismatch (device, dtype,
 // layout) is an error naming the argument instead of a silent conversion.
 using InArray = nb::ndarray<nb::ro>;
 using OutArray = nb::ndarray<>;
