@@ -140,6 +140,24 @@ float act_scalar(Activation a, float v) {
   throw Error("cpu backend: act_scalar: swiglu needs two inputs");
 }
 
+// One input row to fp32. Through memcpy, because user buffers need not be aligned to their element
+// type (a misaligned float* load is undefined behaviour; numpy slices can be misaligned).
+void convert_row(DType dt, const uint8_t* src, int64_t n, float* dst) {
+  switch (dt) {
+    case DType::f32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case DType::f16:
+    case DType::bf16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        dst[i] = dt == DType::f16 ? half_to_float(h) : bf16_to_float(h);
+      }
+      return;
+    case DType::u8: break;
+  }
+  throw Error("cpu backend: input dtype must be float32, float16 or bfloat16, got " + std::string(dtype_name(dt)));
+}
+
 PairKernel kernel_for(const KernelSet& ks, int bits) {
   switch (bits) {
     case 2: return ks.w2;
@@ -220,7 +238,8 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
     for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t) {
-      for (int64_t i = 0; i < H; ++i) X[t * XW + i] = load_as_float(in.input.dtype, in.input.data, t * H + i);
+      convert_row(in.input.dtype, static_cast<const uint8_t*>(in.input.data) + size_t(t * H) * dtype_size(in.input.dtype), H,
+                  X + t * XW);
       std::fill(X + t * XW + H, X + (t + 1) * XW, 0.f);  // the kernels read these columns
       for (int64_t j = 0; j < k; ++j) std::fill(A + (t * k + j) * AW + I, A + (t * k + j + 1) * AW, 0.f);
     }
