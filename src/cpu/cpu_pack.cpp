@@ -171,12 +171,14 @@ void pack_tile(const MoeSpec& s, const PartPlan& part, const RawMatrix& src, int
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst.codes + g.code_offset(0, 0, j_done + q)), x[q]);
     }
   }
-  // Scales: raw [N][B] -> tile [B][16], a typed strided copy (a memcpy per element was ~15% of prepack).
+  // Scales: raw [N][B] -> tile [B][16], a fixed-size strided copy (a variable-size memcpy call per
+  // element was ~15% of prepack). The source goes through memcpy too: raw tensors may be misaligned
+  // (numpy views, file offsets), and a misaligned typed load is undefined behaviour.
   auto copy_scales = [&](auto elem, int64_t l, int64_t n) {
     using T = decltype(elem);
-    const T* from = reinterpret_cast<const T*>(sc) + (e * N + n) * g.nb;
+    const uint8_t* from = sc + size_t((e * N + n) * g.nb) * sizeof(T);
     T* to = static_cast<T*>(dst.scales);
-    for (int64_t b = 0; b < g.nb; ++b) to[g.meta_offset(0, b, l)] = from[b];
+    for (int64_t b = 0; b < g.nb; ++b) std::memcpy(&to[g.meta_offset(0, b, l)], from + size_t(b) * sizeof(T), sizeof(T));
   };
   for (int64_t l = 0; l < kTileRows; ++l) {
     if (!rows[l]) continue;
@@ -189,7 +191,12 @@ void pack_tile(const MoeSpec& s, const PartPlan& part, const RawMatrix& src, int
     if (dst.zero_points)
       for (int64_t b = 0; b < g.nb; ++b)
         dst.zero_points[g.meta_offset(0, b, l)] = uint8_t(raw_zero_point(s, *src.zero_points, e, N, g.nb, n, b));
-    if (dst.bias) dst.bias[l] = load_as_float(s.act_dtype, src.bias->data(), e * N + n);
+    if (dst.bias) {  // through memcpy: the raw bias may be misaligned
+      const size_t es = dtype_size(s.act_dtype);
+      alignas(4) uint8_t tmp[4];
+      std::memcpy(tmp, static_cast<const uint8_t*>(src.bias->data()) + size_t(e * N + n) * es, es);
+      dst.bias[l] = load_as_float(s.act_dtype, tmp, 0);
+    }
   }
 }
 
