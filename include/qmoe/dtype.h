@@ -90,24 +90,39 @@ inline uint16_t float_to_half(float f) {
   return uint16_t(sign | (r >> 13));
 }
 
-// Reads element i of a float buffer of type t as fp32.
+// Reads element i of a float buffer of type t as fp32. Goes through memcpy so user buffers need no
+// particular alignment (a NumPy view or a file region may be offset by any byte count).
 inline float load_as_float(DType t, const void* p, int64_t i) {
+  const auto* b = static_cast<const unsigned char*>(p);
   switch (t) {
-    case DType::f32: return static_cast<const float*>(p)[i];
-    case DType::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::u8: return float(static_cast<const uint8_t*>(p)[i]);
+    case DType::f32: {
+      float v;
+      std::memcpy(&v, b + i * 4, 4);
+      return v;
+    }
+    case DType::f16:
+    case DType::bf16: {
+      uint16_t h;
+      std::memcpy(&h, b + i * 2, 2);
+      return t == DType::f16 ? half_to_float(h) : bf16_to_float(h);
+    }
+    case DType::u8: return float(b[i]);
   }
   return 0.f;
 }
 
-// Writes v, rounded once to type t, into element i of a float buffer.
+// Writes v, rounded once to type t, into element i of a float buffer (any alignment).
 inline void store_from_float(DType t, void* p, int64_t i, float v) {
+  auto* b = static_cast<unsigned char*>(p);
   switch (t) {
-    case DType::f32: static_cast<float*>(p)[i] = v; break;
-    case DType::f16: static_cast<uint16_t*>(p)[i] = float_to_half(v); break;
-    case DType::bf16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
-    case DType::u8: static_cast<uint8_t*>(p)[i] = uint8_t(v); break;
+    case DType::f32: std::memcpy(b + i * 4, &v, 4); break;
+    case DType::f16:
+    case DType::bf16: {
+      const uint16_t h = t == DType::f16 ? float_to_half(v) : float_to_bf16(v);
+      std::memcpy(b + i * 2, &h, 2);
+      break;
+    }
+    case DType::u8: b[i] = uint8_t(v); break;
   }
 }
 
