@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ONNX Runtime's CPU QMoE on the shapes and inputs of bench/cpu_bench.cpp: the peer for docs/PERF-cpu.md.
+"""ONNX Runtime's CPU QMoE on the shapes and inputs of bench/cpu_bench.cpp: the peer for docs/PERF.md.
 
 Builds one com.microsoft::QMoE node per (shape, quantization) with random raw weights (fp32 input and
 fp32 scales: ORT's CPU kernel wants T2 == T), swiglu_fusion = 1 (the only fusion ORT's CPU accepts),
