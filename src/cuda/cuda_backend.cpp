@@ -490,7 +490,6 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ra.route_e = ws_.route_e.as<int>();
   ra.route_w = ws_.route_w.as<float>();
   ra.counts = ws_.counts.as<int>();
-  cuda::launch_route(ra, st);
 
   cuda::GroupArgs ga;
   ga.E = int(s.num_experts);
@@ -501,7 +500,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ga.items = ws_.items.as<int4>();
   ga.n_items = ws_.n_items.as<int>();
   ga.sorted_slot = ws_.sorted.as<int>();
-  cuda::launch_group(ga, st);
+  cuda::launch_route_group(ra, ga, st);
 
   const void* x = in;
   int64_t x_ld = s.hidden;
@@ -542,6 +541,8 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.spans_per_split = p.geom.fc1.S;
   f1.kw = c.kw1;
   f1.tpw = c.tpw;
+  // One token: top-k picks distinct experts, so no expert (no work item) holds more than one slot.
+  f1.xr = (rows == 1 && c.nt == 1 && c.tpw == 1) ? 1 : 8;
   cuda::launch_fc1(f1, st);
 
   cuda::FcArgs f2 = f1;

@@ -1,11 +1,16 @@
 // The CUDA backend's kernels: prepack, routing, grouping, the two grouped mixed-input GEMMs, combine.
 //
-// A run is five launches (six with an input conversion): route -> group -> fc1 -> fc2 -> combine.
+// A run is five launches (six with an input conversion): route -> group -> fc1 -> fc2 -> combine;
+// four for T <= 64, where routing and grouping are one single-block kernel (route_group_kernel).
 // fc1 and fc2 are one templated weight-streaming kernel (fc_kernel): a warp owns one (or two) 16-row
 // tiles of one expert's packed matrix and streams them along K, one 16-byte cp.async per lane per
 // span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring that also holds the
 // span's activations (8 spans in flight at decode), dequantizes in registers (lop3/prmt magic
-// numbers) and runs mma.sync m16n8k16 with up to NT*8 tokens as the B operand. Split-K: inside a block
+// numbers; fp16 int4 folds the high-nibble shift into an fma with 1/16) and runs mma.sync m16n8k16
+// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the one token's
+// activations (640 instead of 1792 bytes for int4), so 7 blocks of 4 warps fit per SM instead of 3;
+// the loop keeps its copy addresses loop-carried (32-bit shared addresses, pointers advanced per
+// span), ~95 SASS instructions per 512-byte span instead of ~115. Split-K: inside a block
 // (kw warps per tile, summed in shared memory in a fixed order) and, for fc2, across blocks (summed by
 // the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
@@ -39,26 +44,41 @@ template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
 // warp's NT*8 token columns. A token row's span (SPAN values, 2 bytes each) is stored with a 32-byte
 // pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
 // puts the 16 lanes of each 64-bit access phase in distinct banks.
-template <int SB, int NT, int TPW> struct StageLayout {
+//
+// XR = 1 (one token per work item: decode, T = 1): the stage holds that token's span only, with its
+// 8-byte groups permuted so that lane t's B operands of all k-steps are contiguous (group 4j + t of
+// the span at byte 8 * (KSTEPS * t + j)); every lane reads them, so all 8 B columns carry the same
+// token and only column 0 is stored. The stage shrinks from 1792 to 640 bytes (4-bit), so ~2.3x as
+// many warps fit per SM.
+template <int SB, int NT, int TPW, int XR = 8> struct StageLayout {
   static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
   static constexpr int kTokenStride = kTokenBytes + 32;
   static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
   static constexpr int kXOffset = TPW * kSpanBytes;             // after the TPW weight vectors
-  static constexpr int kBytes = kXOffset + NT * 8 * kTokenStride;
+  static constexpr int kBytes = kXOffset + (XR == 1 ? kTokenBytes : NT * 8 * kTokenStride);
   static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
+  static_assert(XR == 8 || (XR == 1 && NT == 1 && TPW == 1), "one staged token row only at NT = TPW = 1");
 };
 
 // cp.async wrappers (PTX ISA "cp.async", sm_80+). Weights: .cg (bypass L1, read once).
 // Activations: .ca (re-read by the other warps of the SM); src-size 0 = zero fill.
 // (An .L2::cache_hint evict-first variant raised "illegal instruction" on the H100 here, so the
 // weights use plain .cg; see docs/PERF-cuda.md.)
-__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+// Destinations are shared-state-space addresses (32-bit; no generic -> shared conversion in the loop).
+__device__ __forceinline__ void cp_async16_stream_sa(uint32_t d, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, int src_bytes) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+__device__ __forceinline__ void cp_async16_zfill_sa(uint32_t d, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async8_sa(uint32_t d, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
+}
+// 16-byte shared load by state-space address ("memory": stays after the cp.async wait / __syncwarp).
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -211,15 +231,11 @@ __device__ float sparse_mixer_weight_dev(const RouteArgs& a, const float* lg, in
   return 1.0f / warp_sum(denom);
 }
 
-__global__ void route_kernel(RouteArgs a) {
-  extern __shared__ uint32_t route_smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
-  if (t >= a.T) return;
+// One warp routes token t. lg: E floats, mask: ceil(E/32) words of this warp's shared memory.
+// counts: per-expert counters (global for route_kernel, shared for route_group_kernel).
+__device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, float* lg, uint32_t* mask, int* counts) {
   const int E = a.E, words = (E + 31) >> 5;
-  // Per warp: the token's logits as fp32 (read from global once, coalesced) and the chosen mask.
-  float* lg = reinterpret_cast<float*>(route_smem) + size_t(warp) * (E + words);
-  uint32_t* mask = reinterpret_cast<uint32_t*>(lg + E);
+  __syncwarp();  // a warp routing several tokens reuses lg / mask
   for (int i = lane; i < words; i += 32) mask[i] = 0;
   for (int e = lane; e < E; e += 32) lg[e] = load_elt(a.logits, t * E + e, a.elt);
   __syncwarp();
@@ -280,25 +296,30 @@ __global__ void route_kernel(RouteArgs a) {
       for (int j = 0; j < a.k; ++j) s += rw[j];
       for (int j = 0; j < a.k; ++j) rw[j] /= s;
     }
-    for (int j = 0; j < a.k; ++j) atomicAdd(&a.counts[re[j]], 1);
+    for (int j = 0; j < a.k; ++j) atomicAdd(&counts[re[j]], 1);
   }
+}
+
+__global__ void route_kernel(RouteArgs a) {
+  extern __shared__ uint32_t route_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (t >= a.T) return;
+  // Per warp: the token's logits as fp32 (read from global once, coalesced) and the chosen mask.
+  float* lg = reinterpret_cast<float*>(route_smem) + size_t(warp) * (a.E + ((a.E + 31) >> 5));
+  route_token_dev(a, t, lane, lg, reinterpret_cast<uint32_t*>(lg + a.E), a.counts);
 }
 
 // ----------------------------------------------------------------------------------------------
 // grouping (one block): per-expert offsets, work items, slot order
 // ----------------------------------------------------------------------------------------------
 
-__global__ void group_kernel(GroupArgs a) {
-  extern __shared__ int gsm[];
+// The grouping proper, by one block; gsm[0..E) holds the per-expert counts on entry (3E ints).
+__device__ void group_body(const GroupArgs& a, int* gsm) {
   int* cnt = gsm;            // [E] counts, later cursors
   int* off = gsm + a.E;      // [E] first position
   int* ioff = gsm + 2 * a.E; // [E] first item
   const int E = a.E;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    cnt[e] = a.counts[e];
-    a.counts[e] = 0;  // ready for the next run (routing adds into it)
-  }
-  __syncthreads();
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     int run_p = 0, run_i = 0;
@@ -332,6 +353,34 @@ __global__ void group_kernel(GroupArgs a) {
   }
 }
 
+__global__ void group_kernel(GroupArgs a) {
+  extern __shared__ int gsm[];
+  for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
+    gsm[e] = a.counts[e];
+    a.counts[e] = 0;  // ready for the next run (routing adds into it)
+  }
+  __syncthreads();
+  group_body(a, gsm);
+}
+
+// Few tokens: routing and grouping in one block (one launch instead of two). The counts live in
+// shared memory, so the global counters are neither touched nor reset (they stay 0). Route results
+// written to global memory by one warp are read by others after __syncthreads (block-scope visibility).
+__global__ void route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) {
+  extern __shared__ int rgsm[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int E = ra.E, per_warp = E + ((E + 31) >> 5);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) rgsm[e] = 0;
+  __syncthreads();
+  if (warp < route_warps) {
+    float* lg = reinterpret_cast<float*>(rgsm + 3 * E) + size_t(warp) * per_warp;
+    for (int64_t t = warp; t < ra.T; t += route_warps)
+      route_token_dev(ra, t, lane, lg, reinterpret_cast<uint32_t*>(lg + E), rgsm);
+  }
+  __syncthreads();
+  group_body(ga, rgsm);
+}
+
 // ----------------------------------------------------------------------------------------------
 // input conversion
 // ----------------------------------------------------------------------------------------------
@@ -360,6 +409,18 @@ template <> struct CtTraits<__half> {
   // 1024 + q is exact in fp16 for q < 1024 (ulp 1 in [1024, 2048)); 0x6400 = 1024.0.
   static constexpr uint32_t kMagic4 = 0x64006400u;
   static __device__ __forceinline__ uint32_t zero_pair4(int z) { return (0x6400u + z) * 0x10001u; }
+  // For the high nibble of a byte: (w & 0x00f000f0) | magic = 1024 + 16q; times 1/16 (0x2c00) = 64 + q,
+  // plus -(64 + z) -> q - z, all exact, in one fma.
+  static constexpr uint32_t kSixteenth = 0x2c002c00u;
+  static constexpr bool kHiFma = true;  // fp16 has 10 mantissa bits: bits 4..7 stay in the mantissa
+  static __device__ __forceinline__ uint32_t zero_pair4_hi(int z) {
+    return uint32_t(__half_as_ushort(__float2half_rn(-64.f - float(z)))) * 0x10001u;
+  }
+  static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
@@ -377,6 +438,9 @@ template <> struct CtTraits<__nv_bfloat16> {
   // 128 + q is exact in bf16 for q < 128 (ulp 1 in [128, 256)); 0x4300 = 128.0.
   static constexpr uint32_t kMagic4 = 0x43004300u;
   static __device__ __forceinline__ uint32_t zero_pair4(int z) { return (0x4300u + z) * 0x10001u; }
+  // No high-nibble fma here: bf16 has 7 mantissa bits, so bits 4..7 of a half would reach the
+  // exponent (measured: every bf16 int4 test failed with it). bf16 shifts each nibble down instead.
+  static constexpr bool kHiFma = false;
   static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
     __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
@@ -393,11 +457,13 @@ template <> struct CtTraits<__nv_bfloat16> {
 
 // Zero point of a tile row in the form the dequantizer subtracts.
 template <class CT, int SB> struct ZeroRep {
-  uint32_t zg, zg8;   // packed pairs (magic + z) for 4-bit or 8-bit fp16
+  uint32_t zg, zg8;   // packed pairs (magic + z) for 4-bit or 8-bit fp16; 4-bit fp16: zg8 = -(64 + z1)
   float fg, fg8;      // 2^23 + z for 8-bit bf16
   __device__ __forceinline__ void set(int z0, int z1) {
     if constexpr (SB == 4) {
-      zg = CtTraits<CT>::zero_pair4(z0), zg8 = CtTraits<CT>::zero_pair4(z1);
+      zg = CtTraits<CT>::zero_pair4(z0);
+      if constexpr (CtTraits<CT>::kHiFma) zg8 = CtTraits<CT>::zero_pair4_hi(z1);
+      else zg8 = CtTraits<CT>::zero_pair4(z1);
     } else if constexpr (std::is_same_v<CT, __half>) {
       zg = (0x6400u + z0) * 0x10001u, zg8 = (0x6400u + z1) * 0x10001u;
     } else {
@@ -411,12 +477,20 @@ template <class CT, int SB>
 __device__ __forceinline__ void dequant(const uint4& v, int j, const ZeroRep<CT, SB>& z, uint32_t (&a)[4]) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
   if constexpr (SB == 4) {
-    const uint32_t q = w[j];
+    const uint32_t q = w[j], q8 = q >> 8;
     const uint32_t m = CtTraits<CT>::kMagic4;
     a[0] = CtTraits<CT>::sub2(lop3_and_or(q, 0x000f000fu, m), z.zg);
-    a[1] = CtTraits<CT>::sub2(lop3_and_or(q >> 4, 0x000f000fu, m), z.zg8);
-    a[2] = CtTraits<CT>::sub2(lop3_and_or(q >> 8, 0x000f000fu, m), z.zg);
-    a[3] = CtTraits<CT>::sub2(lop3_and_or(q >> 12, 0x000f000fu, m), z.zg8);
+    a[2] = CtTraits<CT>::sub2(lop3_and_or(q8, 0x000f000fu, m), z.zg);
+    if constexpr (CtTraits<CT>::kHiFma) {
+      // fp16: high nibbles (rows g+8: a1, a3) as 1024 + 16q through one fma with 1/16, so one
+      // shift per 8 weights instead of three.
+      const uint32_t h = CtTraits<CT>::kSixteenth;
+      a[1] = CtTraits<CT>::fma2(lop3_and_or(q, 0x00f000f0u, m), h, z.zg8);
+      a[3] = CtTraits<CT>::fma2(lop3_and_or(q8, 0x00f000f0u, m), h, z.zg8);
+    } else {
+      a[1] = CtTraits<CT>::sub2(lop3_and_or(q >> 4, 0x000f000fu, m), z.zg8);
+      a[3] = CtTraits<CT>::sub2(lop3_and_or(q >> 12, 0x000f000fu, m), z.zg8);
+    }
   } else if constexpr (std::is_same_v<CT, __half>) {
     // PRMT (PTX ISA "prmt"): bytes of {0x64646464, w}; selector 0x4140 -> [w.b0, 0x64, w.b1, 0x64].
     const uint32_t q0 = w[2 * j], q1 = w[2 * j + 1];
@@ -487,8 +561,10 @@ __device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const ui
   return p;
 }
 
-template <class CT, int SB, int NT, bool FC1, int TPW>
-__global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
+// XR: token rows staged per n-tile (8, or 1 when every work item holds one token; see StageLayout).
+// At XR = 1 the block is small enough for 7 per SM; the bound keeps registers from undoing that.
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR>
+__global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
   constexpr int STAGES = kStages<NT>;  // spans in flight per warp
@@ -511,7 +587,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   const CT* xrow[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const int idx = nt * 8 + g;
+    const int idx = XR == 1 ? 0 : nt * 8 + g;  // XR = 1: every lane stages / reads token 0
     xrow[nt] = nullptr;
     if (idx < cnt) {
       const int pos = p0 + idx;
@@ -520,10 +596,12 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
     }
   }
 
-  int64_t s_begin = int64_t(blockIdx.z) * a.spans_per_split;
-  int64_t s_end = min(G.S, s_begin + a.spans_per_split);
+  // Span indices fit 32 bits (K < 2^31 / 64 is far beyond any layer); 32-bit loop state keeps the
+  // decode loop's address arithmetic and register count down.
+  int s_begin = int(blockIdx.z * a.spans_per_split);
+  int s_end = int(min(G.S, int64_t(s_begin) + a.spans_per_split));
   {
-    const int64_t per = (s_end - s_begin + KW - 1) / KW;
+    const int per = (s_end - s_begin + KW - 1) / KW;
     s_begin = min(s_end, s_begin + kq * per);
     s_end = min(s_end, s_begin + per);
   }
@@ -555,13 +633,13 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
   uint8_t* ssm = fc_smem + warp * a.smem_per_warp;  // TPW x kScaleBytes, then the ring
   uint8_t* ring = ssm + TPW * kScaleBytes;          // STAGES x StageLayout<SB, NT>::kBytes
-  int64_t chunk0 = -1;  // first block held in shared memory
-  int64_t ks = s_begin * KSTEPS;  // global k-step
-  int64_t blk = ks / G.kpb;
+  int chunk0 = -1;  // first block held in shared memory
+  const int64_t ks = int64_t(s_begin) * KSTEPS;  // global k-step
+  int blk = int(ks / G.kpb);
   int kc = int(ks % G.kpb);
   ZeroRep<CT, SB> zr[TPW];
   float sc0[TPW], sc1[TPW];
-  auto load_block = [&](int64_t b) {
+  auto load_block = [&](int b) {
     const bool refill = b >= chunk0 + kScaleChunk || chunk0 < 0;
     if (refill) chunk0 = b;
 #pragma unroll
@@ -569,7 +647,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
       uint8_t* us = ssm + u * kScaleBytes;
       uint8_t* uz = us + kScaleChunk * kTileRows * 4;
       if (refill)
-        fill_scales(us, uz, a.s, a.z, sbase[u] + b * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
+        fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
       const BlockParams bp = block_params(us, uz, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
                                           a.zdefault);
       sc0[u] = bp.s0, sc1[u] = bp.s1;
@@ -593,29 +671,55 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
   // misses), rolled they need register moves that wait on the newest load (one load in flight).
   // Shared memory is indexed at run time, so the loop stays rolled and small.
-  using SL = StageLayout<SB, NT, TPW>;
+  using SL = StageLayout<SB, NT, TPW, XR>;
   const uint8_t* xsrc[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xsrc[nt] = reinterpret_cast<const uint8_t*>(xrow[nt]);
-  auto issue = [&](int64_t s) {
+  // Loop-carried copy state: source pointers advance by one span per issue, the stage address
+  // cycles through the ring (span s_begin + i uses stage i % STAGES). Being loop-carried, these stay
+  // in registers instead of being recomputed from the kernel parameters every span (ptxas did that
+  // under the XR = 1 register bound). Shared addresses are 32-bit state-space addresses.
+  const uint32_t ring_sa = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint32_t ring_end = ring_sa + STAGES * SL::kBytes;
+  const uint8_t* wnext[TPW];
+#pragma unroll
+  for (int u = 0; u < TPW; ++u) wnext[u] = reinterpret_cast<const uint8_t*>(wp[u] + int64_t(s_begin) * kLanes);
+  // XR = 1: 8-byte group b = lane = 4j + t' of the token's span -> byte 8 * (KSTEPS * t' + j); xsrc[0]
+  // is never null there (an item holds >= 1 token).
+  const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
+  const uint32_t wdst = lane * 16, xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
+  const uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;  // XR = 1: where lane t's B operands start
+  uint32_t st_w = ring_sa;  // stage of the next span to issue
+  auto issue = [&](int s) {
     if (s < s_end) {
-      uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
+      [[maybe_unused]] const uint32_t su = uint32_t(s);
+      const uint32_t st = st_w;
 #pragma unroll
-      for (int u = 0; u < TPW; ++u) cp_async16_stream(st + u * kSpanBytes + lane * 16, wp[u] + s * kLanes);
+      for (int u = 0; u < TPW; ++u) cp_async16_stream_sa(st + u * kSpanBytes + wdst, wnext[u]);
+      if constexpr (XR == 1) {
+        if (lane < 4 * KSTEPS) cp_async8_sa(st + xdst1, xnext);
+      } else {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int c = 0; c < SL::kChunksPerLane; ++c) {
-          const int chunk = t * SL::kChunksPerLane + c;
-          const uint8_t* src = xsrc[nt] ? xsrc[nt] + s * SL::kTokenBytes + chunk * 16 : static_cast<const uint8_t*>(a.x);
-          cp_async16_zfill(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
-        }
+          for (int c = 0; c < SL::kChunksPerLane; ++c) {
+            const int chunk = t * SL::kChunksPerLane + c;
+            const uint8_t* src = xsrc[nt] ? xsrc[nt] + size_t(su) * SL::kTokenBytes + chunk * 16
+                                          : static_cast<const uint8_t*>(a.x);
+            cp_async16_zfill_sa(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
+          }
+      }
     }
     cp_async_commit();  // always, so group counting stays uniform at the tail
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) wnext[u] += kSpanBytes;
+    if constexpr (XR == 1) xnext += SL::kTokenBytes;
+    st_w = st_w + SL::kBytes == ring_end ? ring_sa : st_w + SL::kBytes;
   };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
   if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
+  uint32_t st_r = 0;  // byte offset in the ring of the stage of the span being computed
 
   // Three compile-time variants so scale-block boundaries cost no per-k-step test:
   //   KB = 0: blocks hold whole spans (kpb % KSTEPS == 0): one boundary test per span;
@@ -623,21 +727,32 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   auto main_loop = [&](auto kb_tag) {
     constexpr int KB = decltype(kb_tag)::value;
 #pragma unroll 1
-    for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int s = s_begin; s < s_end; ++s) {
       cp_async_wait<STAGES - 2>();  // this thread's copies of span s have landed
       __syncwarp();                 // ... and every lane's (x chunks are read by other lanes)
       issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
-      const uint8_t* st = ring + (s & (STAGES - 1)) * SL::kBytes;
+      [[maybe_unused]] const uint8_t* st = ring + st_r;
+      const uint32_t st_sa = ring_sa + st_r;
+      st_r = st_r + SL::kBytes == STAGES * SL::kBytes ? 0 : st_r + SL::kBytes;
       uint4 v[TPW];
 #pragma unroll
-      for (int u = 0; u < TPW; ++u) v[u] = *reinterpret_cast<const uint4*>(st + u * kSpanBytes + lane * 16);
+      for (int u = 0; u < TPW; ++u) v[u] = lds128(st_sa + u * kSpanBytes + wdst);
       uint2 bx[NT][KSTEPS];
+      if constexpr (XR == 1) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int j = 0; j < KSTEPS; j += 2) {
+          const uint4 v2 = lds128(st_sa + xrd1 + 8 * j);
+          bx[0][j] = make_uint2(v2.x, v2.y);
+          bx[0][j + 1] = make_uint2(v2.z, v2.w);
+        }
+      } else {
 #pragma unroll
-        for (int j = 0; j < KSTEPS; ++j)
-          bx[nt][j] = *reinterpret_cast<const uint2*>(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride +
-                                                      (16 * j + 4 * t) * 2);
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < KSTEPS; ++j)
+            bx[nt][j] = *reinterpret_cast<const uint2*>(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride +
+                                                        (16 * j + 4 * t) * 2);
+      }
 #pragma unroll
       for (int j = 0; j < KSTEPS; ++j) {
 #pragma unroll
@@ -679,13 +794,22 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   if (kc != 0) flush();
 
   if (KW > 1) {
-    __shared__ float red[kWarps][TPW * NT * 4][32];
+    // Each warp's partial sums go to the start of its own ring, idle now (its copies have landed:
+    // cp_async_wait<0> above; __syncwarp: all its lanes are done reading). No static shared array,
+    // so that 7 blocks of the XR = 1 variant fit an SM's shared memory.
+    constexpr int kRed = TPW * NT * 4 * 32;  // floats per warp
+    static_assert(kRed * 4 <= kStages<NT> * SL::kBytes, "the ring holds the split-K partial sums");
+    auto red = [&](int w) {
+      return reinterpret_cast<float*>(fc_smem + w * a.smem_per_warp + TPW * kScaleBytes);
+    };
+    __syncwarp();
+    float* mine = red(warp);
 #pragma unroll
     for (int u = 0; u < TPW; ++u)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) red[warp][(u * NT + nt) * 4 + r][lane] = acc[u][nt][r];
+        for (int r = 0; r < 4; ++r) mine[((u * NT + nt) * 4 + r) * 32 + lane] = acc[u][nt][r];
     __syncthreads();
     if (kq != 0) return;
 #pragma unroll
@@ -695,7 +819,7 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           float v = acc[u][nt][r];
-          for (int q = 1; q < KW; ++q) v += red[warp + q][(u * NT + nt) * 4 + r][lane];  // fixed order
+          for (int q = 1; q < KW; ++q) v += red(warp + q)[((u * NT + nt) * 4 + r) * 32 + lane];  // fixed order
           acc[u][nt][r] = v;
         }
   }
@@ -761,26 +885,33 @@ __global__ void __launch_bounds__(kWarps * 32) fc_kernel(const FcArgs a) {
   }
 }
 
-template <int SB, int NT, int TPW> constexpr int fc_smem_per_warp() {
-  return TPW * kScaleBytes + kStages<NT> * StageLayout<SB, NT, TPW>::kBytes;
+template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_per_warp() {
+  return TPW * kScaleBytes + kStages<NT> * StageLayout<SB, NT, TPW, XR>::kBytes;
 }
 
-template <class CT, int SB, int NT, bool FC1, int TPW>
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
-  b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW>();
-  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 58..100 KB: needs the opt-in above 48 KB
-  fc_kernel<CT, SB, NT, FC1, TPW><<<grid, kWarps * 32, smem, st>>>(b);
+  b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
+  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 29..100 KB: needs the opt-in above 48 KB
+  fc_kernel<CT, SB, NT, FC1, TPW, XR><<<grid, kWarps * 32, smem, st>>>(b);
 }
 
-template <class CT, int SB, int NT, bool FC1, int TPW>
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 cudaError_t set_smem_attr() {
-  return cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              kWarps * fc_smem_per_warp<SB, NT, TPW>());
+  cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
+  // All FC kernels are bounded by shared memory (XR = 1: 7 blocks of ~30 KB); ask for the largest
+  // shared-memory carveout so the occupancy does not depend on the driver's default choice.
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             int(cudaSharedmemCarveoutMaxShared));
+  return e;
 }
 template <class CT, int SB, bool FC1>
 cudaError_t set_smem_attrs_nt() {
-  cudaError_t e = set_smem_attr<CT, SB, 1, FC1, 1>();
+  cudaError_t e = set_smem_attr<CT, SB, 1, FC1, 1, 1>();
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 1>();
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 2>();
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 1>();
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 1>();
@@ -796,6 +927,7 @@ void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
   switch (a.nt) {
     case 1:
       if (tpw == 2) launch_fc_one<CT, SB, 1, FC1, 2>(a, grid, st);
+      else if (a.xr == 1) launch_fc_one<CT, SB, 1, FC1, 1, 1>(a, grid, st);
       else launch_fc_one<CT, SB, 1, FC1, 1>(a, grid, st);
       break;
     case 2: launch_fc_one<CT, SB, 2, FC1, 1>(a, grid, st); break;
@@ -869,6 +1001,18 @@ void launch_route(const RouteArgs& a, cudaStream_t st) {
 
 void launch_group(const GroupArgs& a, cudaStream_t st) {
   group_kernel<<<1, 1024, size_t(3) * a.E * sizeof(int), st>>>(a);
+}
+
+void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st) {
+  if (ra.T == 0) return;
+  const int route_warps = int(std::min<int64_t>(32, ra.T));
+  const size_t smem = (size_t(3) * ra.E + size_t(route_warps) * (size_t(ra.E) + (ra.E + 31) / 32)) * 4;
+  if (ra.T > 64 || smem > 48 * 1024) {
+    launch_route(ra, st);
+    launch_group(ga, st);
+    return;
+  }
+  route_group_kernel<<<1, 1024, smem, st>>>(ra, ga, route_warps);
 }
 
 void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,

@@ -64,6 +64,9 @@ struct GroupArgs {
   int* sorted_slot = nullptr; // [slots]: position -> slot (t*k + j), grouped by expert
 };
 void launch_group(const GroupArgs& a, cudaStream_t st);
+// Both: for T <= 64 (and small enough E) one single-block kernel, else launch_route + launch_group.
+// ra.counts must be zero on entry either way and is zero afterwards.
+void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st);
 
 // ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type, zero padded ----
 void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, int64_t T, int64_t H,
@@ -106,6 +109,8 @@ struct FcArgs {
   int tpw = 1;                 // 16-row tiles per warp (2 only with nt = 1): they share the activation
                                // stage, halving per-span overhead, but fewer warps fit (measured on
                                // H100: faster at 2+ tokens per expert, slower at 1)
+  int xr = 8;                  // token rows staged per n-tile: 1 only when no work item holds more than
+                               // one token (T = 1; needs nt = 1, tpw = 1), else 8
   int smem_per_warp = 0;       // set by the launcher
 };
 // Once per device, before any launch or capture: sets the FC kernels' shared-memory limits.

@@ -2,7 +2,7 @@
 //
 // Built only with QMOE_CUDA=ON, as its own executable (qmoe_cuda_tests). Exits 0 with a message when
 // no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N]
-//   --quick   the first 8 configurations (for compute-sanitizer runs)
+//   --quick   the first 12 configurations (for compute-sanitizer runs)
 //
 // What it checks, per configuration (seeded; a failure prints seed, spec, first bad index, values):
 //  * layout: every code of the packed fc1/fc2 blobs decoded with element_of() (the layout header's
@@ -265,6 +265,29 @@ std::vector<Case> all_cases() {
     c.spec.activation_beta = 1.f, c.spec.fc1_bias = c.spec.fc2_bias = true, c.T = 3;
     cs.push_back(c);
   }
+  // Decode (T = 1): the one-token FC variant (XR = 1) at every scale-block loop shape (bs 32: two
+  // blocks per int4 span; 8-bit row-wise; bs 16: one per k-step), with zero points.
+  {
+    Case c = base(8, 2, 256, 192, 4, 32, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::interleaved, c.spec.swiglu_limit = 7.f, c.spec.activation_alpha = 1.702f;
+    c.spec.activation_beta = 1.f, c.spec.fc1_zero_points = true, c.spec.fc2_bias = true, c.T = 1;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(16, 4, 128, 96, 8, 0, Activation::gelu, DType::f16);
+    c.spec.fc2_bias = true, c.spec.fc2_zero_points = true, c.T = 1;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(4, 1, 64, 64, 4, 16, Activation::silu, DType::f16);
+    c.spec.fc2_zero_points = true, c.T = 1;
+    cs.push_back(c);
+  }
+  {  // K long enough for in-block split-K (kw = 2 in fc1 and fc2: partial sums through the rings)
+    Case c = base(4, 2, 1024, 768, 4, 128, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 1;
+    cs.push_back(c);
+  }
   {
     Case c = base(4, 2, 130, 72, 8, 0, Activation::swiglu, DType::bf16);
     c.spec.swiglu_fusion = SwigluFusion::separate, c.spec.fc1_zero_points = true, c.spec.fc3_bias = true, c.T = 17;
@@ -420,7 +443,7 @@ int main(int argc, char** argv) {
   const auto cases = all_cases();
   int fails = 0, runs = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
-    if (quick && i >= 8) break;
+    if (quick && i >= 12) break;
     if (only >= 0 && int(i) != only) continue;
     ++runs;
     try {
