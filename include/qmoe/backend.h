@@ -52,6 +52,13 @@ class PackedExperts {
   MoeSpec spec_;
 };
 
+// The raw layout as packed-file blobs ("fc1.weights", "fc1.scales", "fc1.zero_points", "fc1.bias",
+// likewise fc2 and fc3), for every backend whose packed form keeps the raw bytes.
+std::vector<NamedTensor> raw_to_blobs(const RawExperts& raw);
+// The inverse: checks each blob's dtype and shape under its blob name, refuses missing and unexpected
+// blobs (naming `layout`), then validate_raw against the spec.
+RawExperts raw_from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs, std::string_view layout);
+
 // Throws qmoe::Error "<who>: weights are in layout X, expected Y" unless the tags match.
 void require_layout(const PackedExperts& packed, const LayoutTag& expected, std::string_view who);
 

@@ -9,6 +9,12 @@
 
 namespace qmoe {
 
+// The contract's scalar activations (§4.3): every backend's CPU-side epilogue calls these, so equal
+// FC1 outputs give bitwise equal activations. `activation_scalar` takes any non-SwiGLU activation;
+// `swiglu_scalar` takes gate g and linear half u (biases added) with the spec's limit/alpha/beta.
+float activation_scalar(Activation a, float v);
+float swiglu_scalar(const MoeSpec& spec, float g, float u);
+
 // Applies the spec's activation to an FC1 output row `h` (fc1_rows() values, bias added), writing
 // I values to `a`. For SwiGLU with fc3, `h` holds the gate and `h3` the linear half (else null).
 void apply_activation(const MoeSpec& spec, const float* h, const float* h3, float* a);

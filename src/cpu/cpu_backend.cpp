@@ -19,6 +19,7 @@
 #include "cpu/thread_pool.h"
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
+#include "qmoe/reference.h"
 #include "qmoe/routing.h"
 
 namespace qmoe {
@@ -59,19 +60,7 @@ class CpuRawExperts final : public PackedExperts {
  public:
   CpuRawExperts(const MoeSpec& spec, RawExperts raw) : PackedExperts(raw_path_tag(), spec), raw_(std::move(raw)), plan_(make_plan(spec)) {}
   size_t resident_bytes() const override { return raw_.nbytes(); }
-  std::vector<NamedTensor> to_blobs() const override {
-    std::vector<NamedTensor> out;
-    auto add = [&](const std::string& p, const RawMatrix& m) {
-      out.push_back({p + ".weights", m.weights});
-      out.push_back({p + ".scales", m.scales});
-      if (m.zero_points) out.push_back({p + ".zero_points", *m.zero_points});
-      if (m.bias) out.push_back({p + ".bias", *m.bias});
-    };
-    add("fc1", raw_.fc1);
-    add("fc2", raw_.fc2);
-    if (raw_.fc3) add("fc3", *raw_.fc3);
-    return out;
-  }
+  std::vector<NamedTensor> to_blobs() const override { return raw_to_blobs(raw_); }
   const RawExperts& raw() const { return raw_; }
   const LayerPlan& plan() const { return plan_; }
 
@@ -124,21 +113,6 @@ struct RawSource {
     return {d.codes, d.scales, d.zero_points, d.bias};
   }
 };
-
-float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
-// The contract's activations, written exactly as the reference writes them (same fp32 operations, no
-// contraction in this translation unit), so equal FC1 outputs give equal activations.
-float act_scalar(Activation a, float v) {
-  switch (a) {
-    case Activation::relu: return std::max(0.0f, v);
-    case Activation::silu: return v * sigmoid(v);
-    case Activation::gelu: return 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
-    case Activation::identity: return v;
-    case Activation::swiglu: break;
-  }
-  throw Error("cpu backend: act_scalar: swiglu needs two inputs");
-}
 
 // One input row to fp32. Through memcpy, because user buffers need not be aligned to their element
 // type (a misaligned float* load is undefined behaviour; numpy slices can be misaligned).
@@ -274,9 +248,7 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
               float gv = h[l], uv = h[kTileRows + l];
               if (ta.bias) gv += ta.bias[l];
               if (tb.bias) uv += tb.bias[l];
-              gv = std::min(gv, s.swiglu_limit);
-              uv = std::clamp(uv, -s.swiglu_limit, s.swiglu_limit);
-              a[r] = gv * sigmoid(s.activation_alpha * gv) * (uv + s.activation_beta);
+              a[r] = swiglu_scalar(s, gv, uv);
             }
           } else {
             for (int l = 0; l < kPairRows; ++l) {
@@ -285,7 +257,7 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
               const TileRef& tr = l < kTileRows ? ta : tb;
               float v = h[l];
               if (tr.bias) v += tr.bias[l % kTileRows];
-              a[r] = act_scalar(s.activation, v);
+              a[r] = activation_scalar(s.activation, v);
             }
           }
         }
@@ -359,46 +331,7 @@ class CpuBackend final : public Backend {
   std::unique_ptr<PackedExperts> from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) override {
     spec.validate();
     if (opt_.prepack) return packed_from_blobs(spec, blobs);
-    RawExperts raw;
-    std::vector<bool> used(blobs.size(), false);
-    auto find = [&](const std::string& name) -> std::optional<Tensor> {
-      for (size_t i = 0; i < blobs.size(); ++i)
-        if (blobs[i].name == name) {
-          used[i] = true;
-          return blobs[i].tensor;
-        }
-      return std::nullopt;
-    };
-    // Each blob's dtype and shape (hence size) is checked here under its blob name; validate_raw
-    // below then checks presence against the spec's zero-point and bias flags.
-    auto check = [&](const std::string& name, const Tensor& t, DType dt, Shape shape) {
-      Shape alt = shape;
-      alt.push_back(1);  // row-wise scales may be [E, N, 1]
-      const bool alt_ok = name.ends_with(".scales") && !spec.block_wise() && t.shape() == alt;
-      if (t.dtype() != dt || (t.shape() != shape && !alt_ok))
-        throw Error("packed file: blob " + name + ": expected " + std::string(dtype_name(dt)) + " " + shape_str(shape) +
-                    ", got " + std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()));
-    };
-    auto matrix = [&](const std::string& p, Fc fc) {
-      RawMatrix m;
-      auto w = find(p + ".weights"), sc = find(p + ".scales");
-      if (!w || !sc) throw Error("packed file: blob " + p + (w ? ".scales" : ".weights") + " is missing");
-      check(p + ".weights", *w, DType::u8, raw_weight_shape(spec, fc));
-      check(p + ".scales", *sc, spec.scale_dtype, raw_scale_shape(spec, fc));
-      m.weights = *w;
-      m.scales = *sc;
-      m.zero_points = find(p + ".zero_points");
-      m.bias = find(p + ".bias");
-      if (m.zero_points) check(p + ".zero_points", *m.zero_points, DType::u8, raw_zero_point_shape(spec, fc));
-      if (m.bias) check(p + ".bias", *m.bias, spec.act_dtype, raw_bias_shape(spec, fc));
-      return m;
-    };
-    raw.fc1 = matrix("fc1", Fc::fc1);
-    raw.fc2 = matrix("fc2", Fc::fc2);
-    if (spec.has_fc3()) raw.fc3 = matrix("fc3", Fc::fc3);
-    for (size_t i = 0; i < blobs.size(); ++i)
-      if (!used[i]) throw Error("packed file: unexpected blob " + blobs[i].name + " for layout cpu-raw");
-    validate_raw(spec, raw);  // every shape and dtype against the spec
+    RawExperts raw = raw_from_blobs(spec, std::move(blobs), raw_path_tag().name);
     return std::make_unique<CpuRawExperts>(spec, std::move(raw));
   }
 

@@ -16,7 +16,9 @@ namespace {
 
 float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-float act_scalar(Activation a, float v) {
+}  // namespace
+
+float activation_scalar(Activation a, float v) {
   switch (a) {
     case Activation::relu: return std::max(0.0f, v);
     case Activation::silu: return v * sigmoid(v);
@@ -24,8 +26,16 @@ float act_scalar(Activation a, float v) {
     case Activation::identity: return v;
     case Activation::swiglu: break;
   }
-  throw Error("act_scalar: swiglu needs two inputs");
+  throw Error("activation_scalar: swiglu needs two inputs (use swiglu_scalar)");
 }
+
+float swiglu_scalar(const MoeSpec& s, float g, float u) {
+  g = std::min(g, s.swiglu_limit);
+  u = std::clamp(u, -s.swiglu_limit, s.swiglu_limit);
+  return g * sigmoid(s.activation_alpha * g) * (u + s.activation_beta);
+}
+
+namespace {
 
 // Zero point of (row n, block b) of expert e; the default midpoint when the matrix has none.
 int zero_point(const MoeSpec& s, const RawMatrix& m, int64_t e, int64_t N, int64_t nb, int64_t n, int64_t b) {
@@ -49,7 +59,7 @@ int zero_point(const MoeSpec& s, const RawMatrix& m, int64_t e, int64_t N, int64
 void apply_activation(const MoeSpec& s, const float* h, const float* h3, float* a) {
   const int64_t I = s.inter;
   if (!s.is_swiglu()) {
-    for (int64_t i = 0; i < I; ++i) a[i] = act_scalar(s.activation, h[i]);
+    for (int64_t i = 0; i < I; ++i) a[i] = activation_scalar(s.activation, h[i]);
     return;
   }
   for (int64_t i = 0; i < I; ++i) {
@@ -60,9 +70,7 @@ void apply_activation(const MoeSpec& s, const float* h, const float* h3, float* 
       case SwigluFusion::concatenated: g = h[i], u = h[I + i]; break;
       default: throw Error("swiglu_fusion: unknown value");
     }
-    g = std::min(g, s.swiglu_limit);
-    u = std::clamp(u, -s.swiglu_limit, s.swiglu_limit);
-    a[i] = g * sigmoid(s.activation_alpha * g) * (u + s.activation_beta);
+    a[i] = swiglu_scalar(s, g, u);
   }
 }
 

@@ -17,19 +17,7 @@ class RawPacked final : public PackedExperts {
   size_t resident_bytes() const override { return raw_.nbytes(); }
   const RawExperts& raw() const { return raw_; }
 
-  std::vector<NamedTensor> to_blobs() const override {
-    std::vector<NamedTensor> out;
-    auto add = [&](const std::string& p, const RawMatrix& m) {
-      out.push_back({p + ".weights", m.weights});
-      out.push_back({p + ".scales", m.scales});
-      if (m.zero_points) out.push_back({p + ".zero_points", *m.zero_points});
-      if (m.bias) out.push_back({p + ".bias", *m.bias});
-    };
-    add("fc1", raw_.fc1);
-    add("fc2", raw_.fc2);
-    if (raw_.fc3) add("fc3", *raw_.fc3);
-    return out;
-  }
+  std::vector<NamedTensor> to_blobs() const override { return raw_to_blobs(raw_); }
 
  private:
   RawExperts raw_;
@@ -48,26 +36,8 @@ class ReferenceBackend final : public Backend {
   LayoutTag layout_for(const MoeSpec&) const override { return kRawTag; }
 
   std::unique_ptr<PackedExperts> from_blobs(const MoeSpec& spec, std::vector<NamedTensor> blobs) override {
-    RawExperts raw;
-    auto find = [&](const std::string& name) -> std::optional<Tensor> {
-      for (auto& b : blobs)
-        if (b.name == name) return b.tensor;
-      return std::nullopt;
-    };
-    auto matrix = [&](const std::string& p) {
-      RawMatrix m;
-      auto w = find(p + ".weights"), s = find(p + ".scales");
-      if (!w || !s) throw Error("packed file: blob " + p + (w ? ".scales" : ".weights") + " is missing");
-      m.weights = *w;
-      m.scales = *s;
-      m.zero_points = find(p + ".zero_points");
-      m.bias = find(p + ".bias");
-      return m;
-    };
-    raw.fc1 = matrix("fc1");
-    raw.fc2 = matrix("fc2");
-    if (spec.has_fc3()) raw.fc3 = matrix("fc3");
-    return prepack(spec, std::move(raw));  // validates every shape against the spec
+    spec.validate();
+    return std::make_unique<RawPacked>(spec, raw_from_blobs(spec, std::move(blobs), kRawTag.name));
   }
 
   void run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) override {
