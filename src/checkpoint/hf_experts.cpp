@@ -15,10 +15,10 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "qmoe/checkpoint.h"
 #include "qmoe/error.h"
+#include "core/str_builder.h"
 
 namespace qmoe {
 
@@ -343,7 +343,7 @@ const char* naming_name(ExpertNaming n) {
 }
 
 std::string fmt_float(double v) {
-  std::ostringstream os;
+  StrBuilder os;
   os.precision(9);
   os << v;
   return os.str();
@@ -649,7 +649,7 @@ Tensor CheckpointLayer::router_bias() const {
 }
 
 std::string CheckpointLayer::summary() const {
-  std::ostringstream os;
+  StrBuilder os;
   os << family << " layer " << layer << ": E=" << num_experts << " H=" << hidden << " I=" << inter << " "
      << source_dtype << " (" << naming_name(naming) << ")";
   if (k) os << " k=" << *k;

@@ -1,9 +1,9 @@
 #include "qmoe/spec.h"
 
 #include <cmath>
-#include <sstream>
 
 #include "qmoe/error.h"
+#include "core/str_builder.h"
 
 namespace qmoe {
 
@@ -29,7 +29,7 @@ Activation parse_activation(std::string_view name) {
 namespace {
 template <class T>
 [[noreturn]] void bad(const char* field, const std::string& expected, T actual) {
-  std::ostringstream os;
+  StrBuilder os;
   os << field << ": expected " << expected << ", got " << actual;
   throw Error(os.str());
 }
@@ -83,7 +83,7 @@ void MoeSpec::validate() const {
 }
 
 std::string MoeSpec::to_string() const {
-  std::ostringstream os;
+  StrBuilder os;
   os << "E=" << num_experts << " k=" << k << " H=" << hidden << " I=" << inter << " int" << bits;
   if (block_wise())
     os << " block=" << block_size;

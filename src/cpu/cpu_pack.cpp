@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 
 #include <emmintrin.h>  // SSE2: part of the x86-64 baseline, no extra flags needed
 
 #include "cpu/cpu_layout.h"
 #include "cpu/thread_pool.h"
 #include "qmoe/error.h"
+#include "core/str_builder.h"
 
 namespace qmoe::cpu {
 
@@ -368,7 +368,7 @@ RawExperts unpack_experts(const CpuPackedExperts& packed) {
 std::string dump_layout(const MatGeom& g, int64_t row, int64_t col, int64_t block_size) {
   const int64_t t = row / kTileRows, l = row % kTileRows, j = col / g.pack(), p = col % g.pack();
   const int64_t b = block_size > 0 ? col / block_size : 0;
-  std::ostringstream os;
+  StrBuilder os;
   os << "cpu-t16-w" << g.bits << ": " << part_name(g.part) << " row " << row << " col " << col << " -> codes[e][" << t
      << "][" << j << "][" << l << "] bits " << p * g.bits << ".." << (p + 1) * g.bits - 1 << ", scale[e][" << t << "]["
      << b << "][" << l << "]";

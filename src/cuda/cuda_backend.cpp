@@ -8,13 +8,13 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
-#include <sstream>
 
 #include "cuda_kernels.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
 #include "qmoe/routing.h"
+#include "core/str_builder.h"
 
 namespace qmoe {
 
@@ -164,7 +164,7 @@ struct RunConfig {
   int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1, tpw = 1;
   int64_t spans_per_split = 0;
   std::string str() const {
-    std::ostringstream os;
+    StrBuilder os;
     os << "nt=" << nt << " tpw=" << tpw << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
        << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
     return os.str();

@@ -32,7 +32,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <sstream>
 #include <string_view>
 
 #include "qmoe/error.h"

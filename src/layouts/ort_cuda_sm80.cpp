@@ -15,10 +15,10 @@
 #include <array>
 #include <cstdio>
 #include <cstring>
-#include <sstream>
 #include <vector>
 
 #include "qmoe/error.h"
+#include "core/str_builder.h"
 
 namespace qmoe {
 
@@ -360,7 +360,7 @@ std::string ort_cuda_dump_layout(int bits, int64_t N, int64_t K, int64_t max_wor
       const int64_t s = (p.byte * 8 + p.shift) / bits;
       if (s < max_words * ew) slot[size_t(s)] = {n, k};
     }
-  std::ostringstream os;
+  StrBuilder os;
   os << "ORT CUDA SM80 layout, int" << bits << ", N=" << N << " K=" << K << " (one expert; slot 0 = lowest "
      << bits << " bits of the little-endian 32-bit word)\n";
   os << " word  bytes    ";

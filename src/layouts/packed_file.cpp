@@ -17,9 +17,9 @@
 #include <cstdio>
 #include <cstring>
 #include <set>
-#include <sstream>
 
 #include "qmoe/error.h"
+#include "core/str_builder.h"
 
 namespace qmoe {
 
@@ -272,12 +272,12 @@ MoeSpec decode_spec(Reader& r) {
 // The first field where two specs differ, as "hidden: file has 64, expected 128"; empty if equal.
 // Floats compare by bits so an infinite swiglu_limit equals itself.
 std::string spec_mismatch(const MoeSpec& f, const MoeSpec& x) {
-  std::ostringstream os;
+  StrBuilder os;
   auto cmp = [&](const char* name, auto a, auto b) {
-    if (os.tellp() == 0 && !(a == b)) os << name << ": file has " << a << ", expected " << b;
+    if (os.empty() && !(a == b)) os << name << ": file has " << a << ", expected " << b;
   };
   auto cmpf = [&](const char* name, float a, float b) {
-    if (os.tellp() == 0 && std::bit_cast<uint32_t>(a) != std::bit_cast<uint32_t>(b))
+    if (os.empty() && std::bit_cast<uint32_t>(a) != std::bit_cast<uint32_t>(b))
       os << name << ": file has " << a << ", expected " << b;
   };
   cmp("num_experts", f.num_experts, x.num_experts);
@@ -758,7 +758,7 @@ PackedFileInfo inspect_packed(const std::string& path) {
 }
 
 std::string PackedFileInfo::to_string() const {
-  std::ostringstream os;
+  StrBuilder os;
   os << "qmoe packed file " << path << " (" << file_bytes << " bytes)\n";
   if (!header) {
     os << "  header: unreadable: " << problem << "\n";
