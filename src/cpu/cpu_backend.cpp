@@ -8,6 +8,8 @@
 // output element is computed by exactly one task in a fixed order, so results are bitwise identical
 // for any thread count, and the prepack-off path (which packs each pair into scratch with the same
 // pack_tile right before the same kernel) is bitwise identical to the prepacked one.
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,9 +35,12 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 }
-bool cpu_has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+// F16C (CPUID leaf 1, ECX bit 29) is read directly: clang 14 rejects __builtin_cpu_supports("f16c").
+bool cpu_has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
 }
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c(); }
 
 const KernelSet& select_kernels(const std::string& isa) {
   if (isa == "auto") {
