@@ -11,29 +11,14 @@
 #include "qmoe/error.h"
 #include "qmoe/safetensors.h"
 
+#include "temp_dir.h"
+
 using namespace qmoe;
 namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder per test under the system temp dir, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    path_ = fs::temp_directory_path() / ("qmoe_st_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using test::TempDir;
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary);
