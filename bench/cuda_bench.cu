@@ -1,7 +1,7 @@
 // GPU benchmark of the CUDA backend on the model shapes of docs/performance.md.
 //
 // Usage: qmoe_cuda_bench [--quick] [--tokens 1,8,64,512] [--shapes mixtral,qwen3,gpt-oss,deepseek]
-//                        [--quants int4b128,int4b32,int8]
+//                        [--quants int4b128,int4b32,int8] [--gemm auto|sm80|sm90]
 // Prints: the device, its measured read bandwidth (a streaming-read kernel over 2 GiB, same run),
 // then per case: µs of the whole layer (CUDA graph of the device-pointer core; no graph; and the
 // host-tensor run() including its input/output copies), bytes floor, % of floor, TFLOP/s.
@@ -147,6 +147,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> shapes_sel = {"mixtral", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3-like"};
   std::vector<std::string> quants_sel = {"int4b128", "int4b32", "int8"};
   int iters = 60;
+  CudaBackendOptions opt;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") iters = 20, tokens = {1, 64};
@@ -156,6 +157,10 @@ int main(int argc, char** argv) {
     } else if (a == "--shapes" && i + 1 < argc) shapes_sel = split(argv[++i]);
     else if (a == "--quants" && i + 1 < argc) quants_sel = split(argv[++i]);
     else if (a == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
+    else if (a == "--gemm" && i + 1 < argc) {
+      const std::string g = argv[++i];
+      opt.gemm = g == "sm80" ? CudaGemm::sm80 : g == "sm90" ? CudaGemm::sm90 : CudaGemm::automatic;
+    }
   }
   cudaDeviceProp prop{};
   CU(cudaGetDeviceProperties(&prop, 0));
@@ -177,7 +182,7 @@ int main(int argc, char** argv) {
 
   std::printf("\n%-17s %-9s %5s %6s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "quant", "T", "experts", "graph_us",
               "nograph_us", "run()_us", "floor_us", "%floor", "GB/s", "TFLOP/s");
-  auto be = make_cuda_backend({});
+  auto be = make_cuda_backend(opt);
   cudaStream_t st;
   CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaEvent_t ev0, ev1;
@@ -214,7 +219,9 @@ int main(int argc, char** argv) {
       const double bpw = q.bits == 4 ? 0.5 + 2.0 / double(q.bs) : 1.0 + 2.0 / double(sh.H);  // int8 row-wise
 
       for (int64_t T : tokens) {
-        const int R = 16;  // routing sets
+        // Routing sets: 16 rotate at small T (see the header); prefill reads every expert anyway, and 16
+        // random input sets of T >= 512 rows would take longer to generate than to time.
+        const int R = T >= 512 ? 2 : 16;
         std::vector<void*> dx(R), dl(R);
         void* dout;
         double touched_sum = 0;

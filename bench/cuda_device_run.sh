@@ -18,6 +18,7 @@ if [ ! -x $B/src/cuda/qmoe_cuda_bench ] || [ -n "${QMOE_REBUILD:-}" ]; then
   # The GPU image has no libonnx-dev; the onnx Python package ships the same onnx.proto.
   proto=()
   [ -f /usr/include/onnx/onnx.proto ] || proto=(-DQMOE_ONNX_PROTO="$(python3 -c 'import onnx,os;print(os.path.join(os.path.dirname(onnx.__file__),"onnx.proto"))')")
+  [ -d build-devdeps ] && proto+=(-DCMAKE_PREFIX_PATH="$PWD/build-devdeps")  # CLI11/nlohmann headers, if carried
   cmake -S . -B $B -G Ninja -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF "${proto[@]}" \
     -DQMOE_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" > "$OUT/build.log" 2>&1
 fi
@@ -32,6 +33,30 @@ if [[ $stages == *" tests "* ]]; then
   wait $p0; echo "tests rc=$?"; wait $p1; echo "memcheck rc=$?"; wait $p2; echo "racecheck rc=$?"; wait $p3; echo "initcheck rc=$?"
   grep -E "FAIL|passed" "$OUT/tests.log" | head -20
   for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
+fi
+if [[ $stages == *" sm90tests "* ]]; then
+  # The suite with the wgmma kernels forced on (and the default dispatch), sanitizers on the quick subset.
+  timeout 400 $T --gemm sm90 > "$OUT/tests_sm90.log" 2>&1 & p0=$!
+  timeout 400 $T > "$OUT/tests.log" 2>&1 & p4=$!
+  timeout 400 compute-sanitizer --tool memcheck $T --gemm sm90 --quick > "$OUT/memcheck.log" 2>&1 & p1=$!
+  timeout 400 compute-sanitizer --tool racecheck $T --gemm sm90 --quick > "$OUT/racecheck.log" 2>&1 & p2=$!
+  timeout 400 compute-sanitizer --tool initcheck $T --gemm sm90 --quick > "$OUT/initcheck.log" 2>&1 & p3=$!
+  wait $p0; echo "tests --gemm sm90 rc=$?"; wait $p4; echo "tests rc=$?"
+  wait $p1; echo "memcheck rc=$?"; wait $p2; echo "racecheck rc=$?"; wait $p3; echo "initcheck rc=$?"
+  grep -E "FAIL|passed|workspace" "$OUT/tests_sm90.log" | head -20
+  grep -E "FAIL|passed|workspace" "$OUT/tests.log" | head -20
+  for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
+fi
+if [[ $stages == *" prefill "* ]]; then
+  # Prefill: the SM80-family and the wgmma kernels on the same card, then the bf16 peer.
+  for g in sm80 sm90; do
+    timeout 250 $B/src/cuda/qmoe_cuda_bench --gemm $g --tokens ${PREFILL_T:-512,2048,8192} --iters ${PREFILL_ITERS:-10} \
+      --quants ${PREFILL_Q:-int4b128} > "$OUT/prefill_$g.log" 2>&1; echo "prefill $g rc=$?"
+    grep -vE "^#|^$" "$OUT/prefill_$g.log" | head -60
+  done
+  PYTHONUNBUFFERED=1 timeout 150 python3 bench/cuda_bench.py --tokens ${PREFILL_T:-512,2048,8192} --iters 10 \
+    > "$OUT/peer.log" 2>&1; echo "peer rc=$?"
+  cat "$OUT/peer.log"
 fi
 if [[ $stages == *" memcheck1 "* ]]; then
   timeout 120 compute-sanitizer --tool memcheck --show-backtrace device $T --only 0 > "$OUT/memcheck.log" 2>&1; echo "memcheck1 rc=$?"

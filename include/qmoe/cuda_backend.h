@@ -17,9 +17,19 @@ namespace qmoe {
 // runtime fails in any way. Never throws.
 int cuda_device_count();
 
+// Which FC kernels a run uses. Both read the same packed weights.
+//   automatic: the Hopper wgmma kernels (sm_90a builds on sm_90 GPUs) when experts see enough tokens
+//              on average (the crossover measured by bench/, docs/PERF-cuda.md), else the SM80-family
+//              kernels;
+//   sm80:      always the SM80-family (mma.sync) kernels;
+//   sm90:      the wgmma kernels whenever the GPU, the build and the layer allow them (block size 16
+//              is not served by them), whatever the batch.
+enum class CudaGemm { automatic, sm80, sm90 };
+
 struct CudaBackendOptions {
   int device = 0;       // CUDA device ordinal
   bool prepack = true;  // accepted for API symmetry; the CUDA backend always runs from its packed layout
+  CudaGemm gemm = CudaGemm::automatic;
 };
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opt = {});

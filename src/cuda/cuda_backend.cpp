@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "cuda_kernels.h"
+#include "fc_sm90.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
@@ -161,10 +162,12 @@ std::vector<size_t> expected_sizes(const MoeSpec& s) {
 
 // Per-run configuration (printable): problem -> config.
 struct RunConfig {
+  bool sm90 = false;  // the wgmma kernels (fc_sm90.h); the rest then is chunk 128, one split
   int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1, tpw = 1;
   int64_t spans_per_split = 0;
   std::string str() const {
     StrBuilder os;
+    if (sm90) os << "sm90 ";
     os << "nt=" << nt << " tpw=" << tpw << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
        << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
     return os.str();
@@ -204,6 +207,8 @@ class CudaBackend final : public Backend {
                   " is not supported (the mma.sync kernels need sm_80 or newer)");
     sms_ = p.multiProcessorCount;
     QMOE_CU(cuda::init_kernels());
+    sm90_ = opt.gemm != CudaGemm::sm80 && cuda::sm90_available(opt.device);
+    if (sm90_) QMOE_CU(cuda::init_sm90_kernels());
     QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
   ~CudaBackend() override {
@@ -236,6 +241,7 @@ class CudaBackend final : public Backend {
  private:
   CudaBackendOptions opt_;
   int sms_ = 0;
+  bool sm90_ = false;  // the wgmma kernels may run (Hopper GPU, sm_90a build, not turned off)
   cudaStream_t stream_ = nullptr;
   Workspace ws_;
   std::mutex mu_;
@@ -390,12 +396,24 @@ bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
 
+// Average tokens per touched expert from which the wgmma kernels beat the SM80-family kernels
+// (CudaGemm::automatic). Provisional until bench/cuda_bench.py measures the crossover.
+constexpr int64_t kWgmmaCrossover = 96;
+
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
   RunConfig c;
   const int64_t slots = rows * s.k;
   const int64_t touched = std::min<int64_t>(s.num_experts, slots);
   const int64_t avg = touched ? (slots + touched - 1) / touched : 0;
+  if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
+      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
+    c.sm90 = true;
+    c.chunk = cuda::kSm90Chunk;
+    c.max_items = int(touched + slots / c.chunk);
+    c.spans_per_split = p.geom.fc2.S;
+    return c;
+  }
   c.nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
   c.chunk = 8 * c.nt;
   c.max_items = int(touched + slots / c.chunk);
@@ -438,10 +456,12 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   const int64_t R = std::max<int64_t>(rows, 1), slots = R * s.k;
   // Exact maxima over every row count up to R (config_for is a few arithmetic operations).
   int64_t max_items = 0, ysize = 0;
+  bool need_x = !input_direct(s);
   for (int64_t r = 1; r <= R; ++r) {
     const RunConfig c = config_for(p, r);
     max_items = std::max<int64_t>(max_items, c.max_items);
     ysize = std::max<int64_t>(ysize, int64_t(c.splits) * r * s.k);
+    need_x = need_x || c.sm90;
   }
   const size_t ct = 2, at = dtype_size(s.act_dtype);
   Workspace w;
@@ -454,7 +474,7 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   w.sorted = DevBuf(size_t(slots) * 4);
   w.items = DevBuf(size_t(std::max<int64_t>(max_items, 1)) * 16);
   w.n_items = DevBuf(4);
-  if (!input_direct(s)) w.xbuf = DevBuf(size_t(R * p.geom.H64) * ct);
+  if (need_x) w.xbuf = DevBuf(size_t(R * p.geom.H64) * ct);
   w.abuf = DevBuf(size_t(slots * p.geom.I64) * ct);
   w.ybuf = DevBuf(size_t(ysize * s.hidden) * 4);
   w.in = DevBuf(size_t(R * s.hidden) * at);
@@ -504,8 +524,8 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
 
   const void* x = in;
   int64_t x_ld = s.hidden;
-  if (!input_direct(s)) {
-    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, st);
+  if (c.sm90 || !input_direct(s)) {
+    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, c.sm90, st);
     x = ws_.xbuf.get();
     x_ld = p.geom.H64;
   }
@@ -543,7 +563,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.tpw = c.tpw;
   // One token: top-k picks distinct experts, so no expert (no work item) holds more than one slot.
   f1.xr = (rows == 1 && c.nt == 1 && c.tpw == 1) ? 1 : 8;
-  cuda::launch_fc1(f1, st);
+  c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);
 
   cuda::FcArgs f2 = f1;
   f2.geom = p.geom.fc2;
@@ -557,7 +577,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f2.spans_per_split = c.spans_per_split;
   f2.kw = c.kw2;
   f2.tpw = c.tpw;
-  cuda::launch_fc2(f2, st);
+  c.sm90 ? cuda::launch_fc2_sm90(f2, st) : cuda::launch_fc2(f2, st);
 
   cuda::CombineArgs ca;
   ca.y = f2.y;

@@ -68,9 +68,10 @@ void launch_group(const GroupArgs& a, cudaStream_t st);
 // ra.counts must be zero on entry either way and is zero afterwards.
 void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st);
 
-// ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type, zero padded ----
+// ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type, zero padded; with
+// mma_order, each 16-column group in the order the wgmma kernel reads (cuda_sm80_layout.h) ----
 void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, int64_t T, int64_t H,
-                          int64_t ld, cudaStream_t st);
+                          int64_t ld, bool mma_order, cudaStream_t st);
 
 // ---- the grouped mixed-input GEMMs ----
 

@@ -80,6 +80,11 @@ QMOE_HD void element_of(int sbits, int lane, int byte, int hi, int& f, int& kk) 
   }
 }
 
+// The k renaming above as a position map: real k offset r (0..15) inside a k-step is mma column
+// mma_col_of(r). A kernel that feeds B from shared memory through a wgmma descriptor (fc_sm90.cu)
+// cannot rename per lane, so its activations are stored with column mma_col_of(r) holding real k r.
+QMOE_HD int mma_col_of(int r) { return ((r & 3) >> 1) * 8 + 2 * (r >> 2) + (r & 1); }
+
 // How tile rows map to logical rows of a matrix.
 enum class RowMap : int {
   plain = 0,      // logical row = 16*mt + f

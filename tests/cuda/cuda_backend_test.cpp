@@ -1,8 +1,10 @@
 // GPU tests of the CUDA backend against reference_forward (the scalar oracle).
 //
 // Built only with QMOE_CUDA=ON, as its own executable (qmoe_cuda_tests). Exits 0 with a message when
-// no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N]
+// no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N] [--gemm G]
 //   --quick   the first 12 configurations (for compute-sanitizer runs)
+//   --gemm    auto (default) | sm80 | sm90: sm90 forces the Hopper wgmma kernels on every
+//             configuration they serve (all but block size 16), whatever the batch
 //
 // What it checks, per configuration (seeded; a failure prints seed, spec, first bad index, values):
 //  * layout: every code of the packed fc1/fc2 blobs decoded with element_of() (the layout header's
@@ -330,6 +332,36 @@ std::vector<Case> all_cases() {
   }
   for (size_t i = 0; i < cs.size(); ++i) cs[i].seed = 1000 + i;
   for (int i = 0; i < 64; ++i) cs.push_back(random_case(i, 0x5eed0000ull + uint64_t(i)));
+  // Prefill sizes for the wgmma kernels (several 128-token items per expert, a partial last item,
+  // several 64-k stages and 128-row blocks, every scale-block loop shape), then the scale case of
+  // the reliability issue: 65536 tokens with the workspace the API reports.
+  const size_t n0 = cs.size();
+  {
+    Case c = base(8, 2, 256, 384, 4, 128, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::interleaved, c.spec.fc1_bias = c.spec.fc2_bias = true, c.T = 600;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(4, 2, 260, 200, 8, 0, Activation::gelu, DType::f16);  // odd 8-bit span count
+    c.spec.fc1_zero_points = c.spec.fc2_zero_points = true, c.T = 700;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(4, 1, 384, 256, 4, 32, Activation::silu, DType::bf16);
+    c.spec.fc1_zero_points = true, c.T = 513;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(2, 2, 128, 192, 8, 64, Activation::swiglu, DType::f16);  // k = E: every expert full
+    c.spec.swiglu_fusion = SwigluFusion::separate, c.spec.fc3_bias = true, c.T = 300;
+    cs.push_back(c);
+  }
+  {
+    Case c = base(8, 2, 64, 48, 4, 32, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 65536;
+    cs.push_back(c);
+  }
+  for (size_t i = n0; i < cs.size(); ++i) cs[i].seed = 2000 + i;
   return cs;
 }
 
@@ -363,6 +395,9 @@ bool run_case(Backend& be, const Case& c, bool graph) {
   MoeInputs in = make_inputs(c, r, x, logits, rw);
   const Tensor ref = reference_forward(s, raw, in);
   auto packed = be.prepack(s, raw);  // raw shares buffers with this copy; the reference keeps its own
+  if (c.T >= 65536)
+    std::printf("T=%lld: workspace %.1f MB (cuda_reserve_workspace)\n", (long long)c.T,
+                double(cuda_reserve_workspace(be, *packed, c.T)) / 1e6);
   std::string why;
   bool ok = check_layout(s, raw, *packed, why);
   Tensor out(s.act_dtype, x.shape()), out2(s.act_dtype, x.shape());
@@ -432,14 +467,19 @@ int main(int argc, char** argv) {
   }
   bool quick = false;
   int only = -1;
+  CudaBackendOptions opt;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--gemm") && i + 1 < argc) {
+      const std::string g = argv[++i];
+      opt.gemm = g == "sm80" ? CudaGemm::sm80 : g == "sm90" ? CudaGemm::sm90 : CudaGemm::automatic;
+    }
   }
   cudaDeviceProp p{};
   CU(cudaGetDeviceProperties(&p, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", p.name, p.major, p.minor, p.multiProcessorCount);
-  auto be = make_cuda_backend({});
+  auto be = make_cuda_backend(opt);
   const auto cases = all_cases();
   int fails = 0, runs = 0;
   for (size_t i = 0; i < cases.size(); ++i) {

@@ -1,0 +1,386 @@
+// The Hopper (sm_90a) FC kernel for large batches: a grouped mixed-input GEMM on wgmma.
+//
+// Same problem, same packed weights (cuda_sm80_layout.h: one copy serves both kernels) and the same
+// numerics as the SM80-family kernel in cuda_kernels.cu: the tensor cores multiply exact
+// integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
+// the multiply, accumulation is fp32. What changes is the shape of the work:
+//
+//  * A block owns 128 weight rows (8 tiles of 16) x 128 tokens of one expert (one work item of the
+//    grouping with chunk 128) and runs two warpgroups; warp w of the block owns tile w. Each
+//    warpgroup issues wgmma.m64n128k16 with the weights as A FROM REGISTERS: a lane's 16-byte span
+//    vector is, after the magic-number dequantization, exactly its A fragment (the per-warp register
+//    layout of wgmma's m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs
+//    ~2 ALU operations per 2 weights per 128 tokens, so it hides under the tensor cores.
+//  * The activations are B, from shared memory through a wgmma descriptor: 128 token rows of 64 k
+//    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
+//    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
+//    2t+9 are real k 4t..4t+3), B must be stored with the same renaming: fc1 reads x through the
+//    converted copy written in that order (launch_convert_input's mma_order), and fc1 here writes its
+//    activations `a` in that order for fc2 here. The two kernels are therefore dispatched together.
+//  * Pipeline: 6 stages of (16 KB activations + the block's 4 or 8 KB of weights); copies run
+//    4 stages ahead. A warpgroup drains its wgmma before dequantizing the next stage (see the loop);
+//    the two warpgroups' wgmma overlap each other's dequantization.
+//  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
+//    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage.
+//    Row-wise scales: wgmma accumulates into acc directly and the scale is applied once at the end.
+//    Block size 16 is not served here (the host keeps such layers on the SM80 kernel).
+//
+// Determinism: every output element is one thread's fixed sequence of wgmma accumulations and folds,
+// independent of the other tokens in its tile, so results are bitwise reproducible.
+#include "fc_sm90.h"
+
+#include "fc_common.cuh"
+
+namespace qmoe::cuda {
+
+namespace {
+
+using namespace dev;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QMOE_SM90_DEVICE 1
+#endif
+
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kTiles = 8;      // 16-row tiles per block (4 per warpgroup: wgmma's m64)
+constexpr int kN = 128;        // tokens per block (wgmma's n128)
+constexpr int kStageK = 64;    // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
+constexpr int kStages = 6;
+constexpr int kXBytes = kN * kStageK * 2;  // 16 KB
+template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
+template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
+template <int SB> constexpr int smem_bytes() { return kStages * kStageBytes<SB> + 1024; }  // + 1 KB to align
+static_assert(kStageBytes<4> % 1024 == 0 && kStageBytes<8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
+
+#ifdef QMOE_SM90_DEVICE
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of wgmma's accumulator registers across the asynchronous
+// instructions (they are written behind its back until wg_wait).
+__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4,
+// leading byte offset (unused for swizzled K-major operands: 1), stride byte offset 1024 >> 4 (8 rows
+// of 128 bytes), layout type 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
+  return uint64_t((saddr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (shared memory, K-major).
+template <class CT>
+__device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+  if constexpr (std::is_same_v<CT, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+    "%0, %1, %2, %3, %4, %5, %6, %7, "
+    "%8, %9, %10, %11, %12, %13, %14, %15, "
+    "%16, %17, %18, %19, %20, %21, %22, %23, "
+    "%24, %25, %26, %27, %28, %29, %30, %31, "
+    "%32, %33, %34, %35, %36, %37, %38, %39, "
+    "%40, %41, %42, %43, %44, %45, %46, %47, "
+    "%48, %49, %50, %51, %52, %53, %54, %55, "
+    "%56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+    "%0, %1, %2, %3, %4, %5, %6, %7, "
+    "%8, %9, %10, %11, %12, %13, %14, %15, "
+    "%16, %17, %18, %19, %20, %21, %22, %23, "
+    "%24, %25, %26, %27, %28, %29, %30, %31, "
+    "%32, %33, %34, %35, %36, %37, %38, %39, "
+    "%40, %41, %42, %43, %44, %45, %46, %47, "
+    "%48, %49, %50, %51, %52, %53, %54, %55, "
+    "%56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+  }
+}
+#endif
+
+struct RowParams {
+  float s0, s1;  // scales of tile rows g and g + 8
+  int z0, z1;    // their zero points
+};
+
+// KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
+template <class CT, int SB, bool FC1, int KB>
+__global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
+#ifdef QMOE_SM90_DEVICE
+  const int item = blockIdx.x;
+  if (item >= *a.n_items) return;  // whole block
+  constexpr int SPANS = kSpansPerStage<SB>;
+  constexpr int KSTEPS = SB == 4 ? 4 : 2;  // k-steps per span
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const MatrixGeom& G = a.geom;
+  const int4 it = a.items[item];
+  const int e = it.x, p0 = it.y, cnt = it.z;
+  const int64_t mt = int64_t(blockIdx.y) * kTiles + warp;
+  const bool live = mt < G.MT;           // a tile past the end re-reads the last one, never stored
+  const int64_t mtc = live ? mt : G.MT - 1;
+  const int nk = int((G.S + SPANS - 1) / SPANS);  // pipeline stages along K
+
+  extern __shared__ uint8_t sm90_smem[];
+  const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem)) + 1023u) & ~1023u;
+
+  // Activation copies: thread tid moves 16-byte chunk (tid & 7) of token rows (tid >> 3) + 32 i.
+  // Row n's chunk c lands at n * 128 + ((c ^ (n & 7)) * 16): the 128-byte swizzle the descriptor names.
+  const uint8_t* xsrc[4];
+  uint32_t xdst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int n = (tid >> 3) + 32 * i, c = tid & 7;
+    xsrc[i] = nullptr;
+    if (n < cnt) {
+      const int64_t r = FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n);
+      xsrc[i] = static_cast<const uint8_t*>(a.x) + (r * a.x_ld) * 2 + c * 16;
+    }
+    xdst[i] = uint32_t(n * 128 + ((c ^ (n & 7)) * 16));
+  }
+  // Weight copies: each lane moves its own 16-byte span vector(s) of its warp's tile and reads them back.
+  const uint8_t* wsrc = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
+  const uint32_t wdst = kXBytes + uint32_t(warp * SPANS * kSpanBytes + lane * 16);
+  auto issue = [&](int ks) {
+    if (ks < nk) {
+      const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        cp_async16_zfill_sa(st + xdst[i], xsrc[i] ? xsrc[i] + int64_t(ks) * 128 : a.x, xsrc[i] ? 16 : 0);
+#pragma unroll
+      for (int h = 0; h < SPANS; ++h) {
+        const int64_t s = int64_t(ks) * SPANS + h;
+        if (s < G.S) cp_async16_stream_sa(st + wdst + h * kSpanBytes, wsrc + s * kSpanBytes);
+        else cp_async16_zfill_sa(st + wdst + h * kSpanBytes, a.w, 0);  // past K: codes 0 meet x = 0
+      }
+    }
+    cp_async_commit();  // always, so that group counting stays uniform at the tail
+  };
+
+  // Scale blocks: b is clamped (the padded half stage of an odd 8-bit span count meets x = 0).
+  const int64_t sb0 = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
+  auto params = [&](int64_t b) {
+    b = b < G.NBP ? b : G.NBP - 1;
+    const int64_t i = sb0 + b * kTileRows + g;
+    RowParams p;
+    p.s0 = load_elt(a.s, i, a.scale_elt);
+    p.s1 = load_elt(a.s, i + 8, a.scale_elt);
+    p.z0 = a.z ? a.z[i] : a.zdefault;
+    p.z1 = a.z ? a.z[i + 8] : a.zdefault;
+    return p;
+  };
+  int64_t blk = 0;
+  RowParams cur = params(0), nxt = params(1);
+  ZeroRep<CT, SB> zr;
+  zr.set(cur.z0, cur.z1);
+  int kc = 0;  // k-steps of the current scale block done (KB = 4)
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  auto fold = [&]() {
+    wg_wait<0>();
+    fence_regs(part);
+    fence_regs(acc);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = fmaf((i & 2) ? cur.s1 : cur.s0, part[i], acc[i]);
+    ++blk;
+    cur = nxt;
+    nxt = params(blk + 1);
+    zr.set(cur.z0, cur.z1);
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 2; ++i) issue(i);
+
+  // One stage: wait for its copies, refill the stage freed two stages ago, dequantize, multiply.
+  // The warpgroup's previous wgmma are drained before the dequantizer writes A registers: defining
+  // wgmma input registers while a wgmma is in flight makes ptxas serialize every wgmma (C7513). The
+  // other warpgroup's wgmma keep the tensor cores busy meanwhile.
+#pragma unroll 1
+  for (int ks = 0; ks < nk; ++ks) {
+    wg_wait<0>();
+    cp_async_wait<kStages - 3>();  // this thread's copies of stage ks have landed
+    __syncthreads();              // ... everyone's; and both warpgroups are past stage ks - 2
+    issue(ks + kStages - 2);
+    uint32_t af[4][4];
+    const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
+    uint4 v[SPANS];
+#pragma unroll
+    for (int h = 0; h < SPANS; ++h) v[h] = lds128(st + wdst + h * kSpanBytes);
+    constexpr int BATCH = KB == 0 ? 4 : KB;
+#pragma unroll
+    for (int j0 = 0; j0 < 4; j0 += BATCH) {
+#pragma unroll
+      for (int j = j0; j < j0 + BATCH; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[j]);
+      wg_fence();
+      if constexpr (KB == 0) {
+        fence_regs(acc);
+#pragma unroll
+        for (int j = j0; j < j0 + BATCH; ++j) wgmma_n128<CT>(acc, af[j], desc_sw128(st + 32 * j), ks > 0 || j > 0);
+        wg_commit();
+        fence_regs(acc);
+      } else {
+        fence_regs(part);
+#pragma unroll
+        for (int j = j0; j < j0 + BATCH; ++j)
+          wgmma_n128<CT>(part, af[j], desc_sw128(st + 32 * j), (KB == 4 ? kc > 0 : false) || j > j0);
+        wg_commit();
+        fence_regs(part);
+        if constexpr (KB == 2) {
+          fold();
+        } else {
+          kc += 4;
+          if (kc == G.kpb || ks == nk - 1) fold(), kc = 0;
+        }
+      }
+    }
+  }
+  wg_wait<0>();
+  fence_regs(acc);
+  cp_async_wait<0>();
+  if constexpr (KB == 0) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] *= (i & 2) ? cur.s1 : cur.s0;
+  }
+  if (!live) return;
+
+  // Epilogue. acc[4 j + q]: token 8 j + 2 t + (q & 1), tile row g + 8 (q >> 1).
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int idx = 8 * j + 2 * t + c;
+      if (idx >= cnt) continue;
+      if constexpr (FC1) {
+        CT* arow = static_cast<CT*>(a.a) + int64_t(p0 + idx) * a.a_ld;
+        auto put = [&](int64_t col, float v) {
+          arow[(col & ~int64_t(15)) + mma_col_of(int(col & 15))] = CtTraits<CT>::from_float(v);
+        };
+        if (G.map == RowMap::swiglu) {
+          const int64_t i = 8 * mt + g;
+          float v = 0.f;
+          if (i < a.I) {
+            float gt = acc[4 * j + c], ln = acc[4 * j + 2 + c];
+            if (a.bias_g) gt += a.bias_g[int64_t(e) * a.a_ld + i];
+            if (a.bias_l) ln += a.bias_l[int64_t(e) * a.a_ld + i];
+            v = swiglu_dev(gt, ln, a.limit, a.alpha, a.beta);
+          }
+          put(i, v);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t n = 16 * mt + g + 8 * h;
+            float v = 0.f;
+            if (n < a.I) {
+              v = acc[4 * j + 2 * h + c];
+              if (a.bias_g) v += a.bias_g[int64_t(e) * a.a_ld + n];
+              v = act_dev(a.act, v);
+            }
+            put(n, v);
+          }
+        }
+      } else {
+        float* yrow = a.y + int64_t(a.sorted_slot[p0 + idx]) * a.H;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = 16 * mt + g + 8 * h;
+          if (n < a.H) yrow[n] = acc[4 * j + 2 * h + c];
+        }
+      }
+    }
+  }
+#endif
+}
+
+template <class CT, int SB, bool FC1, int KB>
+cudaError_t set_attr() {
+  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              smem_bytes<SB>());
+}
+template <class CT, int SB, bool FC1>
+cudaError_t set_attrs_kb() {
+  cudaError_t e = set_attr<CT, SB, FC1, 0>();
+  if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 2>();
+  if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 4>();
+  return e;
+}
+
+int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2; }
+
+template <bool FC1, class CT, int SB>
+void launch_sb(const FcArgs& a, cudaStream_t st) {
+  const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + kTiles - 1) / kTiles));
+  switch (kb_of(a.geom)) {
+    case 0: fc_sm90_kernel<CT, SB, FC1, 0><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
+    case 2: fc_sm90_kernel<CT, SB, FC1, 2><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
+    default: fc_sm90_kernel<CT, SB, FC1, 4><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
+  }
+}
+
+template <bool FC1>
+void launch(const FcArgs& a, cudaStream_t st) {
+  if (a.max_items == 0) return;
+  const bool h = a.ct == Elt::f16;
+  if (a.geom.sbits == 4) h ? launch_sb<FC1, __half, 4>(a, st) : launch_sb<FC1, __nv_bfloat16, 4>(a, st);
+  else h ? launch_sb<FC1, __half, 8>(a, st) : launch_sb<FC1, __nv_bfloat16, 8>(a, st);
+}
+
+}  // namespace
+
+bool sm90_serves(const MatrixGeom& g) { return g.NBP == 1 || g.kpb % 4 == 0 || g.kpb == 2; }
+
+bool sm90_available(int device) {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess || p.major != 9) return false;
+  cudaFuncAttributes fa{};
+  // The kernels hold wgmma only in sm_90a machine code; a build without it (or PTX JIT from an older
+  // virtual architecture) reports a lower PTX version and gets the SM80-family kernels.
+  if (cudaFuncGetAttributes(&fa, fc_sm90_kernel<__half, 4, true, 0>) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return fa.ptxVersion >= 90;
+}
+
+cudaError_t init_sm90_kernels() {
+  cudaError_t e = cudaSuccess;
+  for (cudaError_t r : {set_attrs_kb<__half, 4, true>(), set_attrs_kb<__half, 8, true>(),
+                        set_attrs_kb<__nv_bfloat16, 4, true>(), set_attrs_kb<__nv_bfloat16, 8, true>(),
+                        set_attrs_kb<__half, 4, false>(), set_attrs_kb<__half, 8, false>(),
+                        set_attrs_kb<__nv_bfloat16, 4, false>(), set_attrs_kb<__nv_bfloat16, 8, false>()})
+    if (e == cudaSuccess) e = r;
+  return e;
+}
+
+void launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { launch<true>(a, st); }
+void launch_fc2_sm90(const FcArgs& a, cudaStream_t st) { launch<false>(a, st); }
+
+}  // namespace qmoe::cuda
