@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <mutex>
 
@@ -108,9 +107,6 @@ class CudaPacked final : public PackedExperts {
 
   int device;
   LayerGeom geom;
-  // The wgmma kernels hold (q - z) * s in the compute type: false for an fp16 layer whose scaled
-  // weights could leave fp16's normal range (those run on the SM80-family kernels).
-  bool sm90_numerics = true;
   PackedMatrixBufs fc1, fc2;
   DevBuf bias_g, bias_l, bias2;  // fp32: [E][I64] gate/plain, [E][I64] linear, [E][H]
 
@@ -163,23 +159,6 @@ std::vector<size_t> expected_sizes(const MoeSpec& s) {
           bl ? size_t(E * g.I64) * 4 : 0,
           s.fc2_bias ? size_t(E * s.hidden) * 4 : 0};
 }
-
-// Magnitude range of a layer's scales: the largest and the smallest nonzero |s|.
-struct ScaleRange {
-  float max = 0.f, min_nonzero = INFINITY;
-  void add(DType t, const void* p, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = std::fabs(load_as_float(t, p, i));
-      if (v > max) max = v;
-      if (v > 0.f && v < min_nonzero) min_nonzero = v;
-    }
-  }
-  // |q - z| <= 2^bits - 1; products stay normal fp16 (< 65504, >= 2^-14) when the scales do, with
-  // margin. NaN scales compare false and keep the layer on the fp32-scaling kernels.
-  bool fits_fp16(int bits) const {
-    return max * float((1 << bits) - 1) <= 32768.f && min_nonzero >= 0x1p-14f;
-  }
-};
 
 // Per-run configuration (printable): problem -> config.
 struct RunConfig {
@@ -354,11 +333,6 @@ std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExpe
       QMOE_CU(cudaGetLastError());
     }
   }
-  if (spec.act_dtype == DType::f16) {
-    ScaleRange r;
-    for (const Src& s : srcs) r.add(spec.scale_dtype, s.m->scales.data(), s.m->scales.numel());
-    p->sm90_numerics = r.fits_fp16(spec.bits);
-  }
   // Biases (tiny): converted to fp32 on the host.
   const int64_t E = spec.num_experts, I = spec.inter, H = spec.hidden;
   if (p->bias_g.bytes()) {
@@ -408,13 +382,6 @@ std::unique_ptr<PackedExperts> CudaBackend::from_blobs(const MoeSpec& spec, std:
     *dst[i] = DevBuf(sizes[i]);
     QMOE_CU(cudaMemcpy(dst[i]->get(), b->tensor.data(), sizes[i], cudaMemcpyHostToDevice));
   }
-  if (spec.act_dtype == DType::f16) {
-    ScaleRange r;
-    for (const auto& nb : blobs)
-      if (nb.name == "fc1.scales" || nb.name == "fc2.scales")
-        r.add(spec.scale_dtype, nb.tensor.data(), int64_t(nb.tensor.nbytes() / dtype_size(spec.scale_dtype)));
-    p->sm90_numerics = r.fits_fp16(spec.bits);
-  }
   return p;
 }
 
@@ -439,7 +406,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t slots = rows * s.k;
   const int64_t touched = std::min<int64_t>(s.num_experts, slots);
   const int64_t avg = touched ? (slots + touched - 1) / touched : 0;
-  if (sm90_ && p.sm90_numerics && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
+  if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
       (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
     c.chunk = cuda::kSm90Chunk;

@@ -16,7 +16,6 @@ constexpr int kSm90Chunk = 128;  // tokens per work item (the kernel's wgmma n)
 // True when `device` is a Hopper GPU and this build holds the sm_90a kernels.
 bool sm90_available(int device);
 // True when the kernel serves this matrix's scale blocks (row-wise, or blocks of >= 32 k).
-// fp16 layers also need scales whose products with codes stay in fp16's normal range (the host checks).
 bool sm90_serves(const MatrixGeom& g);
 // Once per device, outside any capture: raises the kernels' shared-memory limit.
 cudaError_t init_sm90_kernels();
