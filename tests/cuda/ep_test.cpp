@@ -20,7 +20,8 @@
 //        through bf16), u_T that of the output type;
 //      - against the scalar reference (reference_forward) with qmoe_cuda_tests' tolerance;
 //      - a second run is bitwise identical;
-//  * E < G is refused with a message; tune() gives every rank the same table; an allreduce run
+//  * E < G is refused with a message; a layer loaded with from_raw_safetensors (memory-mapped, each
+//    rank packs only its experts) runs bitwise like the in-memory one; tune() fills the table; an allreduce run
 //    captured in a CUDA graph replays bitwise equal to the direct run (last, since a failed capture
 //    could leave a collective unmatched).
 // A failure prints the seed, spec, scheme, first bad index and both values.
@@ -33,6 +34,9 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
+#include "qmoe/checkpoint.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/cuda_ep.h"
 #include "qmoe/error.h"
@@ -306,6 +310,43 @@ bool check_tune_and_graph(void* comm, cudaStream_t st) {
   return ok && gok;
 }
 
+// from_raw_safetensors (memory-mapped file, each rank packs only its experts) gives bitwise the
+// output of the layer built from the same raw tensors in memory.
+bool check_from_file(void* comm, cudaStream_t st) {
+  MoeSpec s;
+  s.num_experts = 6, s.k = 2, s.hidden = 128, s.inter = 192, s.bits = 4, s.block_size = 32;
+  s.activation = Activation::swiglu, s.swiglu_fusion = SwigluFusion::interleaved, s.fc2_bias = true;
+  s.act_dtype = DType::bf16, s.scale_dtype = DType::bf16, s.normalize_routing_weights = true;
+  SyntheticOptions so;
+  so.seed = 99;
+  so.tokens = 50;
+  SyntheticLayer L = make_synthetic_layer(s, so);
+  const std::string path = "/tmp/qmoe_ep_test_" + std::to_string(getpid()) + ".safetensors";
+  RawLayer rl;
+  rl.spec = s;
+  rl.raw = L.raw;
+  write_raw_safetensors(path, rl);
+  auto from_file = ExpertParallelLayer::from_raw_safetensors(path, comm, st);
+  ExpertParallelLayer in_memory(s, L.raw, comm, st);
+  DevIn d;
+  upload(d.x, L.input);
+  upload(d.lg, L.router_probs);
+  CU(cudaMalloc(&d.out, L.input.nbytes()));
+  EpRunArgs a{d.x, d.lg, nullptr, d.out, so.tokens};
+  Tensor o1(s.act_dtype, L.input.shape()), o2(s.act_dtype, L.input.shape());
+  from_file->run_device(a, EpScheme::allreduce);
+  CU(cudaMemcpyAsync(o1.data(), d.out, o1.nbytes(), cudaMemcpyDeviceToHost, st));
+  in_memory.run_device(a, EpScheme::allreduce);
+  CU(cudaMemcpyAsync(o2.data(), d.out, o2.nbytes(), cudaMemcpyDeviceToHost, st));
+  CU(cudaStreamSynchronize(st));
+  std::remove(path.c_str());
+  const bool ok = std::memcmp(o1.data(), o2.data(), o1.nbytes()) == 0 && from_file->weight_bytes() == in_memory.weight_bytes();
+  std::printf("%s [rank %d] from_raw_safetensors: experts [%lld, %lld), %s\n", ok ? "PASS" : "FAIL", g_rank,
+              (long long)from_file->experts().first, (long long)from_file->experts().end(),
+              ok ? "bitwise equal to the in-memory layer" : "differs from the in-memory layer");
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -357,6 +398,13 @@ int main(int argc, char** argv) {
     if (only < 0) {
       ++runs;
       if (!check_refusal(comm, st)) ++fails;
+      ++runs;
+      try {
+        if (!check_from_file(comm, st)) ++fails;
+      } catch (const std::exception& e) {
+        std::printf("FAIL [rank %d] from_raw_safetensors: exception: %s\n", g_rank, e.what());
+        ++fails;
+      }
       ++runs;
       if (!check_tune_and_graph(comm, st)) ++fails;
     }
