@@ -29,6 +29,10 @@ if command -v nvcc >/dev/null 2>&1; then
   step "CUDA code compiles (sm_80, sm_90a; not run: no GPU here)"
   cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=ON >/dev/null
   ninja -C build-cuda
+  # Expert parallelism over NCCL (the toolkit ships NCCL here): its test program and benchmark must
+  # have been built too, i.e. ep.cmake found NCCL (docs/MULTIGPU.md).
+  test -x build-cuda/src/cuda/qmoe_ep_tests && test -x build-cuda/src/cuda/qmoe_ep_bench ||
+    { echo "expert parallelism was not built: NCCL not found (see 'qmoe: NCCL' in the cmake output)"; exit 1; }
 fi
 
 step "C++ package: install, then build a consumer with find_package(qmoe)"

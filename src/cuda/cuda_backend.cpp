@@ -10,6 +10,8 @@
 #include <mutex>
 
 #include "cuda_kernels.h"
+#include "cuda_slice.h"
+#include "ep_kernels.h"
 #include "fc_sm90.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
@@ -103,10 +105,16 @@ struct PackedMatrixBufs {
 
 class CudaPacked final : public PackedExperts {
  public:
-  CudaPacked(const MoeSpec& spec, int device) : PackedExperts(tag_for(spec), spec), device(device), geom(layer_geom(spec)) {}
+  CudaPacked(const MoeSpec& spec, int device)
+      : PackedExperts(tag_for(spec), spec), device(device), geom(layer_geom(spec)), route_spec(spec) {}
 
   int device;
   LayerGeom geom;
+  // Expert parallel (cuda_slice.h): a slice holds experts [first_expert, first_expert + E_local) of a
+  // layer routed by route_spec (E, k, routing flags); for a whole layer route_spec == spec().
+  MoeSpec route_spec;
+  int64_t first_expert = 0;
+  bool is_slice() const { return route_spec.num_experts != spec().num_experts; }
   PackedMatrixBufs fc1, fc2;
   DevBuf bias_g, bias_l, bias2;  // fp32: [E][I64] gate/plain, [E][I64] linear, [E][H]
 
@@ -182,7 +190,7 @@ struct WsKey {
 };
 WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
-  return WsKey{s.num_experts, s.k, s.hidden, p.geom.H64, p.geom.I64, p.geom.fc2.MT, p.geom.fc2.S, s.act_dtype};
+  return WsKey{p.route_spec.num_experts, p.route_spec.k, s.hidden, p.geom.H64, p.geom.I64, p.geom.fc2.MT, p.geom.fc2.S, s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
@@ -225,7 +233,7 @@ class CudaBackend final : public Backend {
 
   size_t reserve(const CudaPacked& p, int64_t rows);
   void run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out, int64_t rows,
-                cudaStream_t st);
+                cudaStream_t st, const CudaSliceRunArgs* slice = nullptr);
   RunConfig config_for(const CudaPacked& p, int64_t rows) const;
 
   const CudaPacked& check_packed(const PackedExperts& packed) const {
@@ -403,9 +411,11 @@ constexpr int64_t kWgmmaCrossover = 96;
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
   RunConfig c;
-  const int64_t slots = rows * s.k;
+  const int64_t slots = rows * p.route_spec.k;
   const int64_t touched = std::min<int64_t>(s.num_experts, slots);
-  const int64_t avg = touched ? (slots + touched - 1) / touched : 0;
+  // Tokens per touched expert: of the whole layer (an expert-parallel slice sees the same average).
+  const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
+  const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
       (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
@@ -453,21 +463,22 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   QMOE_CU(cudaSetDevice(opt_.device));
   QMOE_CU(cudaStreamSynchronize(stream_));
   ws_ = Workspace{};
-  const int64_t R = std::max<int64_t>(rows, 1), slots = R * s.k;
+  const int64_t Eg = p.route_spec.num_experts, k = p.route_spec.k;  // routing: all experts of the layer
+  const int64_t R = std::max<int64_t>(rows, 1), slots = R * k;
   // Exact maxima over every row count up to R (config_for is a few arithmetic operations).
   int64_t max_items = 0, ysize = 0;
   bool need_x = !input_direct(s);
   for (int64_t r = 1; r <= R; ++r) {
     const RunConfig c = config_for(p, r);
     max_items = std::max<int64_t>(max_items, c.max_items);
-    ysize = std::max<int64_t>(ysize, int64_t(c.splits) * r * s.k);
+    ysize = std::max<int64_t>(ysize, int64_t(c.splits) * r * k);
     need_x = need_x || c.sm90;
   }
   const size_t ct = 2, at = dtype_size(s.act_dtype);
   Workspace w;
   w.rows = R;
   w.key = ws_key(p);
-  w.counts = DevBuf(size_t(s.num_experts) * 4);
+  w.counts = DevBuf(size_t(Eg) * 4);
   QMOE_CU(cudaMemset(w.counts.get(), 0, w.counts.bytes()));
   w.route_e = DevBuf(size_t(slots) * 4);
   w.route_w = DevBuf(size_t(slots) * 4);
@@ -478,8 +489,8 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   w.abuf = DevBuf(size_t(slots * p.geom.I64) * ct);
   w.ybuf = DevBuf(size_t(ysize * s.hidden) * 4);
   w.in = DevBuf(size_t(R * s.hidden) * at);
-  w.logits = DevBuf(size_t(R * s.num_experts) * at);
-  w.rw = DevBuf(size_t(R * s.num_experts) * at);
+  w.logits = DevBuf(size_t(R * Eg) * at);
+  w.rw = DevBuf(size_t(R * Eg) * at);
   w.out = DevBuf(size_t(R * s.hidden) * at);
   QMOE_CU(cudaDeviceSynchronize());
   ws_ = std::move(w);
@@ -487,32 +498,33 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
 }
 
 void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out,
-                           int64_t rows, cudaStream_t st) {
+                           int64_t rows, cudaStream_t st, const CudaSliceRunArgs* slice) {
   const MoeSpec& s = p.spec();
+  const MoeSpec& rs = p.route_spec;  // == s except for an expert-parallel slice
   if (rows > ws_.rows || !(ws_.key == ws_key(p)))
     throw Error("cuda backend: the workspace holds " + std::to_string(ws_.rows) + " rows for another layer shape or " +
                 "fewer rows than " + std::to_string(rows) + " (call cuda_reserve_workspace for this layer first)");
   if (rows == 0) return;
   const RunConfig c = config_for(p, rows);
   const Elt ae = to_elt(s.act_dtype), ct = compute_elt(s.act_dtype);
-  const int64_t slots = rows * s.k;
+  const int64_t slots = rows * rs.k;
 
   cuda::RouteArgs ra;
   ra.logits = logits;
   ra.router_weights = rw;
   ra.elt = ae;
   ra.T = rows;
-  ra.E = int(s.num_experts);
-  ra.k = int(s.k);
-  ra.normalize = s.normalize_routing_weights;
-  ra.sparse_mixer = s.use_sparse_mixer;
+  ra.E = int(rs.num_experts);
+  ra.k = int(rs.k);
+  ra.normalize = rs.normalize_routing_weights;
+  ra.sparse_mixer = rs.use_sparse_mixer;
   ra.jitter_eps = kSparseMixerJitterEps;
   ra.route_e = ws_.route_e.as<int>();
   ra.route_w = ws_.route_w.as<float>();
   ra.counts = ws_.counts.as<int>();
 
   cuda::GroupArgs ga;
-  ga.E = int(s.num_experts);
+  ga.E = int(rs.num_experts);
   ga.slots = slots;
   ga.chunk = c.chunk;
   ga.route_e = ra.route_e;
@@ -520,7 +532,17 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ga.items = ws_.items.as<int4>();
   ga.n_items = ws_.n_items.as<int>();
   ga.sorted_slot = ws_.sorted.as<int>();
-  cuda::launch_route_group(ra, ga, st);
+  ga.e_first = int(p.first_expert);
+  ga.e_count = int(s.num_experts);
+  if (slice && slice->route_e) {  // expert parallel, all-to-all: routes came with the tokens
+    ra.route_e = const_cast<int*>(slice->route_e);  // only read from here on (group, fc, combine)
+    ra.route_w = const_cast<float*>(slice->route_w);
+    ga.route_e = slice->route_e;
+    ga.counts = slice->counts;
+    cuda::launch_group(ga, st);
+  } else {
+    cuda::launch_route_group(ra, ga, st);
+  }
 
   const void* x = in;
   int64_t x_ld = s.hidden;
@@ -543,7 +565,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.sorted_slot = ga.sorted_slot;
   f1.max_items = c.max_items;
   f1.nt = c.nt;
-  f1.k = int(s.k);
+  f1.k = int(rs.k);
   f1.x = x;
   f1.x_ld = x_ld;
   f1.a = ws_.abuf.get();
@@ -585,19 +607,26 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ca.slots = slots;
   ca.T = rows;
   ca.H = s.hidden;
-  ca.k = int(s.k);
+  ca.k = int(rs.k);
   ca.route_e = ra.route_e;
   ca.route_w = ra.route_w;
   ca.bias2 = p.bias2.bytes() ? p.bias2.as<float>() : nullptr;
   ca.out = out;
   ca.out_elt = ae;
-  cuda::launch_combine(ca, st);
+  if (slice) {  // expert parallel: fp32 partial of this slice's routes (ep_kernels.cu)
+    ca.out = slice->partial;
+    ca.out_elt = Elt::f32;
+    cuda::launch_combine_partial(ca, int(p.first_expert), int(s.num_experts), st);
+  } else {
+    cuda::launch_combine(ca, st);
+  }
   QMOE_CU(cudaGetLastError());
 }
 
 void CudaBackend::run(const PackedExperts& packed, const MoeInputs& inputs, Tensor& output) {
   const CudaPacked& p = check_packed(packed);
   const MoeSpec& s = p.spec();
+  if (p.is_slice()) throw Error("cuda backend: these weights are one rank's expert slice; run them through ExpertParallelLayer");
   validate_inputs(s, inputs);
   if (output.dtype() != inputs.input.dtype || output.shape() != inputs.input.shape)
     throw Error("output: expected " + std::string(dtype_name(inputs.input.dtype)) + " " +
@@ -639,6 +668,7 @@ void cuda_run_device(Backend& backend, const PackedExperts& packed, const CudaRu
   auto* b = dynamic_cast<CudaBackend*>(&backend);
   if (!b) throw Error("cuda_run_device: backend '" + backend.name() + "' is not the cuda backend");
   const CudaPacked& p = b->check_packed(packed);
+  if (p.is_slice()) throw Error("cuda_run_device: these weights are one rank's expert slice; use ExpertParallelLayer");
   b->run_core(p, args.input, args.router_probs, args.router_weights, args.output, args.rows,
               static_cast<cudaStream_t>(args.stream));
 }
@@ -647,6 +677,32 @@ size_t cuda_reserve_workspace(Backend& backend, const PackedExperts& packed, int
   auto* b = dynamic_cast<CudaBackend*>(&backend);
   if (!b) throw Error("cuda_reserve_workspace: backend '" + backend.name() + "' is not the cuda backend");
   return b->reserve(b->check_packed(packed), rows);
+}
+
+// ---- expert parallel (cuda_slice.h; the NCCL side is cuda_ep.cpp) ----
+
+std::unique_ptr<PackedExperts> cuda_prepack_slice(Backend& backend, const MoeSpec& global, RawExperts raw_slice,
+                                                  const ExpertRange& range) {
+  auto* b = dynamic_cast<CudaBackend*>(&backend);
+  if (!b) throw Error("cuda_prepack_slice: backend '" + backend.name() + "' is not the cuda backend");
+  global.validate();
+  if (global.num_experts > 4096)  // grouping keeps 3 counters per global expert in shared memory
+    throw Error("cuda backend: num_experts " + std::to_string(global.num_experts) + " > 4096 is not supported");
+  auto packed = b->prepack(local_spec(global, range), std::move(raw_slice));
+  auto* p = dynamic_cast<CudaPacked*>(packed.get());
+  p->route_spec = global;
+  p->first_expert = range.first;
+  return packed;
+}
+
+void cuda_run_slice(Backend& backend, const PackedExperts& slice, const CudaSliceRunArgs& args) {
+  auto* b = dynamic_cast<CudaBackend*>(&backend);
+  if (!b) throw Error("cuda_run_slice: backend '" + backend.name() + "' is not the cuda backend");
+  const CudaPacked& p = b->check_packed(slice);
+  if (!args.partial) throw Error("cuda_run_slice: no partial output buffer");
+  if (!args.route_e && !args.router_probs) throw Error("cuda_run_slice: neither logits nor routes given");
+  if (args.route_e && (!args.route_w || !args.counts)) throw Error("cuda_run_slice: routes need weights and counts");
+  b->run_core(p, args.input, args.router_probs, args.router_weights, nullptr, args.rows, args.stream, &args);
 }
 
 }  // namespace qmoe

@@ -282,12 +282,13 @@ __device__ void group_body(const GroupArgs& a, int* gsm) {
   int* off = gsm + a.E;      // [E] first position
   int* ioff = gsm + 2 * a.E; // [E] first item
   const int E = a.E;
+  const int lo = a.e_first, hi = a.e_count < 0 ? E : a.e_first + a.e_count;  // experts this run computes
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     int run_p = 0, run_i = 0;
     for (int base = 0; base < E; base += 32) {
       const int e = base + lane;
-      const int c = e < E ? cnt[e] : 0;
+      const int c = (e >= lo && e < hi) ? cnt[e] : 0;
       const int ni = (c + a.chunk - 1) / a.chunk;
       int ip = c, ii = ni;  // inclusive scans
       for (int o = 1; o < 32; o <<= 1) {
@@ -302,14 +303,15 @@ __device__ void group_body(const GroupArgs& a, int* gsm) {
   }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int c = cnt[e];
+    const int c = (e >= lo && e < hi) ? cnt[e] : 0;
     for (int i = 0, p = 0; p < c; ++i, p += a.chunk)
-      a.items[ioff[e] + i] = make_int4(e, off[e] + p, min(a.chunk, c - p), 0);
+      a.items[ioff[e] + i] = make_int4(e - lo, off[e] + p, min(a.chunk, c - p), 0);
     cnt[e] = 0;
   }
   __syncthreads();
   for (int64_t s = threadIdx.x; s < a.slots; s += blockDim.x) {
     const int e = a.route_e[s];
+    if (e < lo || e >= hi) continue;
     const int p = off[e] + atomicAdd(&cnt[e], 1);
     a.sorted_slot[p] = int(s);
   }

@@ -62,6 +62,10 @@ struct GroupArgs {
   int4* items = nullptr;      // {expert, first position, count, 0}
   int* n_items = nullptr;
   int* sorted_slot = nullptr; // [slots]: position -> slot (t*k + j), grouped by expert
+  // Expert parallel (cuda_ep.cpp): only experts [e_first, e_first + e_count) get positions and items,
+  // whose expert field is then local (e - e_first); slots of other experts are left out. -1: all E.
+  int e_first = 0;
+  int e_count = -1;
 };
 void launch_group(const GroupArgs& a, cudaStream_t st);
 // Both: for T <= 64 (and small enough E) one single-block kernel, else launch_route + launch_group.
