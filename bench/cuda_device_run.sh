@@ -58,6 +58,18 @@ if [[ $stages == *" prefill "* ]]; then
     > "$OUT/peer.log" 2>&1; echo "peer rc=$?"
   cat "$OUT/peer.log"
 fi
+if [[ $stages == *" ncu90 "* ]]; then
+  # Where the wgmma kernels' time goes: speed of light, memory, warp states, for fc1 and fc2 of one run.
+  for c in ${NCU90_CASES:-"mixtral:2048" "gpt-oss-20b:2048"}; do
+    set -- ${c/:/ }
+    timeout 200 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy -k regex:fc_sm90_kernel \
+      --launch-count 2 $B/src/cuda/qmoe_cuda_bench --gemm sm90 --shapes $1 --quants int4b128 --tokens $2 --iters 1 \
+      > "$OUT/ncu90_$1.log" 2>&1; echo "ncu90 $1 T=$2 rc=$?"
+    grep -E "fc_sm90_kernel|Duration|Throughput|Pipe|Stall|Warp Cycles|Issued|Eligible|Registers|Achieved Occ|Bank|L2 Hit|Executed Ipc" \
+      "$OUT/ncu90_$1.log" | sed -E 's/\(anonymous namespace\):://g; s/qmoe::cuda:://g' | cut -c1-120 | head -70
+  done
+fi
 if [[ $stages == *" memcheck1 "* ]]; then
   timeout 120 compute-sanitizer --tool memcheck --show-backtrace device $T --only 0 > "$OUT/memcheck.log" 2>&1; echo "memcheck1 rc=$?"
   grep -v "^=========     Host Frame" "$OUT/memcheck.log" | head -30
