@@ -85,6 +85,12 @@ struct CpuBackendOptions {
   int threads = 0;           // 0 = all cores
   bool prepack = true;       // false: keep raw bytes and run the raw-layout kernels
   std::string isa = "auto";  // "auto", "portable", "avx2", "avx512"
+  // Token rows per chunk, R. A run goes through its T token rows at most R at a time; its scratch is
+  // sized for one chunk and kept across runs, so it stays at most
+  //   min(T, R) * (4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k) bytes
+  // (T: the largest run so far) however large T is. Outputs are bitwise the same for every R.
+  // 0 = as many rows as fit in 256 MiB, at least 1: 1636 rows for Mixtral-8x7B (H 4096, I 14336, k 2).
+  int64_t max_chunk_rows = 0;
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& opt = {});

@@ -1,5 +1,6 @@
-// The CPU backend: prepack into cpu-t16 (cpu_layout.h), then per layer call
-//   route every token (route_all, the contract's scalar routing) -> group (token, route) pairs by
+// The CPU backend: prepack into cpu-t16 (cpu_layout.h), then per layer call, for each chunk of at most
+// R token rows (cpu_backend.h: the scratch is sized for one chunk, so it does not grow with T)
+//   route every token (route_token, the contract's scalar routing) -> group (token, route) pairs by
 //   expert (counting sort; idle experts get no work) -> FC1 + activation -> FC2 + bias -> combine each
 //   token's k routes in selection order, round to T once.
 // FC1 and FC2 are each one parallel_for over (active expert x chunk of 32-row pairs), so at decode two
@@ -7,7 +8,11 @@
 // so a pair's weights (L1/L2 resident) are reused across all the expert's tokens at prefill. Every
 // output element is computed by exactly one task in a fixed order, so results are bitwise identical
 // for any thread count, and the prepack-off path (which packs each pair into scratch with the same
-// pack_tile right before the same kernel) is bitwise identical to the prepacked one.
+// pack_tile right before the same kernel) is bitwise identical to the prepacked one. Chunking changes
+// only which tokens share a kernel call, and a kernel's arithmetic per token does not depend on that
+// (cpu_kernels.h), so results are also bitwise identical for any chunk size.
+#include "cpu/cpu_backend.h"
+
 #include <cpuid.h>
 
 #include <algorithm>
@@ -176,29 +181,59 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
   return tasks;
 }
 
-// Activation buffers kept across calls: a fresh 50 MB allocation per call (T=512) costs a page fault
-// per 4 KB, measured at ~20% of the layer on this VM. Every element a call reads is written by it.
+// Run scratch for one chunk of rows, kept across calls: a fresh 50 MB allocation per call (T=512)
+// costs a page fault per 4 KB, measured at ~20% of the layer on this VM. Sized by the largest chunk
+// run so far (at most the chunk size), never by T. Every element a chunk reads is written by it.
 struct RunScratch {
-  std::vector<float> X, A, Y;
+  std::vector<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
+  std::vector<Route> routes;    // slot t*k+j of the chunk
+  std::vector<int64_t> order;   // slots grouped by expert
+
+  size_t bytes() const {
+    return (X.capacity() + A.capacity() + Y.capacity()) * sizeof(float) + routes.capacity() * sizeof(Route) +
+           order.capacity() * sizeof(int64_t);
+  }
 };
 
+// Grows v to n elements, allocating exactly n (resize alone may double the capacity, which would
+// break the documented bound).
+template <class T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) {
+    v.reserve(size_t(n));
+    v.resize(size_t(n));
+  }
+  return v.data();
+}
+
+// Rows [r0, r1) of the layer: reads those rows of the inputs, writes those rows of `out`.
 template <class Source>
-void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
-               const MoeInputs& in, Tensor& out, RunScratch& scratch) {
-  const int64_t rows = input_rows(in), H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
-  if (rows == 0) return;
+void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
+               const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t r0, int64_t r1) {
+  const int64_t rows = r1 - r0, H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   const PairKernel kernel = kernel_for(ks, s.bits);
 
-  // Routing and grouping: slots t*k+j sorted by expert (stable, so by token within an expert).
-  const std::vector<Route> routes = route_all(s, in);
+  // Routing (as route_all does it, row by row) and grouping: slots t*k+j sorted by expert (stable, so
+  // by token within an expert). t is the row within the chunk.
+  Route* routes = grow(scratch.routes, rows * k);
+  {
+    std::vector<float> logits(static_cast<size_t>(E)), rw(in.router_weights ? static_cast<size_t>(E) : 0);
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int64_t e = 0; e < E; ++e)
+        logits[size_t(e)] = load_as_float(in.router_probs.dtype, in.router_probs.data, (r0 + t) * E + e);
+      if (in.router_weights)
+        for (int64_t e = 0; e < E; ++e)
+          rw[size_t(e)] = load_as_float(in.router_weights->dtype, in.router_weights->data, (r0 + t) * E + e);
+      route_token(s, logits.data(), in.router_weights ? rw.data() : nullptr, routes + t * k);
+    }
+  }
   std::vector<int64_t> off(size_t(E + 1), 0);
-  for (const Route& r : routes) ++off[size_t(r.expert) + 1];
+  for (int64_t slot = 0; slot < rows * k; ++slot) ++off[size_t(routes[slot].expert) + 1];
   for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] += off[size_t(e)];
-  std::vector<int64_t> order(routes.size());
+  int64_t* order = grow(scratch.order, rows * k);
   {
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
-    for (int64_t slot = 0; slot < int64_t(routes.size()); ++slot)
-      order[size_t(fill[size_t(routes[size_t(slot)].expert)]++)] = slot;
+    for (int64_t slot = 0; slot < rows * k; ++slot) order[fill[size_t(routes[slot].expert)]++] = slot;
   }
   std::vector<int32_t> active;
   for (int64_t e = 0; e < E; ++e)
@@ -206,10 +241,6 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
 
   // fp32 activations, zero-padded: the kernels read up to jbytes*pack (<= K + 8) columns.
   const int64_t XW = round_up(H + 8, 16), AW = round_up(I + 8, 16);
-  auto grow = [](std::vector<float>& v, int64_t n) {
-    if (int64_t(v.size()) < n) v.resize(size_t(n));
-    return v.data();
-  };
   float* X = grow(scratch.X, rows * XW);
   float* A = grow(scratch.A, rows * k * AW);  // FC1 activations per grouped position
   float* Y = grow(scratch.Y, rows * k * H);   // FC2 output per slot (every slot written)
@@ -217,7 +248,8 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
     for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t) {
-      convert_row(in.input.dtype, static_cast<const uint8_t*>(in.input.data) + size_t(t * H) * dtype_size(in.input.dtype), H,
+      convert_row(in.input.dtype,
+                  static_cast<const uint8_t*>(in.input.data) + size_t((r0 + t) * H) * dtype_size(in.input.dtype), H,
                   X + t * XW);
       std::fill(X + t * XW + H, X + (t + 1) * XW, 0.f);  // the kernels read these columns
       for (int64_t j = 0; j < k; ++j) std::fill(A + (t * k + j) * AW + I, A + (t * k + j + 1) * AW, 0.f);
@@ -241,7 +273,7 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       jb.acc = acc;
       for (int64_t g = 0; g < m; g += mt) {
         jb.tokens = int(std::min<int64_t>(mt, m - g));
-        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = X + order[size_t(o + g + i)] / k * XW;
+        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = X + order[o + g + i] / k * XW;
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* a = A + (o + g + i) * AW;
@@ -288,7 +320,7 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         for (int i = 0; i < jb.tokens; ++i) jb.x[i] = A + (o + g + i) * AW;
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
-          float* y = Y + order[size_t(o + g + i)] * H;
+          float* y = Y + order[o + g + i] * H;
           const float* h = acc + i * kPairRows;
           for (int l = 0; l < kPairRows; ++l) {
             const int64_t r = p * kPairRows + l;
@@ -306,10 +338,20 @@ void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     for (int64_t t = c * row_chunk; t < std::min(rows, (c + 1) * row_chunk); ++t)
       for (int64_t i = 0; i < H; ++i) {
         float acc = 0.f;
-        for (int64_t j = 0; j < k; ++j) acc += routes[size_t(t * k + j)].weight * Y[(t * k + j) * H + i];
-        store_from_float(out.dtype(), out.data(), t * H + i, acc);
+        for (int64_t j = 0; j < k; ++j) acc += routes[t * k + j].weight * Y[(t * k + j) * H + i];
+        store_from_float(out.dtype(), out.data(), (r0 + t) * H + i, acc);
       }
   });
+}
+
+template <class Source>
+void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
+               const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t chunk) {
+  const int64_t rows = input_rows(in);
+  for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
+    r1 = r0 + std::min(rows - r0, chunk);
+    run_chunk(s, plan, src, ks, pool, in, out, scratch, r0, r1);
+  }
 }
 
 class CpuBackend final : public Backend {
@@ -317,6 +359,9 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(const CpuBackendOptions& opt)
       : opt_(opt), kernels_(&select_kernels(opt.isa)) {
     if (opt.threads < 0) throw Error("cpu backend: threads: expected >= 0 (0 = all cores), got " + std::to_string(opt.threads));
+    if (opt.max_chunk_rows < 0)
+      throw Error("cpu backend: max_chunk_rows: expected >= 0 (0 = as many rows as fit in 256 MiB of scratch), got " +
+                  std::to_string(opt.max_chunk_rows));
     const int n = opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()));
     pool_ = std::make_unique<ThreadPool>(n);
   }
@@ -347,27 +392,52 @@ class CpuBackend final : public Backend {
     if (output.dtype() != inputs.input.dtype || output.shape() != inputs.input.shape)
       throw Error("output: expected " + std::string(dtype_name(inputs.input.dtype)) + " " + shape_str(inputs.input.shape) +
                   ", got " + std::string(dtype_name(output.dtype())) + " " + shape_str(output.shape()));
+    const int64_t chunk = chunk_rows(s, opt_);
     std::lock_guard<std::mutex> lk(mu_);  // the pool runs one layer at a time
     if (opt_.prepack) {
       const auto& p = static_cast<const CpuPackedExperts&>(packed);
-      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output, scratch_);
+      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output, scratch_, chunk);
     } else {
       const auto& r = static_cast<const CpuRawExperts&>(packed);
-      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output, scratch_);
+      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output, scratch_, chunk);
     }
   }
 
   const KernelSet& kernels() const { return *kernels_; }
+  size_t held_scratch_bytes() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return scratch_.bytes();
+  }
 
  private:
   CpuBackendOptions opt_;
   const KernelSet* kernels_;
   std::unique_ptr<ThreadPool> pool_;
-  std::mutex mu_;      // one run or prepack at a time: the pool and scratch_ are shared
+  mutable std::mutex mu_;  // one run or prepack at a time: the pool and scratch_ are shared
   RunScratch scratch_;
 };
 
 }  // namespace
+
+static_assert(sizeof(Route) == 8, "cpu_backend.h and backend.h state 16 bytes per route (a Route and an int64)");
+
+int64_t scratch_bytes_per_row(const MoeSpec& s) {
+  // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
+  return 4 * (round_up(s.hidden + 8, 16) + s.k * (round_up(s.inter + 8, 16) + s.hidden)) +
+         s.k * int64_t(sizeof(Route) + sizeof(int64_t));
+}
+
+int64_t chunk_rows(const MoeSpec& spec, const CpuBackendOptions& opt) {
+  if (opt.max_chunk_rows > 0) return opt.max_chunk_rows;
+  return std::max<int64_t>(1, kAutoChunkScratchBytes / scratch_bytes_per_row(spec));
+}
+
+size_t held_scratch_bytes(const Backend& backend) {
+  auto* b = dynamic_cast<const CpuBackend*>(&backend);
+  if (!b) throw Error("held_scratch_bytes: expected the cpu backend, got '" + backend.name() + "'");
+  return b->held_scratch_bytes();
+}
+
 }  // namespace cpu
 
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& opt) { return std::make_unique<cpu::CpuBackend>(opt); }
