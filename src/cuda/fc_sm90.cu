@@ -41,11 +41,12 @@ using namespace dev;
 #define QMOE_SM90_DEVICE 1
 #endif
 
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kTiles = 8;      // 16-row tiles per block (4 per warpgroup: wgmma's m64)
+constexpr int kThreads = 128;  // one warpgroup; two blocks per SM
+constexpr int kTiles = 4;      // 16-row tiles per block (wgmma's m64)
 constexpr int kN = 128;        // tokens per block (wgmma's n128)
 constexpr int kStageK = 64;    // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
-constexpr int kStages = 6;
+constexpr int kStages = 5;     // shared-memory stages: 2 x 5 x 18..20 KB fit an SM
+constexpr int kAhead = 3;      // stages in flight ahead of the one computed
 constexpr int kXBytes = kN * kStageK * 2;  // 16 KB
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
@@ -132,7 +133,7 @@ struct RowParams {
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
 template <class CT, int SB, bool FC1, int KB>
-__global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   const int item = blockIdx.x;
   if (item >= *a.n_items) return;  // whole block
@@ -151,20 +152,21 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   extern __shared__ uint8_t sm90_smem[];
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem)) + 1023u) & ~1023u;
 
-  // Activation copies: thread tid moves 16-byte chunk (tid & 7) of token rows (tid >> 3) + 32 i.
-  // Row n's chunk c lands at n * 128 + ((c ^ (n & 7)) * 16): the 128-byte swizzle the descriptor names.
-  const uint8_t* xsrc[4];
-  uint32_t xdst[4];
+  // Activation copies: thread tid moves 16-byte chunk (tid & 7) of token rows (tid >> 3) + 16 i.
+  // Row n's chunk c lands at n * 128 + ((c ^ (n & 7)) * 16): the 128-byte swizzle the descriptor names
+  // (n & 7 is the same for all i, so destination i is xdst + 2048 i).
+  constexpr int kRowsPerPass = kThreads / 8;
+  const uint8_t* xsrc[kN / kRowsPerPass];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int n = (tid >> 3) + 32 * i, c = tid & 7;
+  for (int i = 0; i < kN / kRowsPerPass; ++i) {
+    const int n = (tid >> 3) + kRowsPerPass * i;
     xsrc[i] = nullptr;
     if (n < cnt) {
       const int64_t r = FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n);
-      xsrc[i] = static_cast<const uint8_t*>(a.x) + (r * a.x_ld) * 2 + c * 16;
+      xsrc[i] = static_cast<const uint8_t*>(a.x) + (r * a.x_ld) * 2 + (tid & 7) * 16;
     }
-    xdst[i] = uint32_t(n * 128 + ((c ^ (n & 7)) * 16));
   }
+  const uint32_t xdst = uint32_t((tid >> 3) * 128 + (((tid & 7) ^ ((tid >> 3) & 7)) * 16));
   // Weight copies: each lane moves its own 16-byte span vector(s) of its warp's tile and reads them back.
   const uint8_t* wsrc = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
   const uint32_t wdst = kXBytes + uint32_t(warp * SPANS * kSpanBytes + lane * 16);
@@ -172,8 +174,9 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     if (ks < nk) {
       const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        cp_async16_zfill_sa(st + xdst[i], xsrc[i] ? xsrc[i] + int64_t(ks) * 128 : a.x, xsrc[i] ? 16 : 0);
+      for (int i = 0; i < kN / kRowsPerPass; ++i)
+        cp_async16_zfill_sa(st + xdst + kRowsPerPass * 128 * i, xsrc[i] ? xsrc[i] + int64_t(ks) * 128 : a.x,
+                            xsrc[i] ? 16 : 0);
 #pragma unroll
       for (int h = 0; h < SPANS; ++h) {
         const int64_t s = int64_t(ks) * SPANS + h;
@@ -218,50 +221,75 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   };
 
 #pragma unroll
-  for (int i = 0; i < kStages - 2; ++i) issue(i);
+  for (int i = 0; i < kAhead; ++i) issue(i);
 
-  // One stage: wait for its copies, refill the stage freed two stages ago, dequantize, multiply.
-  // The warpgroup's previous wgmma are drained before the dequantizer writes A registers: defining
-  // wgmma input registers while a wgmma is in flight makes ptxas serialize every wgmma (C7513). The
-  // other warpgroup's wgmma keep the tensor cores busy meanwhile.
+  // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
+  // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
+  // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
+  // serialize every wgmma: C7513), so more k-steps per drain keep the tensor cores busier. The other
+  // block on the SM runs its wgmma meanwhile.
+  const bool pair = KB == 0 || (KB == 4 && (G.kpb / 4) % 2 == 0);
 #pragma unroll 1
-  for (int ks = 0; ks < nk; ++ks) {
+  for (int ks = 0; ks < nk;) {
+    const int step = (pair && ks + 1 < nk) ? 2 : 1;
     wg_wait<0>();
-    cp_async_wait<kStages - 3>();  // this thread's copies of stage ks have landed
-    __syncthreads();              // ... everyone's; and both warpgroups are past stage ks - 2
-    issue(ks + kStages - 2);
-    uint32_t af[4][4];
-    const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
-    uint4 v[SPANS];
+    // Stages ks .. ks + step - 1 must have landed.
+    if (step == 2) cp_async_wait<kAhead - 2>();
+    else cp_async_wait<kAhead - 1>();
+    __syncthreads();  // everyone's copies; and every warp is past the wgmma that read the slots refilled now
+    // One commit group per stage (issue() commits even past the end), so before iteration ks the
+    // groups newer than stage ks + step - 1 are exactly kAhead - step.
+    issue(ks + kAhead);
+    if (step == 2) issue(ks + kAhead + 1);
+    uint32_t af[8][4];
+    uint32_t st[2];
 #pragma unroll
-    for (int h = 0; h < SPANS; ++h) v[h] = lds128(st + wdst + h * kSpanBytes);
+    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % kStages) * kStageBytes<SB>;
     constexpr int BATCH = KB == 0 ? 4 : KB;
 #pragma unroll
     for (int j0 = 0; j0 < 4; j0 += BATCH) {
 #pragma unroll
-      for (int j = j0; j < j0 + BATCH; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[j]);
+      for (int u = 0; u < 2; ++u) {
+        if (u == 1 && step == 1) break;
+        uint4 v[SPANS];
+#pragma unroll
+        for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
+#pragma unroll
+        for (int j = j0; j < j0 + BATCH; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[4 * u + j]);
+      }
       wg_fence();
       if constexpr (KB == 0) {
         fence_regs(acc);
 #pragma unroll
-        for (int j = j0; j < j0 + BATCH; ++j) wgmma_n128<CT>(acc, af[j], desc_sw128(st + 32 * j), ks > 0 || j > 0);
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+#pragma unroll
+          for (int j = j0; j < j0 + BATCH; ++j)
+            wgmma_n128<CT>(acc, af[4 * u + j], desc_sw128(st[u] + 32 * j), ks + u > 0 || j > 0);
+        }
         wg_commit();
         fence_regs(acc);
       } else {
         fence_regs(part);
 #pragma unroll
-        for (int j = j0; j < j0 + BATCH; ++j)
-          wgmma_n128<CT>(part, af[j], desc_sw128(st + 32 * j), (KB == 4 ? kc > 0 : false) || j > j0);
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+#pragma unroll
+          for (int j = j0; j < j0 + BATCH; ++j)
+            wgmma_n128<CT>(part, af[4 * u + j], desc_sw128(st[u] + 32 * j),
+                           (KB == 4 ? kc > 0 || u > 0 : false) || j > j0);
+        }
         wg_commit();
         fence_regs(part);
         if constexpr (KB == 2) {
           fold();
         } else {
-          kc += 4;
-          if (kc == G.kpb || ks == nk - 1) fold(), kc = 0;
+          kc += 4 * step;
+          if (kc == G.kpb || ks + step == nk) fold(), kc = 0;
         }
       }
     }
+    ks += step;
   }
   wg_wait<0>();
   fence_regs(acc);
