@@ -50,7 +50,7 @@ fi
 if [[ $stages == *" prefill "* ]]; then
   # Prefill: the SM80-family and the wgmma kernels on the same card, then the bf16 peer.
   for g in ${PREFILL_GEMMS:-sm80 sm90}; do
-    timeout 250 $B/src/cuda/qmoe_cuda_bench --gemm $g --tokens ${PREFILL_T:-512,2048,8192} --iters ${PREFILL_ITERS:-10} \
+    timeout 280 $B/src/cuda/qmoe_cuda_bench --gemm $g --tokens ${PREFILL_T:-512,2048,8192} --iters ${PREFILL_ITERS:-10} \
       --quants ${PREFILL_Q:-int4b128} > "$OUT/prefill_$g.log" 2>&1; echo "prefill $g rc=$?"
     grep -vE "^#|^$" "$OUT/prefill_$g.log" | head -60
   done

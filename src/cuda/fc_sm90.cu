@@ -47,6 +47,7 @@ constexpr int kN = 128;        // tokens per block (wgmma's n128)
 constexpr int kStageK = 64;    // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
 constexpr int kStages = 5;     // shared-memory stages: 2 x 5 x 18..20 KB fit an SM
 constexpr int kAhead = 3;      // stages in flight ahead of the one computed
+constexpr int kItemGroup = 8;  // work items whose blocks run together (see the block order)
 constexpr int kXBytes = kN * kStageK * 2;  // 16 KB
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
@@ -135,7 +136,15 @@ struct RowParams {
 template <class CT, int SB, bool FC1, int KB>
 __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
-  const int item = blockIdx.x;
+  // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
+  // next group starts, so the blocks in flight share their activations (8 MB at K = 4096) and their
+  // weights in L2. Item-fastest order over all items re-read the activations from DRAM for every
+  // row block once they outgrew L2 (mixtral T = 8192: 128 MB of gathered rows).
+  const int64_t mb_count = (a.geom.MT + kTiles - 1) / kTiles;
+  const int64_t per_group = int64_t(kItemGroup) * mb_count;
+  const int64_t bid = blockIdx.x, grp = bid / per_group, in_grp = bid % per_group;
+  const int item = int(grp * kItemGroup + in_grp % kItemGroup);
+  const int64_t mblock = in_grp / kItemGroup;
   if (item >= *a.n_items) return;  // whole block
   constexpr int SPANS = kSpansPerStage<SB>;
   constexpr int KSTEPS = SB == 4 ? 4 : 2;  // k-steps per span
@@ -144,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
   const MatrixGeom& G = a.geom;
   const int4 it = a.items[item];
   const int e = it.x, p0 = it.y, cnt = it.z;
-  const int64_t mt = int64_t(blockIdx.y) * kTiles + warp;
+  const int64_t mt = mblock * kTiles + warp;
   const bool live = mt < G.MT;           // a tile past the end re-reads the last one, never stored
   const int64_t mtc = live ? mt : G.MT - 1;
   const int nk = int((G.S + SPANS - 1) / SPANS);  // pipeline stages along K
@@ -365,7 +374,8 @@ int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2;
 
 template <bool FC1, class CT, int SB>
 void launch_sb(const FcArgs& a, cudaStream_t st) {
-  const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + kTiles - 1) / kTiles));
+  const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
+  const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTiles - 1) / kTiles)));
   switch (kb_of(a.geom)) {
     case 0: fc_sm90_kernel<CT, SB, FC1, 0><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
     case 2: fc_sm90_kernel<CT, SB, FC1, 2><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
