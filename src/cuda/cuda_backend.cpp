@@ -405,8 +405,11 @@ bool input_direct(const MoeSpec& s) {
 }
 
 // Average tokens per touched expert from which the wgmma kernels beat the SM80-family kernels
-// (CudaGemm::automatic). Provisional until bench/cuda_bench.py measures the crossover.
-constexpr int64_t kWgmmaCrossover = 96;
+// (CudaGemm::automatic), measured on an H100 with bench/cuda_device_run.sh prefill (docs/PERF-cuda.md):
+// at 16 tokens per expert the SM80 kernels won for every shape and quantization, at 32 the wgmma
+// kernels won for int8 and int4 with blocks of >= 64 k but not for blocks of 32 (two scale folds
+// per stage), at 64 the wgmma kernels won everywhere.
+int64_t wgmma_crossover(const MatrixGeom& g) { return g.NBP > 1 && g.kpb == 2 ? 48 : 24; }
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -417,7 +420,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
+      (opt_.gemm == CudaGemm::sm90 || avg >= wgmma_crossover(p.geom.fc1))) {
     c.sm90 = true;
     c.chunk = cuda::kSm90Chunk;
     c.max_items = int(touched + slots / c.chunk);
