@@ -31,7 +31,7 @@ endif()
 find_program(_qmoe_python3 python3)
 if(_qmoe_python3)
   execute_process(
-    COMMAND ${_qmoe_python3} -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))"
+    COMMAND ${_qmoe_python3} -c "import nvidia.nccl as m; print(list(m.__path__)[0])"
     OUTPUT_VARIABLE _qmoe_pip_nccl OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _qmoe_pip_rc)
   if(_qmoe_pip_rc EQUAL 0 AND _qmoe_pip_nccl)
     list(APPEND _qmoe_nccl_roots "${_qmoe_pip_nccl}")
