@@ -45,15 +45,13 @@ constexpr int kThreads = 128;  // one warpgroup; two blocks per SM
 constexpr int kTiles = 4;      // 16-row tiles per block (wgmma's m64)
 constexpr int kN = 128;        // tokens per block (wgmma's n128)
 constexpr int kStageK = 64;    // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
-// Shared-memory stages: two blocks of 6 x 18 KB (4-bit) or 5 x 20 KB (8-bit) fit an SM. Copies run
-// kAhead = kStages - 2 stages ahead (an iteration computes up to two stages while refilling two).
-template <int SB> constexpr int kStages = SB == 4 ? 6 : 5;
-template <int SB> constexpr int kAhead = kStages<SB> - 2;
+constexpr int kStages = 5;     // shared-memory stages: 2 x 5 x 18..20 KB fit an SM
+constexpr int kAhead = 3;      // stages in flight ahead of the one computed
 constexpr int kItemGroup = 8;  // work items whose blocks run together (see the block order)
 constexpr int kXBytes = kN * kStageK * 2;  // 16 KB
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
-template <int SB> constexpr int smem_bytes() { return kStages<SB> * kStageBytes<SB> + 1024; }  // + 1 KB to align
+template <int SB> constexpr int smem_bytes() { return kStages * kStageBytes<SB> + 1024; }  // + 1 KB to align
 static_assert(kStageBytes<4> % 1024 == 0 && kStageBytes<8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
 
 #ifdef QMOE_SM90_DEVICE
@@ -183,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
   const uint32_t wdst = kXBytes + uint32_t(warp * SPANS * kSpanBytes + lane * 16);
   auto issue = [&](int ks) {
     if (ks < nk) {
-      const uint32_t st = sbase + uint32_t(ks % kStages<SB>) * kStageBytes<SB>;
+      const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
 #pragma unroll
       for (int i = 0; i < kN / kRowsPerPass; ++i)
         cp_async16_zfill_sa(st + xdst + kRowsPerPass * 128 * i, xsrc[i] ? xsrc[i] + int64_t(ks) * 128 : a.x,
@@ -232,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
   };
 
 #pragma unroll
-  for (int i = 0; i < kAhead<SB>; ++i) issue(i);
+  for (int i = 0; i < kAhead; ++i) issue(i);
 
   // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
   // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
@@ -245,17 +243,17 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
     const int step = (pair && ks + 1 < nk) ? 2 : 1;
     wg_wait<0>();
     // Stages ks .. ks + step - 1 must have landed.
-    if (step == 2) cp_async_wait<kAhead<SB> - 2>();
-    else cp_async_wait<kAhead<SB> - 1>();
+    if (step == 2) cp_async_wait<kAhead - 2>();
+    else cp_async_wait<kAhead - 1>();
     __syncthreads();  // everyone's copies; and every warp is past the wgmma that read the slots refilled now
     // One commit group per stage (issue() commits even past the end), so before iteration ks the
     // groups newer than stage ks + step - 1 are exactly kAhead - step.
-    issue(ks + kAhead<SB>);
-    if (step == 2) issue(ks + kAhead<SB> + 1);
+    issue(ks + kAhead);
+    if (step == 2) issue(ks + kAhead + 1);
     uint32_t af[8][4];
     uint32_t st[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % kStages<SB>) * kStageBytes<SB>;
+    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % kStages) * kStageBytes<SB>;
     constexpr int BATCH = KB == 0 ? 4 : KB;
 #pragma unroll
     for (int j0 = 0; j0 < 4; j0 += BATCH) {
