@@ -36,17 +36,6 @@ extra=()
 [ -f /usr/include/onnx/onnx.proto ] ||
   extra+=(-DQMOE_ONNX_PROTO="$(python3 -c 'import onnx,os;print(os.path.join(os.path.dirname(onnx.__file__),"onnx.proto"))')")
 [ -d build-devdeps ] && extra+=(-DCMAKE_PREFIX_PATH="$PWD/build-devdeps")
-# pip's nvidia-nccl-cu13 (PyTorch's NCCL) may ship the library without nccl.h: then pair its lib/ with
-# a header carried in build-devdeps/nccl/include (same NCCL 2.x API) in a root of our own.
-if [ -z "${QMOE_NCCL_ROOT:-}" ]; then
-  pipd=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null)
-  if [ -n "$pipd" ] && [ ! -f "$pipd/include/nccl.h" ] && [ -f build-devdeps/nccl/include/nccl.h ] &&
-     ls "$pipd"/lib/libnccl.so* > /dev/null 2>&1; then
-    QMOE_NCCL_ROOT=$PWD/build-devdeps/nccl
-    ln -sfn "$pipd/lib" "$QMOE_NCCL_ROOT/lib"
-    echo "NCCL: pip library $pipd/lib with the carried header" | tee -a "$OUT/ep_gpu.txt"
-  fi
-fi
 [ -n "${QMOE_NCCL_ROOT:-}" ] && extra+=(-DQMOE_NCCL_ROOT="$QMOE_NCCL_ROOT")
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_PYTHON=OFF -DQMOE_BUILD_TESTS=OFF \
   -DQMOE_BUILD_BENCH=OFF -DQMOE_CUDA_GENCODE="$GENCODE" "${extra[@]}" > "$OUT/ep_build.log" 2>&1 &&
