@@ -12,6 +12,8 @@ struct LayerOptions {
   std::string backend = "auto";  // "auto" (best present), "cpu", "cuda", "reference"
   bool prepack = true;           // false: run straight from raw bytes (slower, still correct)
   int threads = 0;               // CPU threads; 0 = all cores
+  int64_t chunk_rows = 0;        // CPU: tokens per chunk of a run (0 = as many as fit 256 MiB of scratch)
+  std::string cuda_gemm = "auto";  // CUDA: FC kernels, "auto", "sm80" or "sm90" (see CudaGemm)
 };
 
 // Backend by name; throws qmoe::Error listing the names available in this build.

@@ -21,11 +21,16 @@ std::vector<std::string> available_backends() {
 std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt) {
   const std::string chosen = name == "auto" ? available_backends().front() : name;
   if (chosen == "reference") return make_reference_backend();
-  if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto"});
+  if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto", opt.chunk_rows});
 #ifdef QMOE_HAVE_CUDA
   if (chosen == "cuda") {
     if (cuda_device_count() == 0) throw Error("backend 'cuda': no CUDA device is visible on this machine");
-    return make_cuda_backend(CudaBackendOptions{0, opt.prepack});
+    CudaBackendOptions co{0, opt.prepack};
+    if (opt.cuda_gemm == "sm80") co.gemm = CudaGemm::sm80;
+    else if (opt.cuda_gemm == "sm90") co.gemm = CudaGemm::sm90;
+    else if (opt.cuda_gemm != "auto")
+      throw Error("cuda_gemm: expected auto, sm80 or sm90, got '" + opt.cuda_gemm + "'");
+    return make_cuda_backend(co);
   }
 #endif
   std::string list;

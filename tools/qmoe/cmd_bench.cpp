@@ -190,10 +190,7 @@ void bench_command(const BenchArgs& a) {
   for (int64_t T : a.tokens)
     if (T < 1 || T > (int64_t(1) << 20)) throw Error("--tokens: expected counts in [1, 1048576], got " + std::to_string(T));
 
-  LayerOptions lopt;
-  lopt.backend = a.backend.backend;
-  lopt.threads = a.backend.threads;
-  lopt.prepack = !a.backend.no_prepack;
+  const LayerOptions lopt = layer_options(a.backend);
   std::unique_ptr<Backend> backend = make_backend(lopt.backend, lopt);
   const int threads = a.backend.threads > 0 ? a.backend.threads : std::max(1, int(std::thread::hardware_concurrency()));
 

@@ -62,10 +62,7 @@ void demo_command(const DemoArgs& a) {
   const Tensor fp32 = float_forward(spec, L.weights, inputs);
   const double build_ms = build_clock.ms();
 
-  LayerOptions lopt;
-  lopt.backend = a.backend.backend;
-  lopt.threads = a.backend.threads;
-  lopt.prepack = !a.backend.no_prepack;
+  const LayerOptions lopt = layer_options(a.backend);
   std::string backend_name;
   std::vector<Variant> variants;
   for (int bits : {4, 8}) {

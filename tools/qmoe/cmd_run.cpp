@@ -51,10 +51,7 @@ void run_command(const RunArgs& a) {
   if (!a.router_weights.empty()) require_input_file("--router-weights", a.router_weights);
   require_writable_output("--output", a.output);
 
-  LayerOptions lopt;
-  lopt.backend = a.backend.backend;
-  lopt.threads = a.backend.threads;
-  lopt.prepack = !a.backend.no_prepack;
+  const LayerOptions lopt = layer_options(a.backend);
   std::unique_ptr<Backend> backend = make_backend(lopt.backend, lopt);
 
   // Raw weights are prepacked here, after the inputs are checked; a packed file is ready once loaded.

@@ -17,6 +17,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "qmoe/layer.h"
 #include "qmoe/raw_experts.h"
 #include "qmoe/spec.h"
 #include "qmoe/tensor.h"
@@ -36,13 +37,17 @@ Subcommand add_quantize(CLI::App& root);
 Subcommand add_export_onnx(CLI::App& root);
 Subcommand add_bench(CLI::App& root);
 
-// Options every command that runs a layer shares (--backend, --threads, --no-prepack).
+// Options every command that runs a layer shares (--backend, --threads, --no-prepack, --chunk-rows,
+// --cuda-gemm).
 struct BackendFlags {
   std::string backend = "auto";
   int threads = 0;
   bool no_prepack = false;
+  int64_t chunk_rows = 0;
+  std::string cuda_gemm = "auto";
 };
 void add_backend_flags(CLI::App& app, BackendFlags& flags);
+LayerOptions layer_options(const BackendFlags& flags);
 
 // Wall-clock milliseconds since construction.
 class Stopwatch {

@@ -30,6 +30,25 @@ void add_backend_flags(CLI::App& app, BackendFlags& flags) {
       ->capture_default_str();
   app.add_flag("--no-prepack", flags.no_prepack,
                "Run straight from the raw bytes instead of the backend's packed layout (slower)");
+  app.add_option("--chunk-rows", flags.chunk_rows,
+                 "CPU: tokens per chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40))
+      ->capture_default_str();
+  app.add_option("--cuda-gemm", flags.cuda_gemm,
+                 "CUDA: FC kernels; auto = by batch size, sm80 = the mma.sync kernels, sm90 = the Hopper wgmma "
+                 "kernels wherever they serve the layer")
+      ->check(CLI::IsMember({"auto", "sm80", "sm90"}))
+      ->capture_default_str();
+}
+
+LayerOptions layer_options(const BackendFlags& flags) {
+  LayerOptions o;
+  o.backend = flags.backend;
+  o.threads = flags.threads;
+  o.prepack = !flags.no_prepack;
+  o.chunk_rows = flags.chunk_rows;
+  o.cuda_gemm = flags.cuda_gemm;
+  return o;
 }
 
 std::string human_bytes(double b) {
