@@ -42,17 +42,19 @@ using namespace dev;
 #define QMOE_SM90_DEVICE 1
 #endif
 
-constexpr int kThreads = 128;  // one warpgroup; two blocks per SM
-constexpr int kTiles = 4;      // 16-row tiles per block (wgmma's m64)
-constexpr int kN = 128;        // tokens per block (wgmma's n128)
-constexpr int kStageK = 64;    // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
-constexpr int kStages = 5;     // shared-memory stages: 2 x 5 x 18..20 KB fit an SM
-constexpr int kAhead = 3;      // stages in flight ahead of the one computed
-constexpr int kItemGroup = 8;  // work items whose blocks run together (see the block order)
-constexpr int kXBytes = kN * kStageK * 2;  // 16 KB
+constexpr int kConsumers = 2;                      // consumer warpgroups per block, 64 weight rows each
+constexpr int kThreads = 128 * (kConsumers + 1);  // + a producer warpgroup (one warp of it copies)
+constexpr int kTiles = 4 * kConsumers;            // 16-row tiles per block
+constexpr int kN = 128;                           // tokens per block (wgmma's n128)
+constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
+constexpr int kItemGroup = 8;                     // work items whose blocks run together (see the block order)
+constexpr int kXBytes = kN * kStageK * 2;         // 16 KB
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
-template <int SB> constexpr int smem_bytes() { return kStages * kStageBytes<SB> + 1024; }  // + 1 KB to align
+// Stages in flight: as many as fit one block per SM (20 KB each for 4-bit weights, 24 KB for 8-bit).
+template <int SB> constexpr int kStages = SB == 4 ? 10 : 8;
+// [stages][full barriers][empty barriers][128 row offsets]; + 1 KB to align the base to a swizzle atom.
+template <int SB> constexpr int smem_bytes() { return kStages<SB> * (kStageBytes<SB> + 16) + kN * 8 + 1024; }
 static_assert(kStageBytes<4> % 1024 == 0 && kStageBytes<8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
 
 #ifdef QMOE_SM90_DEVICE
@@ -67,6 +69,35 @@ __device__ __forceinline__ void fence_regs(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+
+// mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
+// land (cp.async.mbarrier.arrive.noinc: one arrival per lane), consumers arrive on its empty barrier
+// once their wgmma on it are drained.
+__device__ __forceinline__ void mbar_init(uint32_t b, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_wait(uint32_t b, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n}\n" ::"r"(b), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(b) : "memory");
+}
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
+}
+// Per-warpgroup register budgets (PTX ISA "setmaxnreg"; every warp of the warpgroup executes it).
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// Generic-proxy shared-memory writes (cp.async) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4,
 // leading byte offset (unused for swizzled K-major operands: 1), stride byte offset 1024 >> 4 (8 rows
@@ -135,7 +166,7 @@ struct RowParams {
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
 template <class CT, int SB, bool FC1, int KB>
-__global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
   // next group starts, so the blocks in flight share their activations (8 MB at K = 4096) and their
@@ -149,53 +180,79 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
   if (item >= *a.n_items) return;  // whole block
   constexpr int SPANS = kSpansPerStage<SB>;
   constexpr int KSTEPS = SB == 4 ? 4 : 2;  // k-steps per span
+  constexpr int S = kStages<SB>;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const MatrixGeom& G = a.geom;
   const int4 it = a.items[item];
   const int e = it.x, p0 = it.y, cnt = it.z;
-  const int64_t mt = mblock * kTiles + warp;
-  const bool live = mt < G.MT;           // a tile past the end re-reads the last one, never stored
-  const int64_t mtc = live ? mt : G.MT - 1;
   const int nk = int((G.S + SPANS - 1) / SPANS);  // pipeline stages along K
 
   extern __shared__ uint8_t sm90_smem[];
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem)) + 1023u) & ~1023u;
-
-  // Activation copies: thread tid moves 16-byte chunk (tid & 7) of token rows (tid >> 3) + 16 i.
-  // Row n's chunk c lands at n * 128 + ((c ^ (n & 7)) * 16): the 128-byte swizzle the descriptor names
-  // (n & 7 is the same for all i, so destination i is xdst + 2048 i).
-  constexpr int kRowsPerPass = kThreads / 8;
-  const uint8_t* xsrc[kN / kRowsPerPass];
-#pragma unroll
-  for (int i = 0; i < kN / kRowsPerPass; ++i) {
-    const int n = (tid >> 3) + kRowsPerPass * i;
-    xsrc[i] = nullptr;
-    if (n < cnt) {
-      const int64_t r = FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n);
-      xsrc[i] = static_cast<const uint8_t*>(a.x) + (r * a.x_ld) * 2 + (tid & 7) * 16;
-    }
+  // After the stages: the full and empty barrier of each stage, then the token rows' byte offsets.
+  const uint32_t full0 = sbase + S * kStageBytes<SB>, empty0 = full0 + 8 * S;
+  int64_t* row_off = reinterpret_cast<int64_t*>(sm90_smem + (empty0 + 8 * S - static_cast<uint32_t>(
+                                                                  __cvta_generic_to_shared(sm90_smem))));
+  for (int n = tid; n < kN; n += kThreads) {
+    const int64_t r = n < cnt ? (FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n)) : -1;
+    row_off[n] = r < 0 ? -1 : r * a.x_ld * 2;
   }
-  const uint32_t xdst = uint32_t((tid >> 3) * 128 + (((tid & 7) ^ ((tid >> 3) & 7)) * 16));
-  // Weight copies: each lane moves its own 16-byte span vector(s) of its warp's tile and reads them back.
-  const uint8_t* wsrc = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
-  const uint32_t wdst = kXBytes + uint32_t(warp * SPANS * kSpanBytes + lane * 16);
-  auto issue = [&](int ks) {
-    if (ks < nk) {
-      const uint32_t st = sbase + uint32_t(ks % kStages) * kStageBytes<SB>;
-#pragma unroll
-      for (int i = 0; i < kN / kRowsPerPass; ++i)
-        cp_async16_zfill_sa(st + xdst + kRowsPerPass * 128 * i, xsrc[i] ? xsrc[i] + int64_t(ks) * 128 : a.x,
-                            xsrc[i] ? 16 : 0);
-#pragma unroll
-      for (int h = 0; h < SPANS; ++h) {
-        const int64_t s = int64_t(ks) * SPANS + h;
-        if (s < G.S) cp_async16_stream_sa(st + wdst + h * kSpanBytes, wsrc + s * kSpanBytes);
-        else cp_async16_zfill_sa(st + wdst + h * kSpanBytes, a.w, 0);  // past K: codes 0 meet x = 0
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 32), mbar_init(empty0 + 8 * i, kConsumers);
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  if (warp >= 4 * kConsumers) {
+    // The producer warpgroup gives registers to the consumers (setmaxnreg: 40 + 2 x 232 of an SM
+    // sub-partition's 512 per thread slot); one warp of it copies: stage ks into slot ks % S once
+    // both consumers released the slot's previous stage, each lane's copies arriving on the stage's
+    // full barrier when they land.
+    setmaxnreg_dec<40>();
+    if (warp != 4 * kConsumers) return;
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);
+    const uint8_t* w0 = a.w + lane * 16;
+    const int c = lane & 7;
+#pragma unroll 1
+    for (int ks = 0; ks < nk; ++ks) {
+      const int slot = ks % S;
+      if (ks >= S) mbar_wait(empty0 + 8 * slot, ((ks / S) - 1) & 1);
+      const uint32_t st = sbase + uint32_t(slot) * kStageBytes<SB>;
+      // Activations: chunk c of token rows (lane >> 3) + 4 i, at n * 128 + ((c ^ (n & 7)) * 16).
+#pragma unroll 8
+      for (int i = 0; i < kN / 4; ++i) {
+        const int n = (lane >> 3) + 4 * i;
+        const int64_t off = row_off[n];
+        cp_async16_zfill_sa(st + uint32_t(n * 128 + ((c ^ (n & 7)) * 16)),
+                            off < 0 ? a.x : x + off + int64_t(ks) * 128 + c * 16, off < 0 ? 0 : 16);
       }
+      // Weights: each tile's span vectors, lane by lane (the consumer lane reads back its own).
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) {
+        const int64_t mt = mblock * kTiles + u, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
+        const uint8_t* wt = w0 + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes;
+#pragma unroll
+        for (int h = 0; h < SPANS; ++h) {
+          const int64_t s = int64_t(ks) * SPANS + h;
+          const uint32_t d = st + kXBytes + uint32_t((u * SPANS + h) * kSpanBytes + lane * 16);
+          if (s < G.S) cp_async16_stream_sa(d, wt + s * kSpanBytes);
+          else cp_async16_zfill_sa(d, a.w, 0);  // past K: codes 0 meet x = 0
+        }
+      }
+      cp_async_mbar_arrive(full0 + 8 * slot);
     }
-    cp_async_commit();  // always, so that group counting stays uniform at the tail
-  };
+    cp_async_wait<0>();
+    return;
+  }
+
+  // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
+  setmaxnreg_inc<232>();
+  const int wg = warp >> 2, q = warp & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t mt = mblock * kTiles + 4 * wg + q;
+  const bool live = mt < G.MT;  // a tile past the end computes on the last one's data, never stored
+  const int64_t mtc = live ? mt : G.MT - 1;
+  const uint32_t wdst = kXBytes + uint32_t((4 * wg + q) * SPANS * kSpanBytes + lane * 16);
 
   // Scale blocks: b is clamped (the padded half stage of an odd 8-bit span count meets x = 0).
   const int64_t sb0 = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
@@ -230,31 +287,25 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
     zr.set(cur.z0, cur.z1);
   };
 
-#pragma unroll
-  for (int i = 0; i < kAhead; ++i) issue(i);
-
   // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
   // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
   // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
-  // serialize every wgmma: C7513), so more k-steps per drain keep the tensor cores busier. The other
-  // block on the SM runs its wgmma meanwhile.
+  // serialize every wgmma: C7513); the other warpgroup's wgmma run meanwhile. A drained stage's slot
+  // is released to the producer.
   const bool pair = KB == 0 || (KB == 4 && (G.kpb / 4) % 2 == 0);
+  int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
 #pragma unroll 1
   for (int ks = 0; ks < nk;) {
     const int step = (pair && ks + 1 < nk) ? 2 : 1;
     wg_wait<0>();
-    // Stages ks .. ks + step - 1 must have landed.
-    if (step == 2) cp_async_wait<kAhead - 2>();
-    else cp_async_wait<kAhead - 1>();
-    __syncthreads();  // everyone's copies; and every warp is past the wgmma that read the slots refilled now
-    // One commit group per stage (issue() commits even past the end), so before iteration ks the
-    // groups newer than stage ks + step - 1 are exactly kAhead - step.
-    issue(ks + kAhead);
-    if (step == 2) issue(ks + kAhead + 1);
+    if ((tid & 127) == 0)
+      for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
+    for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
+    fence_async_smem();  // the landed copies, to wgmma's async proxy
     uint32_t af[8][4];
     uint32_t st[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % kStages) * kStageBytes<SB>;
+    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStageBytes<SB>;
     constexpr int BATCH = KB == 0 ? 4 : KB;
 #pragma unroll
     for (int j0 = 0; j0 < 4; j0 += BATCH) {
@@ -299,11 +350,11 @@ __global__ void __launch_bounds__(kThreads, 2) fc_sm90_kernel(const FcArgs a) {
         }
       }
     }
+    prev = ks, prev_n = step;
     ks += step;
   }
   wg_wait<0>();
   fence_regs(acc);
-  cp_async_wait<0>();
   if constexpr (KB == 0) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] *= (i & 2) ? cur.s1 : cur.s0;
