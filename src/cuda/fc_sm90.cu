@@ -5,21 +5,25 @@
 // integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
 // the multiply, accumulation is fp32. What changes is the shape of the work:
 //
-//  * A block is one warpgroup (two blocks per SM) and owns 64 weight rows (4 tiles of 16; warp w owns
-//    tile w) x 128 tokens of one expert (one work item of the grouping with chunk 128). It issues
-//    wgmma.m64n128k16 with the weights as A FROM REGISTERS: a lane's 16-byte span vector is, after
-//    the magic-number dequantization, exactly its A fragment (the per-warp register layout of
-//    wgmma's m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs ~2 ALU
-//    operations per 2 weights per 128 tokens.
+//  * A block (one per SM) is warp-specialised: a producer warpgroup copies, two consumer warpgroups
+//    multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
+//    4w + q) x 128 tokens of one expert (one work item of the grouping with chunk 128). Each consumer
+//    warpgroup issues wgmma.m64n128k16 with the weights as A FROM REGISTERS: a lane's 16-byte span
+//    vector is, after the magic-number dequantization, exactly its A fragment (the per-warp register
+//    layout of wgmma's m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs
+//    ~2 ALU operations per 2 weights per 128 tokens.
 //  * The activations are B, from shared memory through a wgmma descriptor: 128 token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
 //    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
 //    2t+9 are real k 4t..4t+3), B must be stored with the same renaming: fc1 reads x through the
 //    converted copy written in that order (launch_convert_input's mma_order), and fc1 here writes its
 //    activations `a` in that order for fc2 here. The two kernels are therefore dispatched together.
-//  * Pipeline: 5 stages of (16 KB activations + the block's 2 or 4 KB of weights); copies run 3
-//    stages ahead. The block drains its wgmma before dequantizing again (see the loop), two 64-k
-//    stages per drain where no scale block ends between them; the other block on the SM overlaps.
+//  * Pipeline: 10 (4-bit) or 8 (8-bit) shared-memory stages of (16 KB activations + the block's 4 or
+//    8 KB of packed weights), each with a full and an empty mbarrier. The producer refills a stage
+//    once both consumers released it; its copies arrive on the full barrier as they land. The two
+//    consumers share each activation stage but otherwise run independently, so one dequantizes and
+//    folds scales while the other's wgmma run. A consumer drains its own wgmma before dequantizing
+//    again (see the loop), two 64-k stages per drain where no scale block ends between them.
 //  * Block order: groups of 8 work items sweep all row blocks (activations stay in L2).
 //  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
 //    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage.
