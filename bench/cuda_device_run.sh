@@ -38,14 +38,14 @@ if [[ $stages == *" sm90tests "* ]]; then
   # The suite with the wgmma kernels forced on (and the default dispatch), sanitizers on the quick subset.
   timeout 400 $T --gemm sm90 > "$OUT/tests_sm90.log" 2>&1 & p0=$!
   timeout 400 $T > "$OUT/tests.log" 2>&1 & p4=$!
-  timeout 400 compute-sanitizer --tool memcheck $T --gemm sm90 --quick > "$OUT/memcheck.log" 2>&1 & p1=$!
-  timeout 400 compute-sanitizer --tool racecheck $T --gemm sm90 --quick > "$OUT/racecheck.log" 2>&1 & p2=$!
-  timeout 400 compute-sanitizer --tool initcheck $T --gemm sm90 --quick > "$OUT/initcheck.log" 2>&1 & p3=$!
+  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 $T --gemm sm90 --quick > "$OUT/memcheck.log" 2>&1 & p1=$!
+  timeout 400 compute-sanitizer --tool racecheck --error-exitcode 9 $T --gemm sm90 --quick > "$OUT/racecheck.log" 2>&1 & p2=$!
+  timeout 400 compute-sanitizer --tool initcheck --error-exitcode 9 $T --gemm sm90 --quick > "$OUT/initcheck.log" 2>&1 & p3=$!
   wait $p0; echo "tests --gemm sm90 rc=$?"; wait $p4; echo "tests rc=$?"
   wait $p1; echo "memcheck rc=$?"; wait $p2; echo "racecheck rc=$?"; wait $p3; echo "initcheck rc=$?"
   grep -E "FAIL|passed|workspace" "$OUT/tests_sm90.log" | head -20
   grep -E "FAIL|passed|workspace" "$OUT/tests.log" | head -20
-  for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|FAIL|Error" "$OUT/$t.log" | head -5; done
+  for t in memcheck racecheck initcheck; do echo "== $t"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|FAIL|Error|Race reported" "$OUT/$t.log" | head -8; done
 fi
 if [[ $stages == *" prefill "* ]]; then
   # Prefill: the SM80-family and the wgmma kernels on the same card, then the bf16 peer.

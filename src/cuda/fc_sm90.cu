@@ -75,8 +75,8 @@ __device__ __forceinline__ void fence_regs(float (&d)[64]) {
 }
 
 // mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
-// land (cp.async.mbarrier.arrive.noinc: one arrival per producer thread), consumers arrive on its empty barrier
-// once their wgmma on it are drained.
+// land (cp.async.mbarrier.arrive.noinc: one arrival per producer thread), every consumer thread
+// arrives on its empty barrier once its warpgroup's wgmma on it are drained.
 __device__ __forceinline__ void mbar_init(uint32_t b, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
 }
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     row_off[n] = r < 0 ? -1 : r * a.x_ld * 2;
   }
   if (tid == 0) {
-    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, kConsumers);
+    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, 128 * kConsumers);
     fence_mbar_init();
   }
   __syncthreads();
@@ -305,8 +305,9 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   for (int ks = 0; ks < nk;) {
     const int step = (pair && ks + 1 < nk) ? 2 : 1;
     wg_wait<0>();
-    if ((tid & 127) == 0)
-      for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
+    // Every consumer thread arrives (its own shared-memory reads of the stage precede its arrive), so
+    // the producer's refill is ordered after all of them.
+    for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
     for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
     fence_async_smem();  // the landed copies, to wgmma's async proxy
     uint32_t af[8][4];
