@@ -50,7 +50,9 @@ fi
 if [[ $stages == *" prefill "* ]]; then
   # Prefill: the SM80-family and the wgmma kernels on the same card, then the bf16 peer.
   for g in ${PREFILL_GEMMS:-sm80 sm90}; do
-    timeout 280 $B/src/cuda/qmoe_cuda_bench --gemm $g --tokens ${PREFILL_T:-512,2048,8192} --iters ${PREFILL_ITERS:-10} \
+    tl=${PREFILL_T:-512,2048,8192}
+    [ $g = sm80 ] && tl=${PREFILL_T_SM80:-$tl}
+    timeout 280 $B/src/cuda/qmoe_cuda_bench --gemm $g --tokens $tl --iters ${PREFILL_ITERS:-10} \
       --quants ${PREFILL_Q:-int4b128} > "$OUT/prefill_$g.log" 2>&1; echo "prefill $g rc=$?"
     grep -vE "^#|^$" "$OUT/prefill_$g.log" | head -60
   done
