@@ -54,12 +54,11 @@ constexpr int kStageK = 64;                       // k per pipeline stage (4 k-s
 constexpr int kItemGroup = 8;                     // work items whose blocks run together (see the block order)
 constexpr int kXBytes = kN * kStageK * 2;         // 16 KB
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
-constexpr int kABytes = kTiles * 16 * kStageK * 2;  // 16 KB: the dequantized weights, two 64-row sub-tiles
-template <int SB> constexpr int kStageBytes = kXBytes + kABytes;
-template <int SB> constexpr int kStages = 6;
+template <int SB> constexpr int kStageBytes = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
+// Stages in flight: as many as fit one block per SM (20 KB each for 4-bit weights, 24 KB for 8-bit).
+template <int SB> constexpr int kStages = SB == 4 ? 10 : 8;
 // [stages][full barriers][empty barriers][128 row offsets]; + 1 KB to align the base to a swizzle atom.
 template <int SB> constexpr int smem_bytes() { return kStages<SB> * (kStageBytes<SB> + 16) + kN * 8 + 1024; }
-
 static_assert(kStageBytes<4> % 1024 == 0 && kStageBytes<8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
 
 #ifdef QMOE_SM90_DEVICE
@@ -75,10 +74,9 @@ __device__ __forceinline__ void fence_regs(float (&d)[64]) {
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// mbarriers (PTX ISA "mbarrier"): a stage's full barrier completes after 256 arrivals, each producer
-// thread's copies (cp.async.mbarrier.arrive.noinc, as they land) and its dequantized A values (after
-// a proxy fence); its empty barrier after every consumer thread's arrival once its warpgroup's wgmma
-// on the stage are done.
+// mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
+// land (cp.async.mbarrier.arrive.noinc: one arrival per producer thread), every consumer thread
+// arrives on its empty barrier once its warpgroup's wgmma on it are drained.
 __device__ __forceinline__ void mbar_init(uint32_t b, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
 }
@@ -112,12 +110,12 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return uint64_t((saddr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-// D[64 x 128] (+)= A[64 x 16] * B[16 x 128], both from shared memory, K-major.
+// D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (shared memory, K-major).
 template <class CT>
-__device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+__device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
   if constexpr (std::is_same_v<CT, __half>) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
     "%0, %1, %2, %3, %4, %5, %6, %7, "
     "%8, %9, %10, %11, %12, %13, %14, %15, "
@@ -127,7 +125,7 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t
     "%40, %41, %42, %43, %44, %45, %46, %47, "
     "%48, %49, %50, %51, %52, %53, %54, %55, "
     "%56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
         :
       "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -137,10 +135,10 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t
       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
   } else {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
     "%0, %1, %2, %3, %4, %5, %6, %7, "
     "%8, %9, %10, %11, %12, %13, %14, %15, "
@@ -150,7 +148,7 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t
     "%40, %41, %42, %43, %44, %45, %46, %47, "
     "%48, %49, %50, %51, %52, %53, %54, %55, "
     "%56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
         :
       "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -160,17 +158,15 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], uint64_t da, uint64_t
       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
   }
 }
-// Byte offset of (row, byte b) in a 128-byte-swizzled tile of 128-byte rows.
-__device__ __forceinline__ uint32_t sw128(int row, int b) {
-  return uint32_t(row * 128 + ((((b >> 4) ^ row) & 7) << 4) + (b & 15));
-}
-__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
-}
 #endif
+
+struct RowParams {
+  float s0, s1;  // scales of tile rows g and g + 8
+  int z0, z1;    // their zero points
+};
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
 template <class CT, int SB, bool FC1, int KB>
@@ -206,51 +202,31 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     row_off[n] = r < 0 ? -1 : r * a.x_ld * 2;
   }
   if (tid == 0) {
-    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 256), mbar_init(empty0 + 8 * i, 128 * kConsumers);
+    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, 128 * kConsumers);
     fence_mbar_init();
   }
   __syncthreads();
 
-  const int g = lane >> 2, t = lane & 3;
   if (warp >= 4 * kConsumers) {
-    // The producer warpgroup (setmaxnreg: 88 + 2 x 208 of an SM sub-partition's 512 per thread slot):
-    // for stage ks, once both consumers released its slot, it copies the activations (cp.async,
-    // arriving on the full barrier as they land) and dequantizes the weights into the stage's A tile
-    // ((q - z) exactly; the consumers apply the scales), then arrives again. Producer warp pw does
-    // tiles pw and pw + 4 (row q = pw of each consumer warpgroup's four), lane by lane.
-    setmaxnreg_dec<88>();
+    // The producer warpgroup gives registers to the consumers (setmaxnreg: 40 + 2 x 232 of an SM
+    // sub-partition's 512 per thread slot) and copies: stage ks into slot ks % S once both consumers
+    // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
+    // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
+    // cores consume them: 2.4x slower.)
+    setmaxnreg_dec<40>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     const uint8_t* x = static_cast<const uint8_t*>(a.x) + c * 16;
-    const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
-    const uint8_t* wsrc[2];
-    int64_t zb[2];  // zero-point index of rows g of each tile, block 0
+    // Weights: tiles 2 pw and 2 pw + 1, lane by lane (the consumer lane reads back its own vectors).
+    const uint8_t* wt[2];
 #pragma unroll
     for (int v = 0; v < 2; ++v) {
-      const int64_t mt = mblock * kTiles + pw + 4 * v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
-      wsrc[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
-      zb[v] = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows + g;
+      const int64_t mt = mblock * kTiles + 2 * pw + v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
+      wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
     }
-    // The weights of stage ks: span vectors, and the zero points of its (up to 2) scale blocks.
-    auto load_w = [&](int ks, uint4 (&v)[2][SPANS], int (&z)[2][2][2]) {
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-#pragma unroll
-        for (int h = 0; h < SPANS; ++h) {
-          const int64_t sp = int64_t(ks) * SPANS + h;
-          v[u][h] = sp < G.S ? __ldg(reinterpret_cast<const uint4*>(wsrc[u] + sp * kSpanBytes)) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int b = 0; b < 4 / (KB == 2 ? 2 : 4); ++b) {
-          int64_t blk = (int64_t(ks) * 4 + b * 2) / G.kpb;
-          blk = blk < G.NBP ? blk : G.NBP - 1;  // the padded half stage of an odd 8-bit span count
-          z[u][b][0] = a.z ? a.z[zb[u] + blk * kTileRows] : a.zdefault;
-          z[u][b][1] = a.z ? a.z[zb[u] + blk * kTileRows + 8] : a.zdefault;
-        }
-      }
-    };
-    uint4 wv[2][SPANS];
-    int zz[2][2][2];
-    if (nk > 0) load_w(0, wv, zz);
+    const uint32_t wd = kXBytes + uint32_t(2 * pw * SPANS * kSpanBytes + lane * 16);
+    // Activations: chunk c of token rows (pt >> 3) + 16 i, at n * 128 + ((c ^ (n & 7)) * 16); n & 7 is
+    // the same for every i.
+    const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
 #pragma unroll 1
     for (int ks = 0; ks < nk; ++ks) {
       const int slot = ks % S;
@@ -261,52 +237,46 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
         const int64_t off = row_off[(pt >> 3) + 16 * i];
         cp_async16_zfill_sa(st + xd + 2048 * i, off < 0 ? a.x : x + off + int64_t(ks) * 128, off < 0 ? 0 : 16);
       }
-      cp_async_mbar_arrive(full0 + 8 * slot);
-      // A tile: rows 16 pw + g (+ 8) of consumer warpgroup u's sub-tile, at the columns the mma layout
-      // gives lane t (the activations are stored in the same column order).
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const uint32_t sub = st + kXBytes + uint32_t(u * 64 * 128);
-        const int r0 = 16 * pw + g;
+      for (int v = 0; v < 2; ++v)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          ZeroRep<CT, SB> zr;
-          const int b = KB == 2 ? j / 2 : 0;
-          zr.set(zz[u][b][0], zz[u][b][1]);
-          uint32_t f[4];
-          dequant<CT, SB>(wv[u][j / KSTEPS], j % KSTEPS, zr, f);
-          sts32(sub + sw128(r0, 32 * j + 4 * t), f[0]);
-          sts32(sub + sw128(r0 + 8, 32 * j + 4 * t), f[1]);
-          sts32(sub + sw128(r0, 32 * j + 16 + 4 * t), f[2]);
-          sts32(sub + sw128(r0 + 8, 32 * j + 16 + 4 * t), f[3]);
+        for (int h = 0; h < SPANS; ++h) {
+          const int64_t s = int64_t(ks) * SPANS + h;
+          const uint32_t d = st + wd + uint32_t((v * SPANS + h) * kSpanBytes);
+          if (s < G.S) cp_async16_stream_sa(d, wt[v] + s * kSpanBytes);
+          else cp_async16_zfill_sa(d, a.w, 0);  // past K: codes 0 meet x = 0
         }
-      }
-      fence_async_smem();  // the A tile, to wgmma's async proxy
-      mbar_arrive(full0 + 8 * slot);
-      if (ks + 1 < nk) load_w(ks + 1, wv, zz);
+      cp_async_mbar_arrive(full0 + 8 * slot);
     }
     cp_async_wait<0>();
     return;
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  setmaxnreg_inc<208>();
+  setmaxnreg_inc<232>();
   const int wg = warp >> 2, q = warp & 3;
+  const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;
   const bool live = mt < G.MT;  // a tile past the end computes on the last one's data, never stored
   const int64_t mtc = live ? mt : G.MT - 1;
+  const uint32_t wdst = kXBytes + uint32_t((4 * wg + q) * SPANS * kSpanBytes + lane * 16);
 
-  // Scales of scale blocks (clamped like the producer's zero points).
+  // Scale blocks: b is clamped (the padded half stage of an odd 8-bit span count meets x = 0).
   const int64_t sb0 = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
-  auto scales = [&](int64_t b, float& s0, float& s1) {
+  auto params = [&](int64_t b) {
     b = b < G.NBP ? b : G.NBP - 1;
-    s0 = load_elt(a.s, sb0 + b * kTileRows + g, a.scale_elt);
-    s1 = load_elt(a.s, sb0 + b * kTileRows + g + 8, a.scale_elt);
+    const int64_t i = sb0 + b * kTileRows + g;
+    RowParams p;
+    p.s0 = load_elt(a.s, i, a.scale_elt);
+    p.s1 = load_elt(a.s, i + 8, a.scale_elt);
+    p.z0 = a.z ? a.z[i] : a.zdefault;
+    p.z1 = a.z ? a.z[i + 8] : a.zdefault;
+    return p;
   };
   int64_t blk = 0;
-  float cs0, cs1, ns0, ns1;  // the current block's scales, the next block's
-  scales(0, cs0, cs1);
-  scales(1, ns0, ns1);
+  RowParams cur = params(0), nxt = params(1);
+  ZeroRep<CT, SB> zr;
+  zr.set(cur.z0, cur.z1);
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
 
   float acc[64], part[64];
@@ -317,55 +287,85 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     fence_regs(part);
     fence_regs(acc);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = fmaf((i & 2) ? cs1 : cs0, part[i], acc[i]);
+    for (int i = 0; i < 64; ++i) acc[i] = fmaf((i & 2) ? cur.s1 : cur.s0, part[i], acc[i]);
     ++blk;
-    cs0 = ns0, cs1 = ns1;
-    scales(blk + 1, ns0, ns1);
+    cur = nxt;
+    nxt = params(blk + 1);
+    zr.set(cur.z0, cur.z1);
   };
 
-  // Both operands come from shared memory, so a warpgroup issues stage ks + 1's wgmma while stage ks's
-  // still run; it waits only to fold a finished scale block into acc, and to release a stage's slot
-  // once the wgmma that read it are done (every consumer thread arrives).
+  // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
+  // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
+  // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
+  // serialize every wgmma: C7513); the other warpgroup's wgmma run meanwhile. A drained stage's slot
+  // is released to the producer.
+  const bool pair = KB == 0 || (KB == 4 && (G.kpb / 4) % 2 == 0);
+  int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
 #pragma unroll 1
-  for (int ks = 0; ks < nk; ++ks) {
-    const int slot = ks % S;
-    mbar_wait(full0 + 8 * slot, (ks / S) & 1);
-    const uint32_t xs = sbase + uint32_t(slot) * kStageBytes<SB>;
-    const uint32_t as = xs + kXBytes + uint32_t(wg * 64 * 128);
+  for (int ks = 0; ks < nk;) {
+    const int step = (pair && ks + 1 < nk) ? 2 : 1;
+    wg_wait<0>();
+    // Every consumer thread arrives (its own shared-memory reads of the stage precede its arrive), so
+    // the producer's refill is ordered after all of them.
+    for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
+    for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
+    fence_async_smem();  // the landed copies, to wgmma's async proxy
+    uint32_t af[8][4];
+    uint32_t st[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStageBytes<SB>;
     constexpr int BATCH = KB == 0 ? 4 : KB;
 #pragma unroll
     for (int j0 = 0; j0 < 4; j0 += BATCH) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (u == 1 && step == 1) break;
+        uint4 v[SPANS];
+#pragma unroll
+        for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
+#pragma unroll
+        for (int j = j0; j < j0 + BATCH; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[4 * u + j]);
+      }
       wg_fence();
       if constexpr (KB == 0) {
         fence_regs(acc);
 #pragma unroll
-        for (int j = j0; j < j0 + BATCH; ++j)
-          wgmma_n128<CT>(acc, desc_sw128(as + 32 * j), desc_sw128(xs + 32 * j), ks > 0 || j > 0);
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+#pragma unroll
+          for (int j = j0; j < j0 + BATCH; ++j)
+            wgmma_n128<CT>(acc, af[4 * u + j], desc_sw128(st[u] + 32 * j), ks + u > 0 || j > 0);
+        }
         wg_commit();
         fence_regs(acc);
       } else {
         fence_regs(part);
 #pragma unroll
-        for (int j = j0; j < j0 + BATCH; ++j)
-          wgmma_n128<CT>(part, desc_sw128(as + 32 * j), desc_sw128(xs + 32 * j), (KB == 4 ? kc > 0 : false) || j > j0);
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+#pragma unroll
+          for (int j = j0; j < j0 + BATCH; ++j)
+            wgmma_n128<CT>(part, af[4 * u + j], desc_sw128(st[u] + 32 * j),
+                           (KB == 4 ? kc > 0 || u > 0 : false) || j > j0);
+        }
         wg_commit();
         fence_regs(part);
         if constexpr (KB == 2) {
           fold();
         } else {
-          kc += 4;
-          if (kc == G.kpb || ks + 1 == nk) fold(), kc = 0;
+          kc += 4 * step;
+          if (kc == G.kpb || ks + step == nk) fold(), kc = 0;
         }
       }
     }
-    wg_wait<1>();  // stage ks - 1's wgmma are done
-    if (ks > 0) mbar_arrive(empty0 + 8 * ((ks - 1) % S));
+    prev = ks, prev_n = step;
+    ks += step;
   }
   wg_wait<0>();
   fence_regs(acc);
   if constexpr (KB == 0) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] *= (i & 2) ? cs1 : cs0;
+    for (int i = 0; i < 64; ++i) acc[i] *= (i & 2) ? cur.s1 : cur.s0;
   }
   if (!live) return;
 
