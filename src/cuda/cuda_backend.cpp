@@ -13,6 +13,7 @@
 #include "cuda_slice.h"
 #include "ep_kernels.h"
 #include "fc_sm90.h"
+#include "host_upload.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
@@ -302,6 +303,9 @@ std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExpe
     stage_bytes = std::max(stage_bytes, round_up(int64_t(wb), 256) + round_up(int64_t(sb), 256) + zb);
   }
   DevBuf stage(stage_bytes);
+  // Uploads and packs run in order on the backend's stream: an expert's upload into the staging
+  // buffer starts after the previous expert's pack kernels have read it, so one buffer suffices.
+  cuda::HostUploader up(stream_);
   for (const Src& s : srcs) {
     const int64_t N = fc_rows(spec, s.fc), K = fc_cols(spec, s.fc), nb = spec.blocks(K);
     const size_t wb = size_t(N * (K / pack)), sb = size_t(N * nb) * dtype_size(spec.scale_dtype);
@@ -326,21 +330,20 @@ std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExpe
     uint8_t* ss = sw + round_up(int64_t(wb), 256);
     uint8_t* sz = ss + round_up(int64_t(sb), 256);
     for (int64_t e = 0; e < spec.num_experts; ++e) {
-      // Synchronous copies from pageable memory: each waits for the previous pack to finish with the
-      // staging buffer (same legacy stream), so one buffer suffices.
-      QMOE_CU(cudaMemcpy(sw, s.m->weights.data_as<uint8_t>() + e * wb, wb, cudaMemcpyHostToDevice));
-      QMOE_CU(cudaMemcpy(ss, static_cast<const uint8_t*>(s.m->scales.data()) + e * sb, sb, cudaMemcpyHostToDevice));
-      if (zb) QMOE_CU(cudaMemcpy(sz, s.m->zero_points->data_as<uint8_t>() + e * zb, zb, cudaMemcpyHostToDevice));
+      up.copy(sw, s.m->weights.data_as<uint8_t>() + e * wb, wb);
+      up.copy(ss, static_cast<const uint8_t*>(s.m->scales.data()) + e * sb, sb);
+      if (zb) up.copy(sz, s.m->zero_points->data_as<uint8_t>() + e * zb, zb);
       a.raw_w = sw;
       a.raw_s = ss;
       a.raw_z = zb ? sz : nullptr;
       a.dst_w = out.w.as<uint8_t>() + e * mg.weight_bytes_per_expert();
       a.dst_s = out.s.as<uint8_t>() + size_t(e * mg.scale_count_per_expert()) * dtype_size(spec.scale_dtype);
       a.dst_z = out.z.bytes() ? out.z.as<uint8_t>() + e * mg.scale_count_per_expert() : nullptr;
-      cuda::launch_pack(a, nullptr);
+      cuda::launch_pack(a, stream_);
       QMOE_CU(cudaGetLastError());
     }
   }
+  QMOE_CU(cudaStreamSynchronize(stream_));
   // Biases (tiny): converted to fp32 on the host.
   const int64_t E = spec.num_experts, I = spec.inter, H = spec.hidden;
   if (p->bias_g.bytes()) {

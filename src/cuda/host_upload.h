@@ -1,0 +1,36 @@
+// Host-to-device upload of pageable memory (prepack's raw weights) through two pinned chunks: the
+// host copy into one chunk, split over a few threads, overlaps the DMA of the other. A plain
+// cudaMemcpy from pageable memory stages through the driver's buffers with one thread: measured
+// 5-6 GB/s on the H100 host here, most of a mixtral layer's prepack time (docs/PERF-cuda.md).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace qmoe::cuda {
+
+class HostUploader {
+ public:
+  // Allocates the two pinned chunks (chunk_bytes each) and their events; copies run on `stream`.
+  HostUploader(cudaStream_t stream, size_t chunk_bytes = size_t(16) << 20);
+  ~HostUploader();
+  HostUploader(const HostUploader&) = delete;
+  HostUploader& operator=(const HostUploader&) = delete;
+
+  // Enqueues dst[0, n) = src[0, n) on the stream. `src` has been read when this returns; `dst` is
+  // written in stream order (later work on the stream sees it). Throws qmoe::Error on CUDA errors.
+  void copy(void* dst, const void* src, size_t n);
+
+ private:
+  void release();
+
+  cudaStream_t stream_;
+  size_t chunk_;
+  void* pinned_[2] = {nullptr, nullptr};
+  cudaEvent_t done_[2] = {nullptr, nullptr};  // the DMA out of pinned_[i] has finished
+  int next_ = 0;
+  unsigned threads_ = 1;
+};
+
+}  // namespace qmoe::cuda
