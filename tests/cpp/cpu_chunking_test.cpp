@@ -29,6 +29,7 @@
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
+#include "bitwise_diff.h"
 
 namespace {
 
@@ -146,23 +147,7 @@ Tensor run_chunked(const SyntheticLayer& l, const std::string& isa, bool prepack
   return y;
 }
 
-// "" when bitwise equal, else the first differing element with both values.
-std::string bitwise_diff(const Tensor& want, const Tensor& got) {
-  if (want.shape() != got.shape() || want.dtype() != got.dtype()) return "shape or dtype differs";
-  const size_t es = dtype_size(want.dtype());
-  for (int64_t i = 0; i < want.numel(); ++i) {
-    if (std::memcmp(static_cast<const uint8_t*>(want.data()) + i * es, static_cast<const uint8_t*>(got.data()) + i * es,
-                    es) != 0) {
-      std::ostringstream os;
-      os.precision(9);
-      os << "first difference at element " << i << " (row " << i / want.shape().back() << ", col "
-         << i % want.shape().back() << "): " << load_as_float(want.dtype(), want.data(), i) << " vs "
-         << load_as_float(got.dtype(), got.data(), i);
-      return os.str();
-    }
-  }
-  return "";
-}
+using test::bitwise_diff;
 
 TEST(CpuChunking, BitwiseEqualForEveryChunkSize) {
   std::vector<ChunkCase> cases = fixed_cases();
