@@ -415,8 +415,7 @@ RawMatrix matrix_from(const MoeSpec& spec, const nb::dict& arrays, const std::st
   return m;
 }
 
-PyLayer* make_layer(const MoeSpec& spec, const nb::dict& arrays, const std::string& backend, bool prepack,
-                    int threads) {
+PyLayer* make_layer(const MoeSpec& spec, const nb::dict& arrays, const LayerOptions& opt) {
   for (auto [key, value] : arrays) {
     const std::string k = nb::cast<std::string>(key);
     static const char* known[] = {"weights", "scales", "zero_points", "bias"};
@@ -435,14 +434,13 @@ PyLayer* make_layer(const MoeSpec& spec, const nb::dict& arrays, const std::stri
   auto out = std::make_unique<PyLayer>();
   {
     nb::gil_scoped_release unlocked;
-    out->layer = std::make_unique<MoeLayer>(spec, std::move(raw), LayerOptions{backend, prepack, threads});
+    out->layer = std::make_unique<MoeLayer>(spec, std::move(raw), opt);
   }
   out->source = "arrays";
   return out.release();
 }
 
-PyLayer* layer_from_onnx(const std::string& path, const std::string& backend, const std::string& layout,
-                         bool prepack, int threads) {
+PyLayer* layer_from_onnx(const std::string& path, const std::string& layout, const LayerOptions& lopt) {
   OnnxLoadOptions opt;
   if (layout == "detect") opt.layout = WeightsLayout::detect;
   else if (layout == "raw") opt.layout = WeightsLayout::raw;
@@ -452,7 +450,7 @@ PyLayer* layer_from_onnx(const std::string& path, const std::string& backend, co
   {
     nb::gil_scoped_release unlocked;
     OnnxLayer ol = load_onnx(path, opt);
-    out->layer = std::make_unique<MoeLayer>(ol.spec, std::move(ol.raw), LayerOptions{backend, prepack, threads});
+    out->layer = std::make_unique<MoeLayer>(ol.spec, std::move(ol.raw), lopt);
   }
   out->source = path;
   return out.release();
@@ -461,12 +459,11 @@ PyLayer* layer_from_onnx(const std::string& path, const std::string& backend, co
 // A packed file from `qmoe pack` (or save_packed), loaded without repacking. "auto" is make_backend's
 // choice, as in `qmoe run`; a file packed for another backend is refused by load_packed, naming both
 // layouts.
-PyLayer* layer_from_packed(const std::string& path, const std::string& backend, int threads) {
+PyLayer* layer_from_packed(const std::string& path, const LayerOptions& opt) {
   auto out = std::make_unique<PyLayer>();
   {
     nb::gil_scoped_release unlocked;
-    const LayerOptions opt{backend, true, threads};
-    std::unique_ptr<Backend> b = make_backend(backend, opt);
+    std::unique_ptr<Backend> b = make_backend(opt.backend, opt);
     std::unique_ptr<PackedExperts> packed = load_packed(path, *b);
     out->layer = std::make_unique<MoeLayer>(std::move(b), std::move(packed));
   }
@@ -479,7 +476,7 @@ PyLayer* layer_from_packed(const std::string& path, const std::string& backend, 
 PyLayer* layer_from_checkpoint(const std::string& path, int64_t layer_index, int bits, int64_t block_size,
                                bool symmetric, const std::string& dtype, const std::string& scale_dtype,
                                int swiglu_fusion, std::optional<int64_t> k, std::optional<bool> normalize,
-                               const std::string& backend, bool prepack, int threads) {
+                               const LayerOptions& lopt) {
   if (swiglu_fusion < 0 || swiglu_fusion > 2)
     throw Error("swiglu_fusion: expected 0, 1 or 2, got " + std::to_string(swiglu_fusion));
   CheckpointQuantizeOptions opt;
@@ -498,7 +495,7 @@ PyLayer* layer_from_checkpoint(const std::string& path, int64_t layer_index, int
     checkpoint_spec(L, opt);  // unknown k / normalization and bad options fail before any quantization
     RawLayer raw = quantize_checkpoint_layer(L, opt);
     out->metadata = std::move(raw.metadata);
-    out->layer = std::make_unique<MoeLayer>(raw.spec, std::move(raw.raw), LayerOptions{backend, prepack, threads});
+    out->layer = std::make_unique<MoeLayer>(raw.spec, std::move(raw.raw), lopt);
   }
   out->source = path;
   return out.release();
@@ -552,17 +549,22 @@ NB_MODULE(_qmoe, m) {
       .def("validate", &MoeSpec::validate)
       .def("__repr__", [](const MoeSpec& s) { return "Spec(" + s.to_string() + ")"; });
 
+  // How a layer is built: backend, prepack, CPU threads and chunk rows, CUDA kernels (qmoe/layer.h).
+  nb::class_<LayerOptions>(m, "_LayerOptions")
+      .def(nb::init<>())
+      .def_rw("backend", &LayerOptions::backend)
+      .def_rw("prepack", &LayerOptions::prepack)
+      .def_rw("threads", &LayerOptions::threads)
+      .def_rw("chunk_rows", &LayerOptions::chunk_rows)
+      .def_rw("cuda_gemm", &LayerOptions::cuda_gemm);
+
   nb::class_<PyLayer>(m, "_Layer")
-      .def_static("from_arrays", &make_layer, "spec"_a, "arrays"_a, "backend"_a = "auto", "prepack"_a = true,
-                  "threads"_a = 0, nb::rv_policy::take_ownership)
-      .def_static("from_onnx", &layer_from_onnx, "path"_a, "backend"_a = "auto", "layout"_a = "detect",
-                  "prepack"_a = true, "threads"_a = 0, nb::rv_policy::take_ownership)
-      .def_static("from_packed", &layer_from_packed, "path"_a, "backend"_a = "auto", "threads"_a = 0,
-                  nb::rv_policy::take_ownership)
+      .def_static("from_arrays", &make_layer, "spec"_a, "arrays"_a, "options"_a, nb::rv_policy::take_ownership)
+      .def_static("from_onnx", &layer_from_onnx, "path"_a, "layout"_a, "options"_a, nb::rv_policy::take_ownership)
+      .def_static("from_packed", &layer_from_packed, "path"_a, "options"_a, nb::rv_policy::take_ownership)
       .def_static("from_checkpoint", &layer_from_checkpoint, "path"_a, "layer"_a, "bits"_a, "block_size"_a,
                   "symmetric"_a, "dtype"_a, "scale_dtype"_a, "swiglu_fusion"_a, "k"_a.none(),
-                  "normalize_routing_weights"_a.none(), "backend"_a, "prepack"_a, "threads"_a,
-                  nb::rv_policy::take_ownership)
+                  "normalize_routing_weights"_a.none(), "options"_a, nb::rv_policy::take_ownership)
       .def("run", &PyLayer::run, "x"_a, "router_logits"_a, "router_weights"_a.none(), "out"_a, "stream"_a = 0)
       .def("reserve", &PyLayer::reserve, "rows"_a)
       .def(

@@ -110,6 +110,19 @@ def dequantize(
 _ARRAY_NAMES = tuple(f"fc{i}_{part}" for i in (1, 2, 3) for part in ("weights", "scales", "zero_points", "bias"))
 
 
+def _options(backend: str, prepack: bool, threads: int, chunk_rows: int, cuda_gemm: str) -> Any:
+    """How a layer is built (qmoe/layer.h LayerOptions): ``threads`` and ``chunk_rows`` (tokens per
+    chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB) apply to the CPU backend,
+    ``cuda_gemm`` ("auto", "sm80" or "sm90") to the CUDA backend's FC kernels."""
+    o = _qmoe._LayerOptions()
+    o.backend = str(backend)
+    o.prepack = bool(prepack)
+    o.threads = int(threads)
+    o.chunk_rows = int(chunk_rows)
+    o.cuda_gemm = str(cuda_gemm)
+    return o
+
+
 class Layer:
     """A QMoE layer ready to run.
 
@@ -146,6 +159,8 @@ class Layer:
         backend: str = "auto",
         prepack: bool = True,
         threads: int = 0,
+        chunk_rows: int = 0,
+        cuda_gemm: str = "auto",
         **arrays: Any,
     ) -> None:
         unknown = sorted(set(arrays) - set(_ARRAY_NAMES))
@@ -178,22 +193,27 @@ class Layer:
             setattr(spec, f"fc{i}_bias", f"fc{i}_bias" in conv)
             setattr(spec, f"fc{i}_zero_points", f"fc{i}_zero_points" in conv)
         self._impl = _qmoe._Layer.from_arrays(
-            spec, {name: a for name, (a, _) in conv.items()}, backend, bool(prepack), int(threads))
+            spec, {name: a for name, (a, _) in conv.items()},
+            _options(backend, prepack, threads, chunk_rows, cuda_gemm))
 
     @classmethod
     def from_onnx(
-        cls, path: Any, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0
+        cls, path: Any, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0,
+        chunk_rows: int = 0, cuda_gemm: str = "auto",
     ) -> "Layer":
         """Loads the single com.microsoft::QMoE node of an ONNX file (external data allowed).
         ``layout`` is "detect", "raw" or "ort_cuda" (contract §7)."""
-        return cls._wrap(_qmoe._Layer.from_onnx(str(path), backend, layout, bool(prepack), int(threads)))
+        return cls._wrap(_qmoe._Layer.from_onnx(
+            str(path), layout, _options(backend, prepack, threads, chunk_rows, cuda_gemm)))
 
     @classmethod
-    def from_packed(cls, path: Any, backend: str = "auto", threads: int = 0) -> "Layer":
+    def from_packed(
+        cls, path: Any, backend: str = "auto", threads: int = 0, chunk_rows: int = 0, cuda_gemm: str = "auto"
+    ) -> "Layer":
         """Loads a packed file written by ``qmoe pack`` without repacking. The file's layout must be
         the one ``backend`` packs on this machine ("auto": the best backend present, as in ``qmoe
         run``); otherwise the error names both layouts and the ``qmoe pack --target`` to use."""
-        return cls._wrap(_qmoe._Layer.from_packed(str(path), backend, int(threads)))
+        return cls._wrap(_qmoe._Layer.from_packed(str(path), _options(backend, True, threads, chunk_rows, cuda_gemm)))
 
     @classmethod
     def from_checkpoint(
@@ -212,6 +232,8 @@ class Layer:
         normalize_routing_weights: Optional[bool] = None,
         prepack: bool = True,
         threads: int = 0,
+        chunk_rows: int = 0,
+        cuda_gemm: str = "auto",
     ) -> "Layer":
         """Quantizes the routed experts of decoder layer ``layer`` of a Hugging Face checkpoint (a
         folder, a ``.safetensors`` file or a ``model.safetensors.index.json``; the model families of
@@ -227,7 +249,7 @@ class Layer:
             str(path), int(layer), int(bits), int(block_size), bool(symmetric), _dtype_name(dtype), sd,
             int(swiglu_fusion), None if k is None else int(k),
             None if normalize_routing_weights is None else bool(normalize_routing_weights),
-            backend, bool(prepack), int(threads))
+            _options(backend, prepack, threads, chunk_rows, cuda_gemm))
         return cls._wrap(impl)
 
     @classmethod

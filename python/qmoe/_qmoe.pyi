@@ -33,17 +33,21 @@ class Spec:
     def __init__(self) -> None: ...
     def validate(self) -> None: ...
 
+class _LayerOptions:
+    backend: str
+    prepack: bool
+    threads: int
+    chunk_rows: int
+    cuda_gemm: str
+    def __init__(self) -> None: ...
+
 class _Layer:
     @staticmethod
-    def from_arrays(
-        spec: Spec, arrays: dict[str, npt.ArrayLike], backend: str = "auto", prepack: bool = True, threads: int = 0
-    ) -> _Layer: ...
+    def from_arrays(spec: Spec, arrays: dict[str, npt.ArrayLike], options: _LayerOptions) -> _Layer: ...
     @staticmethod
-    def from_onnx(
-        path: str, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0
-    ) -> _Layer: ...
+    def from_onnx(path: str, layout: str, options: _LayerOptions) -> _Layer: ...
     @staticmethod
-    def from_packed(path: str, backend: str = "auto", threads: int = 0) -> _Layer: ...
+    def from_packed(path: str, options: _LayerOptions) -> _Layer: ...
     @staticmethod
     def from_checkpoint(
         path: str,
@@ -56,9 +60,7 @@ class _Layer:
         swiglu_fusion: int,
         k: Optional[int],
         normalize_routing_weights: Optional[bool],
-        backend: str,
-        prepack: bool,
-        threads: int,
+        options: _LayerOptions,
     ) -> _Layer: ...
     def run(self, x: Any, router_logits: Any, router_weights: Optional[Any], out: Any, stream: int = 0) -> None: ...
     def reserve(self, rows: int) -> int: ...

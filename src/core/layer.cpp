@@ -19,6 +19,8 @@ std::vector<std::string> available_backends() {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt) {
+  if (opt.cuda_gemm != "auto" && opt.cuda_gemm != "sm80" && opt.cuda_gemm != "sm90")
+    throw Error("cuda_gemm: expected auto, sm80 or sm90, got '" + opt.cuda_gemm + "'");
   const std::string chosen = name == "auto" ? available_backends().front() : name;
   if (chosen == "reference") return make_reference_backend();
   if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto", opt.chunk_rows});
@@ -26,10 +28,7 @@ std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOption
   if (chosen == "cuda") {
     if (cuda_device_count() == 0) throw Error("backend 'cuda': no CUDA device is visible on this machine");
     CudaBackendOptions co{0, opt.prepack};
-    if (opt.cuda_gemm == "sm80") co.gemm = CudaGemm::sm80;
-    else if (opt.cuda_gemm == "sm90") co.gemm = CudaGemm::sm90;
-    else if (opt.cuda_gemm != "auto")
-      throw Error("cuda_gemm: expected auto, sm80 or sm90, got '" + opt.cuda_gemm + "'");
+    co.gemm = opt.cuda_gemm == "sm80" ? CudaGemm::sm80 : opt.cuda_gemm == "sm90" ? CudaGemm::sm90 : CudaGemm::automatic;
     return make_cuda_backend(co);
   }
 #endif

@@ -224,6 +224,22 @@ def test_three_d_input_keeps_its_shape():
     assert rel_err(out.reshape(8, -1), model_forward(cfg, W, B, x3.reshape(8, -1), l2)) <= 1e-5
 
 
+def test_chunk_rows_gives_bitwise_the_same_output_and_bad_options_are_refused():
+    # The CPU backend runs tokens in chunks of chunk_rows (bounding its scratch); every chunk size
+    # must give exactly the unchunked output. cuda_gemm is checked whatever the backend.
+    cfg = dataclasses.replace(CONFIGS[5], rows=37)
+    kwargs, _, _ = build(cfg)
+    x, lg, rw = inputs(cfg)
+    whole = qmoe.Layer(backend="cpu", **kwargs).run(x, lg, rw)
+    for rows in (1, 5, 64):
+        out = qmoe.Layer(backend="cpu", chunk_rows=rows, **kwargs).run(x, lg, rw)
+        assert np.array_equal(out, whole), f"chunk_rows={rows}"
+    with pytest.raises(qmoe.Error, match="cuda_gemm: expected auto, sm80 or sm90, got 'sm99'"):
+        qmoe.Layer(backend="cpu", cuda_gemm="sm99", **kwargs)
+    with pytest.raises(qmoe.Error, match="max_chunk_rows"):
+        qmoe.Layer(backend="cpu", chunk_rows=-1, **kwargs)
+
+
 def test_concurrent_runs_on_one_layer_agree():
     # run() releases the GIL; calls on one layer from several threads must give the serial answers.
     import concurrent.futures
