@@ -47,7 +47,7 @@ using namespace dev;
 #endif
 
 constexpr int kConsumers = 2;                      // consumer warpgroups per block, 64 weight rows each
-constexpr int kThreads = 128 * (kConsumers + 1);  // + a producer warpgroup (one warp of it copies)
+constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
 constexpr int kTiles = 4 * kConsumers;            // 16-row tiles per block
 constexpr int kN = 128;                           // tokens per block (wgmma's n128)
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
