@@ -778,9 +778,7 @@ void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
 template <bool FC1>
 void launch_fc(const FcArgs& a, cudaStream_t st) {
   if (a.max_items == 0) return;
-  const bool h = a.ct == Elt::f16;
-  if (a.geom.sbits == 4) h ? launch_fc_nt<FC1, __half, 4>(a, st) : launch_fc_nt<FC1, __nv_bfloat16, 4>(a, st);
-  else h ? launch_fc_nt<FC1, __half, 8>(a, st) : launch_fc_nt<FC1, __nv_bfloat16, 8>(a, st);
+  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { launch_fc_nt<FC1, CT, SB>(a, st); });
 }
 
 __global__ void combine_kernel(CombineArgs a) {
@@ -862,13 +860,7 @@ void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, 
 
 cudaError_t init_kernels() {
   // Raises the dynamic shared-memory limit of every FC kernel once, outside any stream capture.
-  cudaError_t e = cudaSuccess;
-  for (cudaError_t r : {set_smem_attrs_nt<__half, 4, true>(), set_smem_attrs_nt<__half, 8, true>(),
-                        set_smem_attrs_nt<__nv_bfloat16, 4, true>(), set_smem_attrs_nt<__nv_bfloat16, 8, true>(),
-                        set_smem_attrs_nt<__half, 4, false>(), set_smem_attrs_nt<__half, 8, false>(),
-                        set_smem_attrs_nt<__nv_bfloat16, 4, false>(), set_smem_attrs_nt<__nv_bfloat16, 8, false>()})
-    if (e == cudaSuccess) e = r;
-  return e;
+  return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_smem_attrs_nt<CT, SB, FC1>(); });
 }
 
 void launch_fc1(const FcArgs& a, cudaStream_t st) { launch_fc<true>(a, st); }

@@ -192,4 +192,22 @@ __device__ __forceinline__ float swiglu_dev(float gt, float ln, float limit, flo
   return gt * (1.0f / (1.0f + expf(-alpha * gt))) * (ln + beta);
 }
 
+// The FC kernels' variants (host side): compute type (fp16, bf16) x stored bits (4, 8) x fc1/fc2.
+// Calls f.template operator()<CT, SB, FC1>() for each of the eight; returns the first error.
+template <class F> cudaError_t for_each_fc_variant(F&& f) {
+  cudaError_t e = cudaSuccess;
+  for (cudaError_t r : {f.template operator()<__half, 4, true>(), f.template operator()<__half, 8, true>(),
+                        f.template operator()<__nv_bfloat16, 4, true>(), f.template operator()<__nv_bfloat16, 8, true>(),
+                        f.template operator()<__half, 4, false>(), f.template operator()<__half, 8, false>(),
+                        f.template operator()<__nv_bfloat16, 4, false>(), f.template operator()<__nv_bfloat16, 8, false>()})
+    if (e == cudaSuccess) e = r;
+  return e;
+}
+// Calls f.template operator()<CT, SB>() for the variant that serves compute type `ct` and stored bits.
+template <class F> void dispatch_fc_variant(Elt ct, int sbits, F&& f) {
+  const bool h = ct == Elt::f16;
+  if (sbits == 4) h ? f.template operator()<__half, 4>() : f.template operator()<__nv_bfloat16, 4>();
+  else h ? f.template operator()<__half, 8>() : f.template operator()<__nv_bfloat16, 8>();
+}
+
 }  // namespace qmoe::cuda::dev

@@ -426,9 +426,7 @@ void launch_sb(const FcArgs& a, cudaStream_t st) {
 template <bool FC1>
 void launch(const FcArgs& a, cudaStream_t st) {
   if (a.max_items == 0) return;
-  const bool h = a.ct == Elt::f16;
-  if (a.geom.sbits == 4) h ? launch_sb<FC1, __half, 4>(a, st) : launch_sb<FC1, __nv_bfloat16, 4>(a, st);
-  else h ? launch_sb<FC1, __half, 8>(a, st) : launch_sb<FC1, __nv_bfloat16, 8>(a, st);
+  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { launch_sb<FC1, CT, SB>(a, st); });
 }
 
 }  // namespace
@@ -449,13 +447,7 @@ bool sm90_available(int device) {
 }
 
 cudaError_t init_sm90_kernels() {
-  cudaError_t e = cudaSuccess;
-  for (cudaError_t r : {set_attrs_kb<__half, 4, true>(), set_attrs_kb<__half, 8, true>(),
-                        set_attrs_kb<__nv_bfloat16, 4, true>(), set_attrs_kb<__nv_bfloat16, 8, true>(),
-                        set_attrs_kb<__half, 4, false>(), set_attrs_kb<__half, 8, false>(),
-                        set_attrs_kb<__nv_bfloat16, 4, false>(), set_attrs_kb<__nv_bfloat16, 8, false>()})
-    if (e == cudaSuccess) e = r;
-  return e;
+  return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_attrs_kb<CT, SB, FC1>(); });
 }
 
 void launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { launch<true>(a, st); }
