@@ -21,6 +21,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
+#include "cpu/kernels_avx512_common.h"
 #include "qmoe/error.h"
 
 namespace qmoe::cpu {
@@ -28,51 +29,6 @@ namespace qmoe::cpu {
 namespace {
 
 constexpr int kTokensAvx512 = 6;
-
-inline __m512 load_scales16(DType t, const void* p, int64_t i) {
-  switch (t) {
-    case DType::f16:
-      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
-    case DType::bf16: {
-      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-    }
-    default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-  }
-}
-
-inline __m512i load_codes16(const uint8_t* p) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// Whether any scale of the pair is +-Inf. Such pairs (pathological input) go to the portable kernel,
-// which handles those blocks the reference's way (cpu_kernels.h); the scan is ~1% of a pair's work
-// and keeps the check out of the per-block path (measured: the per-block check cost ~5% at block 32).
-inline bool any_inf_scale(const PairJob& jb) {
-  __mmask16 m = 0;
-  const __m512 inf = _mm512_set1_ps(__builtin_inff());
-  for (int tile = 0; tile < 2; ++tile)
-    for (int64_t b = 0; b < jb.nb; ++b)
-      m |= _mm512_cmp_ps_mask(_mm512_abs_ps(load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows)), inf, _CMP_EQ_OQ);
-  return m != 0;
-}
-
-// Accumulates block results: acc[t][tile] = fma(scale, ev + od, acc[t][tile]).
-template <int MT>
-inline void finish_block(const PairJob& jb, int64_t b, __m512 ev[MT][2], __m512 od[MT][2], __m512 acc[MT][2]) {
-  for (int tile = 0; tile < 2; ++tile) {
-    const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
-    for (int t = 0; t < MT; ++t) acc[t][tile] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile]);
-  }
-}
-
-template <int MT>
-inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
-  for (int t = 0; t < MT; ++t) {
-    _mm512_storeu_ps(jb.acc + t * kPairRows, acc[t][0]);
-    _mm512_storeu_ps(jb.acc + t * kPairRows + kTileRows, acc[t][1]);
-  }
-}
 
 template <int MT, bool ZP>
 void pair_w4(const PairJob& jb) {

@@ -1,0 +1,65 @@
+// Helpers shared by the AVX-512 kernel translation units (kernels_avx512.cpp, the exact fp32 kernels,
+// and kernels_avx512_bf16.cpp, the bf16 compute mode). Include only from files built with the AVX-512
+// flags. Everything here sits in an unnamed namespace, so each translation unit gets its own copy
+// compiled with its own flags (no inline function is shared across TUs built for different ISAs).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+
+namespace qmoe::cpu {
+namespace {
+
+// 16 scales of one block and tile as fp32 (fp16 and bf16 widen exactly).
+inline __m512 load_scales16(DType t, const void* p, int64_t i) {
+  switch (t) {
+    case DType::f16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+    case DType::bf16: {
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    }
+    default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+// 16 bytes (one code byte or zero point of each of a tile's 16 rows) widened to dwords.
+inline __m512i load_codes16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Whether any scale of the pair is +-Inf. Such pairs (pathological input) go to the portable kernel,
+// which handles those blocks the reference's way (cpu_kernels.h); the scan is ~1% of a pair's work
+// and keeps the check out of the per-block path (measured: the per-block check cost ~5% at block 32).
+inline bool any_inf_scale(const PairJob& jb) {
+  __mmask16 m = 0;
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  for (int tile = 0; tile < 2; ++tile)
+    for (int64_t b = 0; b < jb.nb; ++b)
+      m |= _mm512_cmp_ps_mask(_mm512_abs_ps(load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows)), inf, _CMP_EQ_OQ);
+  return m != 0;
+}
+
+// Accumulates block results: acc[t][tile] = fma(scale, ev + od, acc[t][tile]) (cpu_kernels.h).
+template <int MT>
+inline void finish_block(const PairJob& jb, int64_t b, __m512 ev[MT][2], __m512 od[MT][2], __m512 acc[MT][2]) {
+  for (int tile = 0; tile < 2; ++tile) {
+    const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
+    for (int t = 0; t < MT; ++t) acc[t][tile] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile]);
+  }
+}
+
+template <int MT>
+inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
+  for (int t = 0; t < MT; ++t) {
+    _mm512_storeu_ps(jb.acc + t * kPairRows, acc[t][0]);
+    _mm512_storeu_ps(jb.acc + t * kPairRows + kTileRows, acc[t][1]);
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::cpu
