@@ -91,6 +91,19 @@ struct CpuBackendOptions {
   // (T: the largest run so far) however large T is. Outputs are bitwise the same for every R.
   // 0 = as many rows as fit in 256 MiB, at least 1: 1636 rows for Mixtral-8x7B (H 4096, I 14336, k 2).
   int64_t max_chunk_rows = 0;
+  // Arithmetic of the kernels (int4 and int8 weights; 2-bit always runs exact):
+  //   "exact" (default): fp32 throughout, the contract of src/cpu/cpu_kernels.h; agrees with the
+  //           reference within the fp32 tolerances of docs/AGREEMENT.md.
+  //   "bf16":  an accuracy option for prefill. Each chunk's fp32 activations (the layer input and the
+  //           FC1 outputs) are rounded once to bf16 (nearest even) and multiplied with the exact
+  //           integer weights (q - z) by vdpbf16ps, accumulating in fp32; scales still apply in fp32
+  //           per block. Each product changes by at most 2^-8 relative, so one output of one GEMM
+  //           moves by at most 2^-8 * sum |s (q - z) x| (+ fp32 rounding); whole layers agree with the
+  //           reference to a relative L2 error of 8e-3 (typically 2-3.5e-3; docs/DESIGN.md,
+  //           "Numerics"). Deterministic: bitwise the same for every chunk size and thread count.
+  //           Needs AVX-512 F/BW/VL and AVX512_BF16 (isa "auto" or "avx512"); otherwise refused.
+  //           Scratch grows by 2 * (round16(H + 8) + k * round16(I + 8)) bytes per row (bf16 rows).
+  std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& opt = {});

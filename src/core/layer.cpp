@@ -21,9 +21,11 @@ std::vector<std::string> available_backends() {
 std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt) {
   if (opt.cuda_gemm != "auto" && opt.cuda_gemm != "sm80" && opt.cuda_gemm != "sm90")
     throw Error("cuda_gemm: expected auto, sm80 or sm90, got '" + opt.cuda_gemm + "'");
+  if (opt.cpu_compute != "exact" && opt.cpu_compute != "bf16")
+    throw Error("cpu_compute: expected exact or bf16, got '" + opt.cpu_compute + "'");
   const std::string chosen = name == "auto" ? available_backends().front() : name;
   if (chosen == "reference") return make_reference_backend();
-  if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto", opt.chunk_rows});
+  if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto", opt.chunk_rows, opt.cpu_compute});
 #ifdef QMOE_HAVE_CUDA
   if (chosen == "cuda") {
     if (cuda_device_count() == 0) throw Error("backend 'cuda': no CUDA device is visible on this machine");

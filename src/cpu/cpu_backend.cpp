@@ -11,6 +11,9 @@
 // pack_tile right before the same kernel) is bitwise identical to the prepacked one. Chunking changes
 // only which tokens share a kernel call, and a kernel's arithmetic per token does not depend on that
 // (cpu_kernels.h), so results are also bitwise identical for any chunk size.
+// The bf16 compute mode (CpuBackendOptions::compute) changes two things only: each chunk's fp32 input
+// rows and FC1 outputs are also rounded once to bf16 rows (what its kernels read), and the kernels are
+// kernels_avx512_bf16.cpp's. The same arguments make it bitwise deterministic.
 #include "cpu/cpu_backend.h"
 
 #include <cpuid.h>
@@ -46,6 +49,7 @@ bool cpu_has_f16c() {
   return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
 }
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c(); }
+bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 const KernelSet& select_kernels(const std::string& isa) {
   if (isa == "auto") {
@@ -63,6 +67,20 @@ const KernelSet& select_kernels(const std::string& isa) {
     return avx512_kernels();
   }
   throw Error("cpu backend: isa: expected auto, portable, avx2 or avx512, got '" + isa + "'");
+}
+
+// The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels.
+const KernelSet& select_kernels(const std::string& isa, const std::string& compute) {
+  const KernelSet& exact = select_kernels(isa);  // validates isa first
+  if (compute == "exact") return exact;
+  if (compute != "bf16") throw Error("cpu backend: compute: expected exact or bf16, got '" + compute + "'");
+  if (isa != "auto" && isa != "avx512")
+    throw Error("cpu backend: compute 'bf16' runs only on the AVX-512 BF16 kernels, but isa '" + isa +
+                "' was requested (use isa auto or avx512, or compute exact)");
+  if (!cpu_has_avx512_bf16())
+    throw Error("cpu backend: compute 'bf16' requested, but this CPU lacks AVX512_BF16 (or AVX-512 F/BW/VL); "
+                "use compute 'exact'");
+  return avx512_bf16_kernels();
 }
 
 // Prepack off: the raw tensors, validated, plus the plan that says how to pack a tile on the fly.
@@ -186,12 +204,13 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
 // run so far (at most the chunk size), never by T. Every element a chunk reads is written by it.
 struct RunScratch {
   std::vector<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
+  std::vector<uint16_t> Xb, Ab;  // compute bf16 only: X and A rounded to bf16 (what its kernels read)
   std::vector<Route> routes;    // slot t*k+j of the chunk
   std::vector<int64_t> order;   // slots grouped by expert
 
   size_t bytes() const {
-    return (X.capacity() + A.capacity() + Y.capacity()) * sizeof(float) + routes.capacity() * sizeof(Route) +
-           order.capacity() * sizeof(int64_t);
+    return (X.capacity() + A.capacity() + Y.capacity()) * sizeof(float) + (Xb.capacity() + Ab.capacity()) * sizeof(uint16_t) +
+           routes.capacity() * sizeof(Route) + order.capacity() * sizeof(int64_t);
   }
 };
 
@@ -208,7 +227,7 @@ T* grow(std::vector<T>& v, int64_t n) {
 
 // Rows [r0, r1) of the layer: reads those rows of the inputs, writes those rows of `out`.
 template <class Source>
-void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
+void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, bool bf16, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   const PairKernel kernel = kernel_for(ks, s.bits);
@@ -244,6 +263,9 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   float* X = grow(scratch.X, rows * XW);
   float* A = grow(scratch.A, rows * k * AW);  // FC1 activations per grouped position
   float* Y = grow(scratch.Y, rows * k * H);   // FC2 output per slot (every slot written)
+  // bf16 mode: the same rows rounded to bf16 once per chunk (float_to_bf16: nearest even), padding 0.
+  uint16_t* Xb = bf16 ? grow(scratch.Xb, rows * XW) : nullptr;
+  uint16_t* Ab = bf16 ? grow(scratch.Ab, rows * k * AW) : nullptr;
   const int threads = pool.threads();
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
@@ -253,6 +275,10 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
                   X + t * XW);
       std::fill(X + t * XW + H, X + (t + 1) * XW, 0.f);  // the kernels read these columns
       for (int64_t j = 0; j < k; ++j) std::fill(A + (t * k + j) * AW + I, A + (t * k + j + 1) * AW, 0.f);
+      if (bf16) {
+        for (int64_t i = 0; i < XW; ++i) Xb[t * XW + i] = float_to_bf16(X[t * XW + i]);
+        for (int64_t j = 0; j < k; ++j) std::fill(Ab + (t * k + j) * AW + I, Ab + (t * k + j + 1) * AW, uint16_t(0));
+      }
     }
   });
 
@@ -273,10 +299,14 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       jb.acc = acc;
       for (int64_t g = 0; g < m; g += mt) {
         jb.tokens = int(std::min<int64_t>(mt, m - g));
-        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = X + order[o + g + i] / k * XW;
+        for (int i = 0; i < jb.tokens; ++i) {
+          jb.x[i] = X + order[o + g + i] / k * XW;
+          jb.xb[i] = bf16 ? Xb + order[o + g + i] / k * XW : nullptr;
+        }
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* a = A + (o + g + i) * AW;
+          uint16_t* ab = bf16 ? Ab + (o + g + i) * AW : nullptr;
           const float* h = acc + i * kPairRows;
           if (swiglu) {
             for (int l = 0; l < kTileRows; ++l) {
@@ -286,6 +316,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
               if (ta.bias) gv += ta.bias[l];
               if (tb.bias) uv += tb.bias[l];
               a[r] = swiglu_scalar(s, gv, uv);
+              if (ab) ab[r] = float_to_bf16(a[r]);
             }
           } else {
             for (int l = 0; l < kPairRows; ++l) {
@@ -295,6 +326,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
               float v = h[l];
               if (tr.bias) v += tr.bias[l % kTileRows];
               a[r] = activation_scalar(s.activation, v);
+              if (ab) ab[r] = float_to_bf16(a[r]);
             }
           }
         }
@@ -317,7 +349,10 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       jb.acc = acc;
       for (int64_t g = 0; g < m; g += mt) {
         jb.tokens = int(std::min<int64_t>(mt, m - g));
-        for (int i = 0; i < jb.tokens; ++i) jb.x[i] = A + (o + g + i) * AW;
+        for (int i = 0; i < jb.tokens; ++i) {
+          jb.x[i] = A + (o + g + i) * AW;
+          jb.xb[i] = bf16 ? Ab + (o + g + i) * AW : nullptr;
+        }
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* y = Y + order[o + g + i] * H;
@@ -345,19 +380,19 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
 }
 
 template <class Source>
-void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, ThreadPool& pool,
+void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, bool bf16, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t chunk) {
   const int64_t rows = input_rows(in);
   for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
     r1 = r0 + std::min(rows - r0, chunk);
-    run_chunk(s, plan, src, ks, pool, in, out, scratch, r0, r1);
+    run_chunk(s, plan, src, ks, bf16, pool, in, out, scratch, r0, r1);
   }
 }
 
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const CpuBackendOptions& opt)
-      : opt_(opt), kernels_(&select_kernels(opt.isa)) {
+      : opt_(opt), kernels_(&select_kernels(opt.isa, opt.compute)), bf16_(opt.compute == "bf16") {
     if (opt.threads < 0) throw Error("cpu backend: threads: expected >= 0 (0 = all cores), got " + std::to_string(opt.threads));
     if (opt.max_chunk_rows < 0)
       throw Error("cpu backend: max_chunk_rows: expected >= 0 (0 = as many rows as fit in 256 MiB of scratch), got " +
@@ -396,10 +431,10 @@ class CpuBackend final : public Backend {
     std::lock_guard<std::mutex> lk(mu_);  // the pool runs one layer at a time
     if (opt_.prepack) {
       const auto& p = static_cast<const CpuPackedExperts&>(packed);
-      run_layer(s, p.plan(), PackedSource{p}, *kernels_, *pool_, inputs, output, scratch_, chunk);
+      run_layer(s, p.plan(), PackedSource{p}, *kernels_, bf16_, *pool_, inputs, output, scratch_, chunk);
     } else {
       const auto& r = static_cast<const CpuRawExperts&>(packed);
-      run_layer(s, r.plan(), RawSource{r}, *kernels_, *pool_, inputs, output, scratch_, chunk);
+      run_layer(s, r.plan(), RawSource{r}, *kernels_, bf16_, *pool_, inputs, output, scratch_, chunk);
     }
   }
 
@@ -412,6 +447,7 @@ class CpuBackend final : public Backend {
  private:
   CpuBackendOptions opt_;
   const KernelSet* kernels_;
+  bool bf16_;  // compute "bf16": keep bf16 copies of the activation rows for the kernels
   std::unique_ptr<ThreadPool> pool_;
   mutable std::mutex mu_;  // one run or prepack at a time: the pool and scratch_ are shared
   RunScratch scratch_;
@@ -421,15 +457,16 @@ class CpuBackend final : public Backend {
 
 static_assert(sizeof(Route) == 8, "cpu_backend.h and backend.h state 16 bytes per route (a Route and an int64)");
 
-int64_t scratch_bytes_per_row(const MoeSpec& s) {
+int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
+  const int64_t bf16_rows = compute == "bf16" ? 2 * (round_up(s.hidden + 8, 16) + s.k * round_up(s.inter + 8, 16)) : 0;
   return 4 * (round_up(s.hidden + 8, 16) + s.k * (round_up(s.inter + 8, 16) + s.hidden)) +
-         s.k * int64_t(sizeof(Route) + sizeof(int64_t));
+         s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows;
 }
 
 int64_t chunk_rows(const MoeSpec& spec, const CpuBackendOptions& opt) {
   if (opt.max_chunk_rows > 0) return opt.max_chunk_rows;
-  return std::max<int64_t>(1, kAutoChunkScratchBytes / scratch_bytes_per_row(spec));
+  return std::max<int64_t>(1, kAutoChunkScratchBytes / scratch_bytes_per_row(spec, opt.compute));
 }
 
 size_t held_scratch_bytes(const Backend& backend) {

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "qmoe/backend.h"
 #include "qmoe/spec.h"
@@ -19,8 +20,9 @@ namespace qmoe::cpu {
 inline constexpr int64_t kAutoChunkScratchBytes = int64_t(256) << 20;
 
 // Scratch bytes per token row: 4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k
-// (fp32 input row, k FC1 activation rows, k FC2 output rows; a Route and an int64 order entry per route).
-int64_t scratch_bytes_per_row(const MoeSpec& spec);
+// (fp32 input row, k FC1 activation rows, k FC2 output rows; a Route and an int64 order entry per route);
+// compute "bf16" adds 2 * (round16(H + 8) + k * round16(I + 8)) for the bf16 copies of the first two.
+int64_t scratch_bytes_per_row(const MoeSpec& spec, const std::string& compute = "exact");
 
 // Rows per chunk for this spec: opt.max_chunk_rows, or the automatic choice when it is 0.
 int64_t chunk_rows(const MoeSpec& spec, const CpuBackendOptions& opt);

@@ -16,6 +16,13 @@
 // per block; the SIMD kernels scan a pair's scales first and hand a pair with any infinite scale to
 // the portable kernel (rare input; keeps the check out of their block loop).
 // Bias, activation and route mixing happen outside the kernel (cpu_backend.cpp), in shared scalar code.
+//
+// The bf16 compute mode (CpuBackendOptions::compute = "bf16", kernels_avx512_bf16.cpp) is the one
+// kernel set outside this contract: it reads activations rounded to bf16 (PairJob::xb) and multiplies
+// them with vdpbf16ps, so it agrees with the others only within the bound stated there. Its own
+// per-token arithmetic is still fixed (independent of which tokens share a call), so it is
+// deterministic across chunk sizes and thread counts. Pairs with an infinite scale, and 2-bit
+// weights, go to the exact portable kernel on the fp32 rows (PairJob::x).
 #pragma once
 
 #include <cstdint>
@@ -38,13 +45,16 @@ struct PairJob {
   DType scale_dtype = DType::f32;
   int tokens = 1;                 // 1..KernelSet::max_tokens
   const float* x[kMaxTokens];     // fp32 activation rows, readable and zero up to jbytes * (8/bits)
+  // bf16 compute mode only: the same rows rounded to bf16 (nearest even), same length and padding, so
+  // columns (2i, 2i+1) form the 32-bit word i that vdpbf16ps takes. Null in the exact mode.
+  const uint16_t* xb[kMaxTokens];
   float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
 };
 
 using PairKernel = void (*)(const PairJob&);
 
 struct KernelSet {
-  const char* isa;  // "portable", "avx2", "avx512"
+  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
 };
@@ -52,6 +62,8 @@ struct KernelSet {
 const KernelSet& portable_kernels();
 const KernelSet& avx2_kernels();    // call only where the CPU has AVX2+FMA+F16C
 const KernelSet& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/VL
+// The bf16 compute mode: call only where the CPU also has AVX512_BF16; its jobs must set xb.
+const KernelSet& avx512_bf16_kernels();
 
 // Block b's contribution for lane l (0..15) of tile `tile` and token t, computed as the reference does:
 // sum over the block's columns c < K, in order, of (scale * float(q - z)) * x[c]. Used only where the

@@ -1,0 +1,215 @@
+// The bf16 compute mode's pair kernels (src/cpu/kernels_avx512_bf16.cpp) on random tiles, against
+// float64 sums written here from the packed format's definition (cpu_layout.h).
+//
+// The bound (reasoned, not tuned). The weights w = s * (q - z) are exact (q - z has at most 8
+// significant bits; s is applied in fp32 per block, exactly as the exact kernels do), so the only
+// new error is the rounding of each activation to bf16: |bf16(x) - x| <= 2^-8 |x| (nearest even, 8
+// significant bits). For one output y = sum_c w_c x_c that gives
+//   |y_kernel - y| <= 2^-8 * S + g * S_b,   S = sum |w_c x_c|,  S_b = sum |w_c bf16(x_c)|,
+// with g = n u / (1 - n u), u = 2^-24, the fp32 accumulation of the kernel over a path of at most
+// n = K + nb + 4 roundings (a chain step adds two exact bf16 x bf16 products, ev + od, the scale's fma,
+// one add per block). Checked twice per output:
+//   1. against y computed from the unrounded x, with the whole bound (the mode's promise);
+//   2. against y_b computed from bf16(x), with g * S_b only: the kernel really uses the rounded x of
+//      every column exactly once, with the right weight (an off-by-one column, wrong nibble or wrong
+//      zero point is far outside g * S_b).
+// x stays in [-2, 2] away from 0 by at least 2^-20, so no bf16 denormal (which vdpbf16ps flushes) occurs.
+// Also: a token's result is bitwise the same whatever other tokens share the call (determinism across
+// chunk sizes depends on it), and a pair with an infinite scale gives exactly the exact portable
+// kernel's result (the fallback).
+//
+// Shapes: int4 and int8; row-wise and blocks 16..256; odd K (and K below one block); zero points on
+// neither, one or both tiles; fp32/fp16/bf16 scales; 1..6 tokens per call. A fresh seed per run,
+// printed with every failure; replay with QMOE_TEST_SEED=<seed>.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "qmoe/dtype.h"
+
+namespace {
+
+using namespace qmoe;
+using namespace qmoe::cpu;
+
+bool has_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+uint64_t base_seed() {
+  static const uint64_t seed = [] {
+    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
+    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
+  }();
+  return seed;
+}
+
+// One random pair job and the buffers behind it.
+struct PairCase {
+  int bits = 4;
+  int64_t K = 0, block = 0;  // block 0: row-wise
+  DType sdt = DType::f32;
+  bool zp[2] = {false, false};
+  int tokens = 1;
+  int64_t J = 0, nb = 1, block_bytes = 0;
+  std::vector<uint8_t> codes[2], zeros[2];
+  std::vector<uint8_t> scales[2];  // [nb][16] of sdt
+  std::vector<float> x[kMaxTokens];
+  std::vector<uint16_t> xb[kMaxTokens];
+
+  std::string str() const {
+    std::ostringstream os;
+    os << "int" << bits << " K=" << K << " block=" << block << " scales=" << dtype_name(sdt) << " zp=" << zp[0] << zp[1]
+       << " tokens=" << tokens;
+    return os.str();
+  }
+
+  void make(std::mt19937_64& rng) {
+    const int pack = 8 / bits;
+    J = (K + pack - 1) / pack;
+    J += J % 2;
+    nb = block ? (K + block - 1) / block : 1;
+    block_bytes = block ? block / pack : J;
+    std::uniform_real_distribution<float> sd(0.25f, 2.f), xd(-2.f, 2.f);
+    for (int tile = 0; tile < 2; ++tile) {
+      codes[tile].resize(size_t(J * kTileRows));
+      for (auto& c : codes[tile]) c = uint8_t(rng());
+      scales[tile].resize(size_t(nb * kTileRows) * dtype_size(sdt));
+      for (int64_t i = 0; i < nb * kTileRows; ++i) {
+        const float s = (rng() & 1 ? 1.f : -1.f) * sd(rng) / float(K);
+        store_from_float(sdt, scales[tile].data(), i, s);
+      }
+      zeros[tile].clear();
+      if (zp[tile]) {
+        zeros[tile].resize(size_t(nb * kTileRows));
+        for (auto& z : zeros[tile]) z = uint8_t(rng() & ((1u << bits) - 1));
+      }
+    }
+    for (int t = 0; t < tokens; ++t) {
+      x[t].assign(size_t(J * pack), 0.f);  // zero past K, as the backend's rows are
+      xb[t].assign(size_t(J * pack), 0);
+      for (int64_t c = 0; c < K; ++c) {
+        float v = xd(rng);
+        if (std::fabs(v) < 0x1p-20f) v = 0x1p-20f;
+        x[t][size_t(c)] = v;
+        xb[t][size_t(c)] = float_to_bf16(v);
+      }
+    }
+  }
+
+  PairJob job(float* acc) const {
+    PairJob jb{};
+    for (int tile = 0; tile < 2; ++tile) {
+      jb.codes[tile] = codes[tile].data();
+      jb.scales[tile] = scales[tile].data();
+      jb.zero_points[tile] = zp[tile] ? zeros[tile].data() : nullptr;
+    }
+    jb.jbytes = J, jb.nb = nb, jb.block_bytes = block_bytes, jb.K = K, jb.bits = bits, jb.scale_dtype = sdt;
+    jb.tokens = tokens;
+    for (int t = 0; t < tokens; ++t) jb.x[t] = x[t].data(), jb.xb[t] = xb[t].data();
+    jb.acc = acc;
+    return jb;
+  }
+
+  // y (from x or from bf16(x)) and S = sum |w x| in float64, for lane (tile, l) and token t.
+  void exact(int tile, int l, int t, bool rounded, double& y, double& s_abs) const {
+    const int pack = 8 / bits, mask = (1 << bits) - 1;
+    y = 0, s_abs = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      const int64_t b = block ? c / block : 0;
+      const int q = (codes[tile][size_t((c / pack) * kTileRows + l)] >> ((c % pack) * bits)) & mask;
+      const int z = zp[tile] ? zeros[tile][size_t(b * kTileRows + l)] : 1 << (bits - 1);
+      const double w = double(load_as_float(sdt, scales[tile].data(), b * kTileRows + l)) * double(q - z);
+      const double xv = rounded ? double(bf16_to_float(xb[t][size_t(c)])) : double(x[t][size_t(c)]);
+      y += w * xv, s_abs += std::fabs(w * xv);
+    }
+  }
+};
+
+PairKernel bf16_kernel(int bits) { return bits == 4 ? avx512_bf16_kernels().w4 : avx512_bf16_kernels().w8; }
+
+TEST(CpuBf16Kernel, WithinBoundOfExactSum) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  ASSERT_EQ(avx512_bf16_kernels().max_tokens, 6);
+  std::mt19937_64 rng(base_seed());
+  const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
+  int checked = 0;
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256)})
+      for (int rep = 0; rep < 6; ++rep) {
+        PairCase c;
+        c.bits = bits, c.block = block;
+        // Odd K, sometimes shorter than one block, sometimes long (up to ~2000 columns).
+        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
+        c.sdt = sdts[rng() % 3];
+        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.tokens = 1 + int(rng() % 6);
+        c.make(rng);
+        std::vector<float> acc(size_t(c.tokens * kPairRows));
+        bf16_kernel(bits)(c.job(acc.data()));
+        const double n = double(c.K + c.nb + 4), g = n * 0x1p-24 / (1 - n * 0x1p-24);
+        for (int t = 0; t < c.tokens; ++t)
+          for (int lane = 0; lane < kPairRows; ++lane) {
+            double y, s, yb, sb;
+            c.exact(lane / kTileRows, lane % kTileRows, t, false, y, s);
+            c.exact(lane / kTileRows, lane % kTileRows, t, true, yb, sb);
+            const double got = acc[size_t(t * kPairRows + lane)];
+            ASSERT_LE(std::fabs(got - y), 0x1p-8 * s + g * sb)
+                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " exact " << y
+                << " (sum |w x| " << s << ", base seed " << base_seed() << ")";
+            ASSERT_LE(std::fabs(got - yb), g * sb)
+                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " vs sum with bf16(x) " << yb
+                << " (sum |w x| " << sb << ", base seed " << base_seed() << ")";
+            ++checked;
+          }
+      }
+  EXPECT_GT(checked, 0);
+}
+
+// A token's result does not depend on the other tokens of its call.
+TEST(CpuBf16Kernel, TokenResultIndependentOfBatch) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  std::mt19937_64 rng(base_seed() + 1);
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(32)}) {
+      PairCase c;
+      c.bits = bits, c.block = block, c.K = 301, c.zp[0] = true, c.tokens = 6;
+      c.make(rng);
+      std::vector<float> all(size_t(6 * kPairRows)), one(kPairRows);
+      bf16_kernel(bits)(c.job(all.data()));
+      for (int t = 0; t < 6; ++t) {
+        PairJob jb = c.job(one.data());
+        jb.tokens = 1, jb.x[0] = c.x[t].data(), jb.xb[0] = c.xb[t].data();
+        bf16_kernel(bits)(jb);
+        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * kPairRows, sizeof(float) * kPairRows), 0)
+            << c.str() << " token " << t << " alone differs from the same token in a call of 6 (base seed " << base_seed() << ")";
+      }
+    }
+}
+
+// A pair with an infinite scale is handed to the exact portable kernel (on the fp32 rows).
+TEST(CpuBf16Kernel, InfiniteScaleFallsBackToExactKernel) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  std::mt19937_64 rng(base_seed() + 2);
+  for (int bits : {4, 8}) {
+    PairCase c;
+    c.bits = bits, c.block = 32, c.K = 97, c.tokens = 3;
+    c.make(rng);
+    store_from_float(c.sdt, c.scales[1].data(), 1 * kTileRows + 5, -INFINITY);
+    std::vector<float> got(size_t(3 * kPairRows)), want(size_t(3 * kPairRows));
+    bf16_kernel(bits)(c.job(got.data()));
+    portable_kernels().w4(c.job(want.data()));  // the portable kernel serves every bit width
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0) << c.str();
+  }
+}
+
+}  // namespace

@@ -1,0 +1,227 @@
+// The CPU backend's bf16 compute mode (CpuBackendOptions::compute = "bf16") on whole layers.
+//
+// 1. Agreement with the reference backend (the fp32 oracle): relative L2 over the output
+//    ||bf16 - ref|| / ||ref|| <= 8e-3. Why: the mode rounds two things to bf16, the layer input (FC1's
+//    x) and FC1's activated output (FC2's x), each by a relative error of at most 2^-8 (8 significant
+//    bits), rms about 2^-8/sqrt(3) * 0.7 = 1.6e-3 (uniform in half an ulp; 0.7 = rms of 1/m over the
+//    mantissa m in [1, 2)). Over a dot product of random-sign terms the output's relative rms error is
+//    about the same; SwiGLU multiplies gate and linear halves (their errors add in quadrature), and
+//    FC2 carries FC1's error through and adds its own rounding: about sqrt(3) * 1.6e-3 = 2.8e-3
+//    expected (measured 2.2e-3 to 3.5e-3 on these layers, the largest at T = 1 where few elements
+//    average). 8e-3 is ~3x the expected value, room for the spread over small random layers; a bug (a
+//    wrong column, nibble, zero point or scale) costs O(1). With T = fp16/bf16 both results are also
+//    rounded to T; they round apart only where the mode's error straddles a rounding boundary.
+//    The per-GEMM worst-case bound, 2^-8 * sum |w x| + fp32 terms, is tested in cpu_bf16_kernel_test.cpp.
+// 2. Determinism: outputs bitwise the same for chunks of 1, 7, 64 rows and one chunk, 1, 2 and 3
+//    threads, prepack on and off.
+// 3. 2-bit layers (which run the exact kernel in this mode too) equal compute "exact" bitwise.
+// 4. Option errors name the option, the allowed values and what was given.
+// Layers: fixed (int4/int8, row-wise and blocks, zero points, biases, SwiGLU in all three forms,
+// fp32/fp16/bf16, k = E, experts with no tokens, all tokens on one expert) and random ones (fresh seed
+// per run, printed with every failure; replay with QMOE_TEST_SEED=<seed>).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bitwise_diff.h"
+#include "qmoe/backend.h"
+#include "qmoe/error.h"
+#include "qmoe/layer.h"
+#include "qmoe/reference.h"
+#include "qmoe/synthetic.h"
+
+namespace {
+
+using namespace qmoe;
+using test::bitwise_diff;
+
+bool has_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+uint64_t base_seed() {
+  static const uint64_t seed = [] {
+    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
+    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
+  }();
+  return seed;
+}
+
+struct Bf16Case {
+  std::string name;
+  MoeSpec spec;
+  int64_t tokens = 16;
+  int one_expert = -1;  // >= 0: every token's logits pick this expert first
+  bool router_weights = false;
+  uint64_t seed = 11;
+};
+
+std::vector<Bf16Case> fixed_cases() {
+  std::vector<Bf16Case> v;
+  MoeSpec a;
+  a.num_experts = 8, a.k = 2, a.hidden = 256, a.inter = 192, a.bits = 4, a.block_size = 32;
+  a.activation = Activation::swiglu, a.swiglu_fusion = SwigluFusion::interleaved, a.normalize_routing_weights = true;
+  v.push_back({"swiglu_interleaved_int4_block32_T40", a, 40});
+  MoeSpec b = a;
+  b.bits = 8, b.block_size = 0, b.fc1_zero_points = b.fc2_zero_points = true, b.fc1_bias = b.fc2_bias = true;
+  b.swiglu_limit = 7.f, b.activation_alpha = 1.702f, b.activation_beta = 1.f;
+  v.push_back({"swiglu_int8_rowwise_zp_bias_gptoss_T33", b, 33});
+  MoeSpec c = a;
+  c.activation = Activation::silu, c.swiglu_fusion = SwigluFusion::separate, c.block_size = 128, c.hidden = 301 * 2, c.inter = 77 * 2, c.fc1_zero_points = true;
+  c.act_dtype = DType::f16, c.scale_dtype = DType::f16;
+  v.push_back({"silu_int4_block128_odd_widths_zp_f16_T29", c, 29});
+  MoeSpec d = a;
+  d.swiglu_fusion = SwigluFusion::separate, d.fc3_zero_points = true, d.fc3_bias = true, d.block_size = 16;
+  d.act_dtype = DType::bf16, d.scale_dtype = DType::bf16;
+  v.push_back({"swiglu_fc3_int4_block16_bf16_T24", d, 24});
+  MoeSpec e = a;
+  e.swiglu_fusion = SwigluFusion::concatenated, e.bits = 8, e.block_size = 64, e.scale_dtype = DType::bf16;
+  v.push_back({"swiglu_concatenated_int8_block64_T17", e, 17});
+  MoeSpec f = a;
+  f.num_experts = 4, f.k = 4, f.activation = Activation::gelu, f.swiglu_fusion = SwigluFusion::separate, f.block_size = 256, f.hidden = 512;
+  v.push_back({"gelu_int4_block256_k_eq_E_T9", f, 9, -1, true});
+  MoeSpec g = a;
+  g.num_experts = 16, g.k = 1, g.activation = Activation::relu, g.swiglu_fusion = SwigluFusion::separate;
+  v.push_back({"relu_E16_k1_T3_most_experts_idle", g, 3});
+  v.push_back({"swiglu_all_tokens_on_expert_5_T50", a, 50, 5});
+  MoeSpec h = a;
+  h.bits = 8, h.block_size = 0;
+  v.push_back({"swiglu_int8_all_tokens_on_expert_0_T1", h, 1, 0});
+  return v;
+}
+
+Bf16Case random_case(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int n) { return int(rng() % uint64_t(n)); };
+  Bf16Case c;
+  c.seed = seed;
+  c.name = "random seed " + std::to_string(seed);
+  MoeSpec& s = c.spec;
+  s.bits = pick(2) ? 4 : 8;
+  const int64_t blocks[] = {0, 16, 32, 64, 128};
+  s.block_size = blocks[pick(5)];
+  s.hidden = s.pack() * (32 + pick(200));
+  s.inter = s.pack() * (32 + pick(150));
+  s.num_experts = 2 + pick(9);
+  s.k = 1 + pick(int(s.num_experts));
+  const Activation acts[] = {Activation::relu, Activation::gelu, Activation::silu, Activation::identity, Activation::swiglu};
+  s.activation = acts[pick(5)];
+  if (s.is_swiglu()) s.swiglu_fusion = SwigluFusion(pick(3));
+  s.fc1_zero_points = pick(2), s.fc2_zero_points = pick(2), s.fc3_zero_points = s.has_fc3() && pick(2);
+  s.fc1_bias = pick(2), s.fc2_bias = pick(2), s.fc3_bias = s.has_fc3() && pick(2);
+  s.normalize_routing_weights = pick(2);
+  const DType dts[] = {DType::f32, DType::f16, DType::bf16};
+  s.act_dtype = dts[pick(3)], s.scale_dtype = dts[pick(3)];
+  c.tokens = 1 + pick(70);
+  c.router_weights = pick(4) == 0;
+  if (pick(4) == 0) c.one_expert = pick(int(s.num_experts));
+  return c;
+}
+
+SyntheticLayer make_layer(const Bf16Case& c) {
+  SyntheticLayer l = make_synthetic_layer(c.spec, {.seed = c.seed, .tokens = c.tokens, .router_weights = c.router_weights});
+  if (c.one_expert >= 0) {
+    const int64_t E = c.spec.num_experts;
+    for (int64_t t = 0; t < c.tokens; ++t)
+      store_from_float(c.spec.act_dtype, l.router_probs.data(), t * E + c.one_expert, 20.f);
+  }
+  return l;
+}
+
+Tensor run_cpu(const SyntheticLayer& l, const CpuBackendOptions& opt) {
+  auto be = make_cpu_backend(opt);
+  auto packed = be->prepack(l.spec, l.raw);
+  Tensor y(l.spec.act_dtype, l.input.shape());
+  auto* p = static_cast<uint8_t*>(y.data());
+  for (size_t i = 0; i < y.nbytes(); ++i) p[i] = 0xa5;  // poison: every element must be written
+  be->run(*packed, l.inputs(), y);
+  return y;
+}
+
+constexpr double kTolerance = 8e-3;  // see 1. above; also docs/DESIGN.md "Numerics"
+
+std::vector<Bf16Case> all_cases() {
+  std::vector<Bf16Case> cases = fixed_cases();
+  for (uint64_t i = 0; i < 12; ++i) cases.push_back(random_case(base_seed() + i));
+  return cases;
+}
+
+TEST(CpuBf16Layer, AgreesWithReferenceWithinStatedTolerance) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  double worst = 0;
+  for (const Bf16Case& c : all_cases()) {
+    const SyntheticLayer l = make_layer(c);
+    const Tensor ref = reference_forward(l.spec, l.raw, l.inputs());
+    const Tensor got = run_cpu(l, {.threads = 2, .compute = "bf16"});
+    const double err = relative_error(got.view(), ref.view());
+    worst = std::max(worst, err);
+    EXPECT_LE(err, kTolerance) << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens
+                                      << " one_expert=" << c.one_expert << " (base seed " << base_seed() << ")";
+    // Far from exact-mode agreement would mean the mode is not on; not 0 unless only 2-bit or idle.
+    if (c.spec.bits != 2 && c.tokens > 0) EXPECT_GT(err, 0.0) << c.name << ": bf16 mode gave the exact result";
+  }
+  std::printf("worst relative L2 error of compute bf16 vs the reference: %.3g\n", worst);
+}
+
+TEST(CpuBf16Layer, BitwiseDeterministicAcrossChunksThreadsAndPrepack) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  for (const Bf16Case& c : all_cases()) {
+    const SyntheticLayer l = make_layer(c);
+    const Tensor want = run_cpu(l, {.threads = 2, .max_chunk_rows = c.tokens, .compute = "bf16"});
+    for (int threads : {1, 2, 3})
+      for (bool prepack : {true, false})
+        for (int64_t chunk : {int64_t(1), int64_t(7), int64_t(64), int64_t(0)}) {
+          const std::string d = bitwise_diff(
+              want, run_cpu(l, {.threads = threads, .prepack = prepack, .max_chunk_rows = chunk, .compute = "bf16"}));
+          ASSERT_EQ(d, "") << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << " threads=" << threads
+                           << " prepack=" << prepack << " max_chunk_rows=" << chunk << ": " << d << " (base seed "
+                           << base_seed() << ")";
+        }
+  }
+}
+
+TEST(CpuBf16Layer, TwoBitLayersRunExact) {
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  MoeSpec s;
+  s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 48, s.bits = 2, s.block_size = 16;
+  s.activation = Activation::swiglu, s.swiglu_fusion = SwigluFusion::interleaved, s.fc1_zero_points = true;
+  const SyntheticLayer l = make_synthetic_layer(s, {.seed = 3, .tokens = 21});
+  const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .compute = "bf16"}));
+  EXPECT_EQ(d, "") << "2-bit, compute bf16 vs exact: " << d;
+}
+
+// The error message of constructing `opt`, or "" when it is accepted.
+template <class F>
+std::string error_of(F&& make) {
+  try {
+    make();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(CpuBf16Layer, OptionErrorsAreClear) {
+  EXPECT_EQ(error_of([] { make_cpu_backend({.compute = "fp8"}); }),
+            "cpu backend: compute: expected exact or bf16, got 'fp8'");
+  EXPECT_EQ(error_of([] { make_backend("cpu", LayerOptions{.cpu_compute = "BF16"}); }),
+            "cpu_compute: expected exact or bf16, got 'BF16'");
+  // Checked whatever the backend, as cuda_gemm is.
+  EXPECT_EQ(error_of([] { make_backend("reference", LayerOptions{.cpu_compute = "half"}); }),
+            "cpu_compute: expected exact or bf16, got 'half'");
+  const std::string portable = error_of([] { make_cpu_backend({.isa = "portable", .compute = "bf16"}); });
+  EXPECT_NE(portable.find("compute 'bf16'"), std::string::npos) << portable;
+  EXPECT_NE(portable.find("isa 'portable'"), std::string::npos) << portable;
+  const std::string native = error_of([] { make_cpu_backend({.compute = "bf16"}); });
+  if (has_bf16())
+    EXPECT_EQ(native, "");
+  else
+    EXPECT_NE(native.find("lacks AVX512_BF16"), std::string::npos) << native;
+}
+
+}  // namespace
