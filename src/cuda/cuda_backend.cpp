@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -218,6 +219,9 @@ class CudaBackend final : public Backend {
     QMOE_CU(cuda::init_kernels());
     sm90_ = opt.gemm != CudaGemm::sm80 && cuda::sm90_available(opt.device);
     if (sm90_) QMOE_CU(cuda::init_sm90_kernels());
+    pdl_ = cuda::pdl_supported(opt.device);
+    // QMOE_CUDA_PDL=0 launches every kernel plainly (for A/B measurements and as an escape hatch).
+    if (const char* v = std::getenv("QMOE_CUDA_PDL")) pdl_ = pdl_ && std::string(v) != "0";
     QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
   ~CudaBackend() override {
@@ -251,6 +255,7 @@ class CudaBackend final : public Backend {
   CudaBackendOptions opt_;
   int sms_ = 0;
   bool sm90_ = false;  // the wgmma kernels may run (Hopper GPU, sm_90a build, not turned off)
+  bool pdl_ = false;   // kernels after a run's first overlap their predecessor (cuda::pdl_supported)
   cudaStream_t stream_ = nullptr;
   Workspace ws_;
   std::mutex mu_;
@@ -553,7 +558,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   const void* x = in;
   int64_t x_ld = s.hidden;
   if (c.sm90 || !input_direct(s)) {
-    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, c.sm90, st);
+    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, c.sm90, pdl_, st);
     x = ws_.xbuf.get();
     x_ld = p.geom.H64;
   }
@@ -591,6 +596,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.tpw = c.tpw;
   // One token: top-k picks distinct experts, so no expert (no work item) holds more than one slot.
   f1.xr = (rows == 1 && c.nt == 1 && c.tpw == 1) ? 1 : 8;
+  f1.pdl = pdl_ && !c.sm90;  // the wgmma kernels are launched plainly
   c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);
 
   cuda::FcArgs f2 = f1;
@@ -619,6 +625,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ca.bias2 = p.bias2.bytes() ? p.bias2.as<float>() : nullptr;
   ca.out = out;
   ca.out_elt = ae;
+  ca.pdl = pdl_;
   if (slice) {  // expert parallel: fp32 partial of this slice's routes (ep_kernels.cu)
     ca.out = slice->partial;
     ca.out_elt = Elt::f32;

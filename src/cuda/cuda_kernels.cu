@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "cuda_kernels.h"
 #include "fc_common.cuh"
@@ -34,6 +35,47 @@ namespace qmoe::cuda {
 namespace {
 
 using namespace dev;
+
+// ----------------------------------------------------------------------------------------------
+// programmatic dependent launch (PTX ISA "griddepcontrol", sm_90+)
+// ----------------------------------------------------------------------------------------------
+// A run is route(+group) -> [convert] -> fc1 -> fc2 -> combine. The kernels after the first are
+// launched with the programmatic-serialization attribute (launch_k, pdl = true), so each may be
+// scheduled while its predecessor still runs: its launch latency and prologue hide behind the
+// predecessor's tail. The rules that keep this correct:
+//   - a PDL-launched kernel calls pdl_wait() before it reads anything its predecessors write and
+//     before it exits (every block), so "the previous kernel has finished" stays transitive along
+//     the chain: fc2 may read the work items (written by the routing kernel) before its own wait,
+//     because fc1's blocks trigger only after their wait returned;
+//   - the first kernel of a run is launched normally, so it waits for all earlier work in the
+//     stream (including the previous run's combine, which reads the routes this run overwrites).
+// Below sm_90 both helpers compile to nothing and the host never sets the attribute (pdl_supported).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Launches `kernel`; with pdl, with the programmatic-serialization attribute (see pdl_wait above).
+template <class... P, class... A>
+void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, bool pdl, A&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);  // errors: cudaGetLastError after the run
+}
 
 constexpr int kWarps = 4;        // warps per FC block
 constexpr int kScaleChunk = 32;  // scale blocks per warp held in shared memory at a time
@@ -193,16 +235,26 @@ __device__ float sparse_mixer_weight_dev(const RouteArgs& a, const float* lg, in
   return 1.0f / warp_sum(denom);
 }
 
-// One warp routes token t. lg: E floats, mask: ceil(E/32) words of this warp's shared memory.
+// Shared memory a routing warp works in: E logits (fp32), the chosen-expert mask, and the k chosen
+// experts and weights. Keeping the choices here, rather than re-reading route_e / route_w from global
+// memory one dependent load at a time on one lane, took qwen3-30b-a3b (E 128, k 8) at T = 64 from
+// 231.6 to 217.0 us per layer on an H100 (docs/PERF-cuda.md).
+__host__ __device__ constexpr int route_words_per_warp(int E, int k) { return E + ((E + 31) >> 5) + 2 * k; }
+
+// One warp routes token t in `wsm` (route_words_per_warp words of this warp's shared memory).
 // counts: per-expert counters (global for route_kernel, shared for route_group_kernel).
-__device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, float* lg, uint32_t* mask, int* counts) {
-  const int E = a.E, words = (E + 31) >> 5;
-  __syncwarp();  // a warp routing several tokens reuses lg / mask
+__device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_t* wsm, int* counts) {
+  const int E = a.E, k = a.k, words = (E + 31) >> 5;
+  float* lg = reinterpret_cast<float*>(wsm);
+  uint32_t* mask = wsm + E;
+  int* sel_sm = reinterpret_cast<int*>(mask + words);
+  float* w_sm = reinterpret_cast<float*>(sel_sm + k);
+  __syncwarp();  // a warp routing several tokens reuses its shared memory
   for (int i = lane; i < words; i += 32) mask[i] = 0;
   for (int e = lane; e < E; e += 32) lg[e] = load_elt(a.logits, t * E + e, a.elt);
   __syncwarp();
   const int64_t row = t * E;
-  for (int j = 0; j < a.k; ++j) {
+  for (int j = 0; j < k; ++j) {
     // Sequential argmax semantics: best starts at the first non-excluded expert; a later one wins
     // only with a strictly larger value (NaN never wins, a NaN first stays). Equivalent: if the first
     // is NaN pick it, else the lowest index of the largest non-NaN value.
@@ -225,22 +277,16 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, float* 
     bi = __reduce_min_sync(0xffffffffu, (bi != INT_MAX && bk == mkey) ? bi : INT_MAX);
     const float fv = lg[first];
     const int sel = (fv != fv || bi == INT_MAX) ? first : bi;
-    if (lane == 0) {
-      mask[sel >> 5] |= 1u << (sel & 31);
-      a.route_e[t * a.k + j] = sel;
-    }
+    if (lane == 0) mask[sel >> 5] |= 1u << (sel & 31), sel_sm[j] = sel;
     __syncwarp();
   }
-  const int* re = a.route_e + t * a.k;
-  float* rw = a.route_w + t * a.k;
   if (a.sparse_mixer) {  // k == 2
-    const int e0 = re[0], e1 = re[1];
+    const int e0 = sel_sm[0], e1 = sel_sm[1];
     const float w0 = sparse_mixer_weight_dev(a, lg, e0, -1);
     const float w1 = sparse_mixer_weight_dev(a, lg, e1, e0);
-    if (lane == 0) rw[0] = w0, rw[1] = w1;
+    if (lane == 0) w_sm[0] = w0, w_sm[1] = w1;
   } else if (a.router_weights) {
-    if (lane == 0)
-      for (int j = 0; j < a.k; ++j) rw[j] = load_elt(a.router_weights, row + re[j], a.elt);
+    for (int j = lane; j < k; j += 32) w_sm[j] = load_elt(a.router_weights, row + sel_sm[j], a.elt);
   } else {
     float mx = -INFINITY;
     for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
@@ -248,17 +294,23 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, float* 
     float sum = 0.f;
     for (int e = lane; e < E; e += 32) sum += expf(lg[e] - mx);
     sum = warp_sum(sum);
-    if (lane == 0)
-      for (int j = 0; j < a.k; ++j) rw[j] = expf(lg[re[j]] - mx) / sum;
+    for (int j = lane; j < k; j += 32) w_sm[j] = expf(lg[sel_sm[j]] - mx) / sum;
   }
   __syncwarp();
-  if (lane == 0) {
-    if (a.normalize && !a.sparse_mixer) {
-      float s = 0.f;
-      for (int j = 0; j < a.k; ++j) s += rw[j];
-      for (int j = 0; j < a.k; ++j) rw[j] /= s;
-    }
-    for (int j = 0; j < a.k; ++j) atomicAdd(&counts[re[j]], 1);
+  // Normalization: the sum in route order (as the reference adds them), one lane; then every lane
+  // writes its routes.
+  float norm = 1.f;
+  const bool normalize = a.normalize && !a.sparse_mixer;
+  if (normalize && lane == 0) {
+    norm = 0.f;
+    for (int j = 0; j < k; ++j) norm += w_sm[j];
+  }
+  norm = __shfl_sync(0xffffffffu, norm, 0);
+  for (int j = lane; j < k; j += 32) {
+    const int e = sel_sm[j];
+    a.route_e[t * k + j] = e;
+    a.route_w[t * k + j] = normalize ? w_sm[j] / norm : w_sm[j];
+    atomicAdd(&counts[e], 1);
   }
 }
 
@@ -268,8 +320,7 @@ __global__ void route_kernel(RouteArgs a) {
   const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
   if (t >= a.T) return;
   // Per warp: the token's logits as fp32 (read from global once, coalesced) and the chosen mask.
-  float* lg = reinterpret_cast<float*>(route_smem) + size_t(warp) * (a.E + ((a.E + 31) >> 5));
-  route_token_dev(a, t, lane, lg, reinterpret_cast<uint32_t*>(lg + a.E), a.counts);
+  route_token_dev(a, t, lane, route_smem + size_t(warp) * route_words_per_warp(a.E, a.k), a.counts);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -319,6 +370,7 @@ __device__ void group_body(const GroupArgs& a, int* gsm) {
 
 __global__ void group_kernel(GroupArgs a) {
   extern __shared__ int gsm[];
+  pdl_launch_dependents();  // the next kernel's blocks may be scheduled now; they wait for this one
   for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
     gsm[e] = a.counts[e];
     a.counts[e] = 0;  // ready for the next run (routing adds into it)
@@ -332,14 +384,14 @@ __global__ void group_kernel(GroupArgs a) {
 // written to global memory by one warp are read by others after __syncthreads (block-scope visibility).
 __global__ void route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) {
   extern __shared__ int rgsm[];
+  pdl_launch_dependents();  // the next kernel's blocks may be scheduled now; they wait for this one
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int E = ra.E, per_warp = E + ((E + 31) >> 5);
+  const int E = ra.E, per_warp = route_words_per_warp(E, ra.k);
   for (int e = threadIdx.x; e < E; e += blockDim.x) rgsm[e] = 0;
   __syncthreads();
   if (warp < route_warps) {
-    float* lg = reinterpret_cast<float*>(rgsm + 3 * E) + size_t(warp) * per_warp;
-    for (int64_t t = warp; t < ra.T; t += route_warps)
-      route_token_dev(ra, t, lane, lg, reinterpret_cast<uint32_t*>(lg + E), rgsm);
+    uint32_t* wsm = reinterpret_cast<uint32_t*>(rgsm + 3 * E) + size_t(warp) * per_warp;
+    for (int64_t t = warp; t < ra.T; t += route_warps) route_token_dev(ra, t, lane, wsm, rgsm);
   }
   __syncthreads();
   group_body(ga, rgsm);
@@ -352,6 +404,8 @@ __global__ void route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) 
 // mma_order: column c goes to position 16 (c / 16) + mma_col_of(c % 16) (for the wgmma kernel).
 __global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
                                bool mma_order) {
+  pdl_wait();  // nothing here depends on the routing kernel, but the chain must stay transitive
+  pdl_launch_dependents();
   const int64_t total = T * ld;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / ld, c = i % ld;
@@ -411,7 +465,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   constexpr int STAGES = kStages<NT>;  // spans in flight per warp
   // TPW: 16-row tiles per warp, sharing the activation stage (see FcArgs::tpw).
   const int item = blockIdx.x;
-  if (item >= *a.n_items) return;  // whole block: no barrier is skipped by part of it
+  // fc1 reads the routing kernel's output from here on; fc2 only the work items until its wait below
+  // (they come from the routing kernel, finished before fc1's blocks passed their wait).
+  if constexpr (FC1) pdl_wait(), pdl_launch_dependents();
+  if (item >= *a.n_items) {  // whole block: no barrier is skipped by part of it
+    pdl_wait();
+    return;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Intra-block split-K: KW warps share one 16-row tile, each streaming 1/KW of the K range; their
   // sums meet in shared memory in a fixed order (deterministic) before the epilogue.
@@ -512,6 +572,8 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
   // misses), rolled they need register moves that wait on the newest load (one load in flight).
   // Shared memory is indexed at run time, so the loop stays rolled and small.
+  if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();  // the activations are fc1's output
+
   using SL = StageLayout<SB, NT, TPW, XR>;
   const uint8_t* xsrc[NT];
 #pragma unroll
@@ -733,7 +795,7 @@ void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
   const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 29..100 KB: needs the opt-in above 48 KB
-  fc_kernel<CT, SB, NT, FC1, TPW, XR><<<grid, kWarps * 32, smem, st>>>(b);
+  launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
 }
 
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
@@ -782,6 +844,7 @@ void launch_fc(const FcArgs& a, cudaStream_t st) {
 }
 
 __global__ void combine_kernel(CombineArgs a) {
+  pdl_wait();
   const int64_t h = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (h >= a.H) return;
   for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
@@ -830,7 +893,7 @@ void launch_pack(const PackArgs& a, cudaStream_t st) {
 
 void launch_route(const RouteArgs& a, cudaStream_t st) {
   if (a.T == 0) return;
-  const size_t per_warp = (size_t(a.E) + (a.E + 31) / 32) * 4;
+  const size_t per_warp = size_t(route_words_per_warp(a.E, a.k)) * 4;
   const int warps = int(std::max<size_t>(1, std::min<size_t>(4, 48 * 1024 / per_warp)));
   const size_t smem = size_t(warps) * per_warp;
   route_kernel<<<unsigned((a.T + warps - 1) / warps), warps * 32, smem, st>>>(a);
@@ -843,7 +906,7 @@ void launch_group(const GroupArgs& a, cudaStream_t st) {
 void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st) {
   if (ra.T == 0) return;
   const int route_warps = int(std::min<int64_t>(32, ra.T));
-  const size_t smem = (size_t(3) * ra.E + size_t(route_warps) * (size_t(ra.E) + (ra.E + 31) / 32)) * 4;
+  const size_t smem = (size_t(3) * ra.E + size_t(route_warps) * route_words_per_warp(ra.E, ra.k)) * 4;
   if (ra.T > 64 || smem > 48 * 1024) {
     launch_route(ra, st);
     launch_group(ga, st);
@@ -853,9 +916,18 @@ void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t s
 }
 
 void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
-                          bool mma_order, cudaStream_t st) {
+                          bool mma_order, bool pdl, cudaStream_t st) {
   if (T == 0) return;
-  convert_kernel<<<grid_for(T * ld, 256), 256, 0, st>>>(in, ie, out, oe, T, H, ld, mma_order);
+  launch_k(convert_kernel, dim3(grid_for(T * ld, 256)), dim3(256), 0, st, pdl, in, ie, out, oe, T, H, ld, mma_order);
+}
+
+bool pdl_supported(int device) {
+  int major = 0;
+  cudaFuncAttributes fa{};
+  // The kernels carry griddepcontrol only where they were compiled for sm_90+ (a PTX JIT of an older
+  // target would not wait), so both the GPU and the code actually loaded must be sm_90+.
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
+         cudaFuncGetAttributes(&fa, combine_kernel) == cudaSuccess && fa.ptxVersion >= 90;
 }
 
 cudaError_t init_kernels() {
@@ -869,7 +941,7 @@ void launch_fc2(const FcArgs& a, cudaStream_t st) { launch_fc<false>(a, st); }
 void launch_combine(const CombineArgs& a, cudaStream_t st) {
   if (a.T == 0) return;
   const dim3 grid(unsigned((a.H + 127) / 128), unsigned(a.T < 65535 ? a.T : 65535));
-  combine_kernel<<<grid, 128, 0, st>>>(a);
+  launch_k(combine_kernel, grid, dim3(128), 0, st, a.pdl, a);
 }
 
 }  // namespace qmoe::cuda

@@ -74,8 +74,9 @@ void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t s
 
 // ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type, zero padded; with
 // mma_order, each 16-column group in the order the wgmma kernel reads (cuda_sm80_layout.h) ----
+// pdl: launched as a programmatic dependent of the routing kernel (pdl_supported, cuda_kernels.cu).
 void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, int64_t T, int64_t H,
-                          int64_t ld, bool mma_order, cudaStream_t st);
+                          int64_t ld, bool mma_order, bool pdl, cudaStream_t st);
 
 // ---- the grouped mixed-input GEMMs ----
 
@@ -117,7 +118,12 @@ struct FcArgs {
   int xr = 8;                  // token rows staged per n-tile: 1 only when no work item holds more than
                                // one token (T = 1; needs nt = 1, tpw = 1), else 8
   int smem_per_warp = 0;       // set by the launcher
+  bool pdl = false;            // launched as a programmatic dependent of the previous kernel (sm_90+)
 };
+// Whether the run's kernels may be launched as programmatic dependents (griddepcontrol): an sm_90+
+// GPU running code compiled for sm_90+. Kernels after a run's first then overlap their predecessor's
+// tail (cuda_kernels.cu explains the rules).
+bool pdl_supported(int device);
 // Once per device, before any launch or capture: sets the FC kernels' shared-memory limits.
 cudaError_t init_kernels();
 void launch_fc1(const FcArgs& a, cudaStream_t st);
@@ -134,6 +140,7 @@ struct CombineArgs {
   const float* bias2 = nullptr;  // [E][H] or null
   void* out = nullptr;
   Elt out_elt = Elt::f32;
+  bool pdl = false;  // launched as a programmatic dependent of fc2
 };
 void launch_combine(const CombineArgs& a, cudaStream_t st);
 
