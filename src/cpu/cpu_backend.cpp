@@ -4,7 +4,7 @@
 //   expert (counting sort; idle experts get no work) -> FC1 + activation -> FC2 + bias -> combine each
 //   token's k routes in selection order, round to T once.
 // FC1 and FC2 are each one parallel_for over (active expert x chunk of 32-row pairs), so at decode two
-// threads split one expert's rows; within a pair, tokens go through the kernel max_tokens at a time,
+// threads split one expert's rows; within a pair, tokens go through the kernel tokens_per_call at a time,
 // so a pair's weights (L1/L2 resident) are reused across all the expert's tokens at prefill. Every
 // output element is computed by exactly one task in a fixed order, so results are bitwise identical
 // for any thread count, and the prepack-off path (which packs each pair into scratch with the same
@@ -291,7 +291,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     const Task& task = t1[size_t(ti)];
     Scratch sc;
     float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.max_tokens;
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0);
       const TileRef tb = src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1);
@@ -341,7 +341,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     const Task& task = t2[size_t(ti)];
     Scratch sc;
     float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.max_tokens;
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(p2, task.e, 2 * p, sc, 0);
       const TileRef tb = src.tile(p2, task.e, 2 * p + 1, sc, 1);

@@ -31,7 +31,7 @@
 
 namespace qmoe::cpu {
 
-inline constexpr int kMaxTokens = 8;  // most token rows per kernel call (KernelSet::max_tokens <= this)
+inline constexpr int kMaxTokens = 8;  // most token rows per kernel call (KernelSet::tokens_per_call <= this)
 
 struct PairJob {
   const uint8_t* codes[2];        // tile starts: [J][16] bytes each
@@ -43,7 +43,7 @@ struct PairJob {
   int64_t K = 0;                  // logical columns (codes past K are padding)
   int bits = 4;
   DType scale_dtype = DType::f32;
-  int tokens = 1;                 // 1..KernelSet::max_tokens
+  int tokens = 1;                 // 1..KernelSet::tokens_per_call(bits)
   const float* x[kMaxTokens];     // fp32 activation rows, readable and zero up to jbytes * (8/bits)
   // bf16 compute mode only: the same rows rounded to bf16 (nearest even), same length and padding, so
   // columns (2i, 2i+1) form the 32-bit word i that vdpbf16ps takes. Null in the exact mode.
@@ -57,6 +57,8 @@ struct KernelSet {
   const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
+  int max_tokens_w8 = 0;  // for 8-bit weights where it differs (0: max_tokens); <= kMaxTokens
+  int tokens_per_call(int bits) const { return bits == 8 && max_tokens_w8 > 0 ? max_tokens_w8 : max_tokens; }
 };
 
 const KernelSet& portable_kernels();

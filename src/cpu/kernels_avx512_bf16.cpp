@@ -47,9 +47,12 @@ namespace qmoe::cpu {
 
 namespace {
 
-// Tokens per call, by measurement (docs/PERF.md, run 2): 4 ev/od chains per token, so 6 tokens use
-// 24 zmm chains + table + weights, as in the exact kernel.
-constexpr int kTokensBf16 = 6;
+// Tokens per call, by measurement (mixtral, 1 thread, T = 512, CPU s; docs/PERF.md run 2). Each token
+// holds 4 zmm chains (ev/od x 2 tiles), so past 6 tokens some chains spill; the dequant work per call
+// is fixed, so more tokens amortize it. int4 (cheap dequant): 6 -> 0.90 / 1.00 s (block 128 / 32),
+// 7 -> 0.87 / 0.98, 8 -> 1.19 / 1.34 (spills win). int8 (two widen+convert per word): 4 -> 1.44,
+// 6 -> 1.17, 7 -> 1.07, 8 -> 1.05.
+constexpr int kTokensW4 = 7, kTokensW8 = 8;
 
 // bf16 bits of a small integer (|v| <= 255: exact).
 constexpr uint16_t bf16_of_int(int v) {
@@ -200,8 +203,12 @@ void pair_w8(const PairJob& jb) {
       case 11: return FN<5, true>(jb);                                                     \
       case 12: return FN<6, false>(jb);                                                    \
       case 13: return FN<6, true>(jb);                                                     \
+      case 14: return FN<7, false>(jb);                                                    \
+      case 15: return FN<7, true>(jb);                                                     \
+      case 16: return FN<8, false>(jb);                                                    \
+      case 17: return FN<8, true>(jb);                                                     \
     }                                                                                      \
-    throw Error("avx512-bf16 kernel: tokens per call must be 1..6, got " + std::to_string(jb.tokens)); \
+    throw Error("avx512-bf16 kernel: tokens per call must be 1..8, got " + std::to_string(jb.tokens)); \
   }
 
 QMOE_DISPATCH(bf16_w4, pair_w4, w4)
@@ -211,8 +218,8 @@ QMOE_DISPATCH(bf16_w8, pair_w8, w8)
 }  // namespace
 
 const KernelSet& avx512_bf16_kernels() {
-  // 2-bit weights take the exact portable kernel on the fp32 rows.
-  static const KernelSet k{"avx512-bf16", portable_kernels().w2, bf16_w4, bf16_w8, kTokensBf16};
+  // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens 7 is within its kMaxTokens).
+  static const KernelSet k{"avx512-bf16", portable_kernels().w2, bf16_w4, bf16_w8, kTokensW4, kTokensW8};
   return k;
 }
 
