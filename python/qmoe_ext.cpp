@@ -549,14 +549,15 @@ NB_MODULE(_qmoe, m) {
       .def("validate", &MoeSpec::validate)
       .def("__repr__", [](const MoeSpec& s) { return "Spec(" + s.to_string() + ")"; });
 
-  // How a layer is built: backend, prepack, CPU threads and chunk rows, CUDA kernels (qmoe/layer.h).
+  // How a layer is built: backend, prepack, CPU threads, chunk rows and arithmetic, CUDA kernels (qmoe/layer.h).
   nb::class_<LayerOptions>(m, "_LayerOptions")
       .def(nb::init<>())
       .def_rw("backend", &LayerOptions::backend)
       .def_rw("prepack", &LayerOptions::prepack)
       .def_rw("threads", &LayerOptions::threads)
       .def_rw("chunk_rows", &LayerOptions::chunk_rows)
-      .def_rw("cuda_gemm", &LayerOptions::cuda_gemm);
+      .def_rw("cuda_gemm", &LayerOptions::cuda_gemm)
+      .def_rw("cpu_compute", &LayerOptions::cpu_compute);
 
   nb::class_<PyLayer>(m, "_Layer")
       .def_static("from_arrays", &make_layer, "spec"_a, "arrays"_a, "options"_a, nb::rv_policy::take_ownership)

@@ -110,16 +110,18 @@ def dequantize(
 _ARRAY_NAMES = tuple(f"fc{i}_{part}" for i in (1, 2, 3) for part in ("weights", "scales", "zero_points", "bias"))
 
 
-def _options(backend: str, prepack: bool, threads: int, chunk_rows: int, cuda_gemm: str) -> Any:
-    """How a layer is built (qmoe/layer.h LayerOptions): ``threads`` and ``chunk_rows`` (tokens per
-    chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB) apply to the CPU backend,
-    ``cuda_gemm`` ("auto", "sm80" or "sm90") to the CUDA backend's FC kernels."""
+def _options(backend: str, prepack: bool, threads: int, chunk_rows: int, cuda_gemm: str, cpu_compute: str) -> Any:
+    """How a layer is built (qmoe/layer.h LayerOptions): ``threads``, ``chunk_rows`` (tokens per
+    chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB) and ``cpu_compute``
+    ("exact", or "bf16": activations rounded to bf16, an accuracy option, docs/DESIGN.md) apply to
+    the CPU backend, ``cuda_gemm`` ("auto", "sm80" or "sm90") to the CUDA backend's FC kernels."""
     o = _qmoe._LayerOptions()
     o.backend = str(backend)
     o.prepack = bool(prepack)
     o.threads = int(threads)
     o.chunk_rows = int(chunk_rows)
     o.cuda_gemm = str(cuda_gemm)
+    o.cpu_compute = str(cpu_compute)
     return o
 
 
@@ -161,6 +163,7 @@ class Layer:
         threads: int = 0,
         chunk_rows: int = 0,
         cuda_gemm: str = "auto",
+        cpu_compute: str = "exact",
         **arrays: Any,
     ) -> None:
         unknown = sorted(set(arrays) - set(_ARRAY_NAMES))
@@ -194,26 +197,27 @@ class Layer:
             setattr(spec, f"fc{i}_zero_points", f"fc{i}_zero_points" in conv)
         self._impl = _qmoe._Layer.from_arrays(
             spec, {name: a for name, (a, _) in conv.items()},
-            _options(backend, prepack, threads, chunk_rows, cuda_gemm))
+            _options(backend, prepack, threads, chunk_rows, cuda_gemm, cpu_compute))
 
     @classmethod
     def from_onnx(
         cls, path: Any, backend: str = "auto", layout: str = "detect", prepack: bool = True, threads: int = 0,
-        chunk_rows: int = 0, cuda_gemm: str = "auto",
+        chunk_rows: int = 0, cuda_gemm: str = "auto", cpu_compute: str = "exact",
     ) -> "Layer":
         """Loads the single com.microsoft::QMoE node of an ONNX file (external data allowed).
         ``layout`` is "detect", "raw" or "ort_cuda" (contract §7)."""
         return cls._wrap(_qmoe._Layer.from_onnx(
-            str(path), layout, _options(backend, prepack, threads, chunk_rows, cuda_gemm)))
+            str(path), layout, _options(backend, prepack, threads, chunk_rows, cuda_gemm, cpu_compute)))
 
     @classmethod
     def from_packed(
-        cls, path: Any, backend: str = "auto", threads: int = 0, chunk_rows: int = 0, cuda_gemm: str = "auto"
+        cls, path: Any, backend: str = "auto", threads: int = 0, chunk_rows: int = 0, cuda_gemm: str = "auto",
+        cpu_compute: str = "exact",
     ) -> "Layer":
         """Loads a packed file written by ``qmoe pack`` without repacking. The file's layout must be
         the one ``backend`` packs on this machine ("auto": the best backend present, as in ``qmoe
         run``); otherwise the error names both layouts and the ``qmoe pack --target`` to use."""
-        return cls._wrap(_qmoe._Layer.from_packed(str(path), _options(backend, True, threads, chunk_rows, cuda_gemm)))
+        return cls._wrap(_qmoe._Layer.from_packed(str(path), _options(backend, True, threads, chunk_rows, cuda_gemm, cpu_compute)))
 
     @classmethod
     def from_checkpoint(
@@ -234,6 +238,7 @@ class Layer:
         threads: int = 0,
         chunk_rows: int = 0,
         cuda_gemm: str = "auto",
+        cpu_compute: str = "exact",
     ) -> "Layer":
         """Quantizes the routed experts of decoder layer ``layer`` of a Hugging Face checkpoint (a
         folder, a ``.safetensors`` file or a ``model.safetensors.index.json``; the model families of
@@ -249,7 +254,7 @@ class Layer:
             str(path), int(layer), int(bits), int(block_size), bool(symmetric), _dtype_name(dtype), sd,
             int(swiglu_fusion), None if k is None else int(k),
             None if normalize_routing_weights is None else bool(normalize_routing_weights),
-            _options(backend, prepack, threads, chunk_rows, cuda_gemm))
+            _options(backend, prepack, threads, chunk_rows, cuda_gemm, cpu_compute))
         return cls._wrap(impl)
 
     @classmethod

@@ -39,6 +39,7 @@ class _LayerOptions:
     threads: int
     chunk_rows: int
     cuda_gemm: str
+    cpu_compute: str
     def __init__(self) -> None: ...
 
 class _Layer:

@@ -72,6 +72,22 @@ def test_demo_is_deterministic_and_backends_agree():
     assert d["variants"][0]["rel_error_vs_fp32"] != a["variants"][0]["rel_error_vs_fp32"]
 
 
+def test_cpu_compute_flag():
+    # --cpu-compute bf16 (an accuracy option): the demo's error against the fp32 layer stays that of
+    # the quantization (bf16 activations add ~3e-3 relative, far below int4's error); a bad value is a
+    # usage error naming the flag.
+    p = ob.run_qmoe_cli(["demo", "--seed", "3", "--backend", "cpu", "--cpu-compute", "fp8"])
+    assert p.returncode != 0 and "--cpu-compute" in p.stderr, p.stderr
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" not in f.read().split():
+            return
+    a = demo_json("--seed", "3", "--backend", "cpu")
+    b = demo_json("--seed", "3", "--backend", "cpu", "--cpu-compute", "bf16")
+    for i in range(2):
+        ea, eb = a["variants"][i]["rel_error_vs_fp32"], b["variants"][i]["rel_error_vs_fp32"]
+        assert ea != eb and abs(eb - ea) <= 8e-3, (ea, eb)
+
+
 def test_demo_rejects_bad_shape():
     p = ob.run_qmoe_cli(["demo", "--k", "9"])
     assert p.returncode == 1 and p.stderr.startswith("qmoe: error: k"), p.stderr

@@ -240,6 +240,39 @@ def test_chunk_rows_gives_bitwise_the_same_output_and_bad_options_are_refused():
         qmoe.Layer(backend="cpu", chunk_rows=-1, **kwargs)
 
 
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+def test_cpu_compute_bf16_is_close_deterministic_and_checked():
+    # cpu_compute="bf16" (docs/DESIGN.md, Numerics): activations rounded to bf16 before the FC kernels;
+    # held to the C++ layer test's relative L2 tolerance 8e-3 against the exact mode, bitwise the same
+    # for every chunk size, and refused with a clear error for an unknown value (whatever the
+    # backend, like cuda_gemm) or a CPU without AVX512_BF16.
+    for cfg in (dataclasses.replace(CONFIGS[5], rows=37), dataclasses.replace(CONFIGS[6], rows=19)):
+        kwargs, _, _ = build(cfg)
+        x, lg, rw = inputs(cfg)
+        if not _cpu_has_avx512_bf16():
+            with pytest.raises(qmoe.Error, match="lacks AVX512_BF16"):
+                qmoe.Layer(backend="cpu", cpu_compute="bf16", **kwargs)
+            continue
+        exact = qmoe.Layer(backend="cpu", **kwargs).run(x, lg, rw)
+        fast = qmoe.Layer(backend="cpu", cpu_compute="bf16", **kwargs).run(x, lg, rw)
+        err = rel_err(fast, exact)
+        assert 0 < err <= 8e-3, f"{cfg.name}: cpu_compute bf16 vs exact relative L2 {err}"
+        for rows in (1, 5, 64):
+            out = qmoe.Layer(backend="cpu", cpu_compute="bf16", chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
+                x, lg, rw)
+            assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute bf16, chunk_rows={rows}"
+    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact or bf16, got 'fp8'"):
+        qmoe.Layer(backend="reference", cpu_compute="fp8", **kwargs)
+
+
 def test_concurrent_runs_on_one_layer_agree():
     # run() releases the GIL; calls on one layer from several threads must give the serial answers.
     import concurrent.futures

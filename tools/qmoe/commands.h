@@ -38,13 +38,14 @@ Subcommand add_export_onnx(CLI::App& root);
 Subcommand add_bench(CLI::App& root);
 
 // Options every command that runs a layer shares (--backend, --threads, --no-prepack, --chunk-rows,
-// --cuda-gemm).
+// --cuda-gemm, --cpu-compute).
 struct BackendFlags {
   std::string backend = "auto";
   int threads = 0;
   bool no_prepack = false;
   int64_t chunk_rows = 0;
   std::string cuda_gemm = "auto";
+  std::string cpu_compute = "exact";
 };
 void add_backend_flags(CLI::App& app, BackendFlags& flags);
 LayerOptions layer_options(const BackendFlags& flags);
