@@ -2,7 +2,8 @@
 //
 // Usage: qmoe_bench_cpu [--quick] [--shapes mixtral,qwen3] [--tokens 1,8,64,512]
 //                       [--quants int4b32,int4b128,int8] [--threads N] [--isa auto|avx512|avx2|portable]
-//                       [--no-prepack] [--min-time S] [--scales f32|f16]
+//                       [--no-prepack] [--min-time S] [--scales f32|f16] [--cpu-compute exact|bf16]
+// --cpu-compute picks CpuBackendOptions::compute (bf16: the accuracy option, docs/DESIGN.md).
 // Prints the machine's read bandwidth (measured in this run: every thread sums a disjoint part of a
 // 1 GiB buffer, best of 5), then per shape and quantization the prepack rate and resident memory, and
 // per token count: median µs of one layer call (fp32 in/out; fp32 scales by default, as ORT's CPU
@@ -178,7 +179,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> shapes{"mixtral", "qwen3"}, quants{"int4b32", "int4b128", "int8"};
   std::vector<int64_t> tokens{1, 8, 64, 512};
   int threads = int(std::thread::hardware_concurrency());
-  std::string isa = "auto";
+  std::string isa = "auto", compute = "exact";
   bool prepack = true;
   double min_time = 1.0;
   DType scale_dtype = DType::f32;
@@ -203,6 +204,8 @@ int main(int argc, char** argv) {
       threads = std::stoi(val());
     } else if (a == "--isa") {
       isa = val();
+    } else if (a == "--cpu-compute") {
+      compute = val();
     } else if (a == "--no-prepack") {
       prepack = false;
     } else if (a == "--scales") {
@@ -216,7 +219,8 @@ int main(int argc, char** argv) {
   }
 
   const double bw = measure_read_bw(threads);
-  std::printf("qmoe_bench_cpu: %d threads, isa %s, prepack %s\n", threads, isa.c_str(), prepack ? "on" : "off");
+  std::printf("qmoe_bench_cpu: %d threads, isa %s, compute %s, prepack %s\n", threads, isa.c_str(), compute.c_str(),
+              prepack ? "on" : "off");
   std::printf("measured read bandwidth: %.1f GB/s (%d threads, 1 GiB, best of 5)\n", bw / 1e9, threads);
   std::printf("copy into fresh memory (page faults included): %.2f GB/s (%d threads, 512 MiB, best of 2)\n\n",
               measure_fresh_copy_rate(threads) / 1e9, threads);
@@ -249,7 +253,7 @@ int main(int argc, char** argv) {
       raw.fc1 = random_matrix(s, Fc::fc1, threads, 1);
       raw.fc2 = random_matrix(s, Fc::fc2, threads, 2);
       const double raw_bytes = double(raw.nbytes());
-      auto be = make_cpu_backend({threads, prepack, isa});
+      auto be = make_cpu_backend({.threads = threads, .prepack = prepack, .isa = isa, .compute = compute});
       const auto t0 = Clock::now();
       const double c0 = cpu_seconds();
       auto packed = be->prepack(s, std::move(raw));
