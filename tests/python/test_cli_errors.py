@@ -517,6 +517,7 @@ USAGE = [
     ("unknown option --frobnicate", lambda f: [*f.args(), "--frobnicate"]),
     ("--backend bogus", lambda f: [*f.args(), "--backend", "bogus"]),
     ("--threads -1", lambda f: [*f.args(), "--threads", "-1"]),
+    ("--cpu-compute fp8", lambda f: [*f.args(), "--cpu-compute", "fp8"]),
     ("--weights-layout sideways", lambda f: [*f.args(), "--weights-layout", "sideways"]),
     ("no subcommand", lambda f: []),
 ]
