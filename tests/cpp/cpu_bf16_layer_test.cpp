@@ -15,7 +15,8 @@
 // 2. Determinism: outputs bitwise the same for chunks of 1, 7, 64 rows and one chunk, 1, 2 and 3
 //    threads, prepack on and off.
 // 3. 2-bit layers (which run the exact kernel in this mode too) equal compute "exact" bitwise.
-// 4. Option errors name the option, the allowed values and what was given.
+// 4. Option errors name the option, the allowed values and what was given; the scratch stays within
+//    the documented bound with the bf16 rows.
 // Layers: fixed (int4/int8, row-wise and blocks, zero points, biases, SwiGLU in all three forms,
 // fp32/fp16/bf16, k = E, experts with no tokens, all tokens on one expert) and random ones (fresh seed
 // per run, printed with every failure; replay with QMOE_TEST_SEED=<seed>).
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "bitwise_diff.h"
+#include "cpu/cpu_backend.h"
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
 #include "qmoe/layer.h"
@@ -193,6 +195,29 @@ TEST(CpuBf16Layer, TwoBitLayersRunExact) {
   const SyntheticLayer l = make_synthetic_layer(s, {.seed = 3, .tokens = 21});
   const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .compute = "bf16"}));
   EXPECT_EQ(d, "") << "2-bit, compute bf16 vs exact: " << d;
+}
+
+// The scratch bound with the bf16 rows (backend.h, docs/RELIABILITY.md), written out here: the
+// exact mode's row plus 2 * (round16(H + 8) + k * round16(I + 8)) bytes; the automatic chunk uses it.
+TEST(CpuBf16Layer, ScratchWithinDocumentedBound) {
+  auto r16 = [](int64_t v) { return (v + 15) / 16 * 16; };
+  auto per_row = [&](const MoeSpec& s) {
+    return 4 * (r16(s.hidden + 8) + s.k * (r16(s.inter + 8) + s.hidden)) + 16 * s.k +
+           2 * (r16(s.hidden + 8) + s.k * r16(s.inter + 8));
+  };
+  MoeSpec m;
+  m.num_experts = 8, m.k = 2, m.hidden = 4096, m.inter = 14336, m.activation = Activation::swiglu;
+  EXPECT_EQ(cpu::scratch_bytes_per_row(m, "bf16"), per_row(m));
+  EXPECT_EQ(cpu::chunk_rows(m, {.compute = "bf16"}), 1168);  // 1636 in the exact mode
+  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  MoeSpec s;
+  s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 96, s.bits = 4, s.block_size = 32, s.activation = Activation::silu;
+  const SyntheticLayer l = make_synthetic_layer(s, {.seed = 5, .tokens = 300});
+  auto be = make_cpu_backend({.max_chunk_rows = 100, .compute = "bf16"});
+  auto packed = be->prepack(s, l.raw);
+  Tensor y(s.act_dtype, l.input.shape());
+  be->run(*packed, l.inputs(), y);
+  EXPECT_LE(int64_t(cpu::held_scratch_bytes(*be)), 100 * per_row(s));
 }
 
 // The error message of constructing `opt`, or "" when it is accepted.
