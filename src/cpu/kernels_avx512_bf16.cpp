@@ -11,8 +11,7 @@
 // and every such integer has at most 8 significant bits, so bf16(q - z) == q - z. The products of two
 // bf16 numbers are exact in fp32; only the activations lose precision, once, when the backend rounds
 // a chunk's fp32 rows to bf16 (nearest even, 8 significant bits: at most 2^-8 relative per element).
-// Hence for one output
-// of one GEMM
+// Hence for one output of one GEMM
 //   |y_bf16 - y_exact| <= 2^-8 * sum_c |s * (q - z) * x[c]|  + fp32 accumulation terms
 // (tested in cpu_bf16_kernel_test.cpp). vdpbf16ps also treats bf16 denormal inputs as zero and flushes
 // denormal results (|x| < 2^-126: an absolute error below 2^-126 * sum |s (q - z)|).
@@ -47,10 +46,10 @@ namespace qmoe::cpu {
 
 namespace {
 
-// Tokens per call, by measurement (mixtral, 1 thread, T = 512, CPU s; docs/PERF.md run 2). Each token
+// Tokens per call, by measurement (mixtral, 1 thread, T = 512, CPU s; docs/PERF.md run 4). Each token
 // holds 4 zmm chains (ev/od x 2 tiles), so past 6 tokens some chains spill; the dequant work per call
 // is fixed, so more tokens amortize it. int4 (cheap dequant): 6 -> 0.90 / 1.00 s (block 128 / 32),
-// 7 -> 0.87 / 0.98, 8 -> 1.19 / 1.34 (spills win). int8 (two widen+convert per word): 4 -> 1.44,
+// 7 -> 0.87 / 0.98, 8 -> 1.19 / 1.34 (the spills cost more). int8 (two widen+convert per word): 4 -> 1.44,
 // 6 -> 1.17, 7 -> 1.07, 8 -> 1.05.
 constexpr int kTokensW4 = 7, kTokensW8 = 8;
 
