@@ -413,11 +413,11 @@ bool input_direct(const MoeSpec& s) {
 }
 
 // Average tokens per touched expert from which the wgmma kernels beat the SM80-family kernels
-// (CudaGemm::automatic), measured on an H100 with bench/cuda_device_run.sh prefill (docs/PERF-cuda.md):
-// at 16 tokens per expert the SM80 kernels won for every shape and quantization, at 32 the wgmma
-// kernels won for int8 and int4 with blocks of >= 64 k but not for blocks of 32 (two scale folds
-// per stage), at 64 the wgmma kernels won everywhere.
-int64_t wgmma_crossover(const MatrixGeom& g) { return g.NBP > 1 && g.kpb == 2 ? 48 : 24; }
+// (CudaGemm::automatic), measured on an H100 with bench/cuda_device_run.sh prefill (docs/PERF-cuda.md,
+// at 727f8b8): at 16 tokens per expert (deepseek-v3-like, T = 512) the SM80 kernels won for every
+// quantization (1.2-1.4x), at 32 (qwen3-30b-a3b, T = 512) the wgmma kernels won for every one,
+// blocks of 32 included (1.2-1.3x), and above that everywhere.
+constexpr int64_t kWgmmaCrossover = 24;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -428,7 +428,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= wgmma_crossover(p.geom.fc1))) {
+      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
     c.chunk = cuda::kSm90Chunk;
     c.max_items = int(touched + slots / c.chunk);

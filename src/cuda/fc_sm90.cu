@@ -397,7 +397,15 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
         }
       }
     }
-    prev = ks, prev_n = step;
+    // Where this iteration ended in a fold, its wgmma are drained already: release its stages now
+    // rather than at the next iteration's top, so the producer refills them sooner (measured on an
+    // H100 at T = 2048: mixtral int4 b128 4.39 -> 4.13 ms, b32 5.01 -> 4.81 ms).
+    if (KB == 2 || (KB == 4 && kc == 0)) {
+      for (int u = 0; u < step; ++u) mbar_arrive(empty0 + 8 * ((ks + u) % S));
+      prev_n = 0;
+    } else {
+      prev = ks, prev_n = step;
+    }
     ks += step;
   }
   wg_wait<0>();
