@@ -35,12 +35,10 @@
 
 #include <algorithm>
 #include <cstring>
-#include <string>
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
 #include "cpu/kernels_avx512_common.h"
-#include "qmoe/error.h"
 
 namespace qmoe::cpu {
 
@@ -185,34 +183,12 @@ void pair_w8(const PairJob& jb) {
   store_acc<MT>(jb, acc);
 }
 
-#define QMOE_DISPATCH(NAME, FN, PORTABLE)                                                  \
-  void NAME(const PairJob& jb) {                                                           \
-    if (__builtin_expect(any_inf_scale(jb), 0)) return portable_kernels().PORTABLE(jb);    \
-    const bool zp = jb.zero_points[0] || jb.zero_points[1];                                \
-    switch (jb.tokens * 2 + (zp ? 1 : 0)) {                                                \
-      case 2: return FN<1, false>(jb);                                                     \
-      case 3: return FN<1, true>(jb);                                                      \
-      case 4: return FN<2, false>(jb);                                                     \
-      case 5: return FN<2, true>(jb);                                                      \
-      case 6: return FN<3, false>(jb);                                                     \
-      case 7: return FN<3, true>(jb);                                                      \
-      case 8: return FN<4, false>(jb);                                                     \
-      case 9: return FN<4, true>(jb);                                                      \
-      case 10: return FN<5, false>(jb);                                                    \
-      case 11: return FN<5, true>(jb);                                                     \
-      case 12: return FN<6, false>(jb);                                                    \
-      case 13: return FN<6, true>(jb);                                                     \
-      case 14: return FN<7, false>(jb);                                                    \
-      case 15: return FN<7, true>(jb);                                                     \
-      case 16: return FN<8, false>(jb);                                                    \
-      case 17: return FN<8, true>(jb);                                                     \
-    }                                                                                      \
-    throw Error("avx512-bf16 kernel: tokens per call must be 1..8, got " + std::to_string(jb.tokens)); \
-  }
-
-QMOE_DISPATCH(bf16_w4, pair_w4, w4)
-QMOE_DISPATCH(bf16_w8, pair_w8, w8)
-#undef QMOE_DISPATCH
+void bf16_w4(const PairJob& jb) {
+  dispatch_pair<kTokensW4>(jb, portable_kernels().w4, "avx512-bf16", [&]<int MT, bool ZP>() { pair_w4<MT, ZP>(jb); });
+}
+void bf16_w8(const PairJob& jb) {
+  dispatch_pair<kTokensW8>(jb, portable_kernels().w8, "avx512-bf16", [&]<int MT, bool ZP>() { pair_w8<MT, ZP>(jb); });
+}
 
 }  // namespace
 

@@ -7,9 +7,12 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
+#include "qmoe/error.h"
 
 namespace qmoe::cpu {
 namespace {
@@ -59,6 +62,23 @@ inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
     _mm512_storeu_ps(jb.acc + t * kPairRows, acc[t][0]);
     _mm512_storeu_ps(jb.acc + t * kPairRows + kTileRows, acc[t][1]);
   }
+}
+
+// A pair kernel's entry point: pairs with an infinite scale go to the portable kernel `fallback`
+// (see any_inf_scale); otherwise calls kernel.operator()<MT, ZP>() with MT = jb.tokens (1..MaxTokens,
+// each a compile-time instance) and ZP = whether the pair has zero points.
+template <int MaxTokens, class Kernel>
+void dispatch_pair(const PairJob& jb, PairKernel fallback, const char* isa, Kernel&& kernel) {
+  if (__builtin_expect(any_inf_scale(jb), 0)) return fallback(jb);
+  const bool zp = jb.zero_points[0] || jb.zero_points[1];
+  const bool done = [&]<int... I>(std::integer_sequence<int, I...>) {
+    return ((jb.tokens == I + 1 &&
+             (zp ? kernel.template operator()<I + 1, true>() : kernel.template operator()<I + 1, false>(), true)) ||
+            ...);
+  }(std::make_integer_sequence<int, MaxTokens>{});
+  if (!done)
+    throw Error(std::string(isa) + " kernel: tokens per call must be 1.." + std::to_string(MaxTokens) + ", got " +
+                std::to_string(jb.tokens));
 }
 
 }  // namespace
