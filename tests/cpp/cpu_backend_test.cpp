@@ -30,18 +30,13 @@
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
+#include "test_seed.h"
 
 using namespace qmoe;
 
 namespace {
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
-    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
-  }();
-  return seed;
-}
+using test::base_seed;
 
 std::vector<std::string> isas() {
   std::vector<std::string> v{"portable"};

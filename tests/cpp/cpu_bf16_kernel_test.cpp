@@ -34,6 +34,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
 #include "qmoe/dtype.h"
+#include "test_seed.h"
 
 namespace {
 
@@ -45,13 +46,7 @@ bool has_bf16() {
          __builtin_cpu_supports("avx512bf16");
 }
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
-    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
-  }();
-  return seed;
-}
+using test::base_seed;
 
 // One random pair job and the buffers behind it.
 struct PairCase {

@@ -35,6 +35,7 @@
 #include "qmoe/layer.h"
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
+#include "test_seed.h"
 
 namespace {
 
@@ -46,13 +47,7 @@ bool has_bf16() {
          __builtin_cpu_supports("avx512bf16");
 }
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
-    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
-  }();
-  return seed;
-}
+using test::base_seed;
 
 struct Bf16Case {
   std::string name;

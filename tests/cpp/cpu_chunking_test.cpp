@@ -30,6 +30,7 @@
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
 #include "bitwise_diff.h"
+#include "test_seed.h"
 
 namespace {
 
@@ -43,13 +44,7 @@ std::vector<std::string> isas() {
   return v;
 }
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("QMOE_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 10));
-    return uint64_t(std::random_device{}()) << 32 | std::random_device{}();
-  }();
-  return seed;
-}
+using test::base_seed;
 
 // The bound as documented (backend.h, docs/RELIABILITY.md), written out here rather than taken from
 // the library, so the test checks the documentation against the allocation.
