@@ -58,7 +58,8 @@ template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
 // touches, [block h][tile][16 rows] of up to 4 bytes at 512 h, then their zero points [h][tile][16]
 // at 1024 + 128 h. The producer copies them with the stage, so a consumer reads a block's scales from
-// shared memory instead of waiting on global loads (measured: those stalls cost ~16% at T = 2048).
+// shared memory instead of waiting on global loads (measured on an H100, mixtral T = 2048: blocks of
+// 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
 constexpr int kScaleArea = 2048;
 template <int SB> constexpr int kScaleOff = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
 template <int SB> constexpr int kStageBytes = kScaleOff<SB> + kScaleArea;
