@@ -103,6 +103,15 @@ struct CpuBackendOptions {
   //           "Numerics"). Deterministic: bitwise the same for every chunk size and thread count.
   //           Needs AVX-512 F/BW/VL and AVX512_BF16 (isa "auto" or "avx512"); otherwise refused.
   //           Scratch grows by 2 * (round16(H + 8) + k * round16(I + 8)) bytes per row (bf16 rows).
+  //   "int8":  an accuracy option for prefill, faster than bf16. The same activations are quantized once
+  //           per chunk to int8 with one fp32 scale per row (sx = max|x| / 127, nearest even) and
+  //           multiplied with the weight codes by vpdpbusd, exactly in int32 within groups of
+  //           min(block, 256) columns; scales apply in fp32 per group, sx at the end. One output of
+  //           one GEMM moves by at most (sx / 2) * sum |s (q - z)| (+ fp32 rounding); whole layers agree
+  //           with the reference to a relative L2 error of 4e-2 (typically 1-2e-2; docs/DESIGN.md,
+  //           "Numerics"). Deterministic like bf16. Needs AVX-512 F/BW/VL and AVX512_VNNI (isa "auto"
+  //           or "avx512"); otherwise refused. Scratch grows by X + k * A + 4 * (X / 16 + k * A / 16)
+  //           + 4 * (1 + k) bytes per row (X = round16(H + 8), A = round16(I + 8)).
   std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.

@@ -113,7 +113,8 @@ _ARRAY_NAMES = tuple(f"fc{i}_{part}" for i in (1, 2, 3) for part in ("weights", 
 def _options(backend: str, prepack: bool, threads: int, chunk_rows: int, cuda_gemm: str, cpu_compute: str) -> Any:
     """How a layer is built (qmoe/layer.h LayerOptions): ``threads``, ``chunk_rows`` (tokens per
     chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB) and ``cpu_compute``
-    ("exact", or "bf16": activations rounded to bf16, an accuracy option, docs/DESIGN.md) apply to
+    ("exact"; "bf16": activations rounded to bf16; "int8": activations quantized to int8 per row;
+    the last two are accuracy options for prefill, docs/DESIGN.md "Numerics") apply to
     the CPU backend, ``cuda_gemm`` ("auto", "sm80" or "sm90") to the CUDA backend's FC kernels."""
     o = _qmoe._LayerOptions()
     o.backend = str(backend)

@@ -14,6 +14,8 @@
 // The bf16 compute mode (CpuBackendOptions::compute) changes two things only: each chunk's fp32 input
 // rows and FC1 outputs are also rounded once to bf16 rows (what its kernels read), and the kernels are
 // kernels_avx512_bf16.cpp's. The same arguments make it bitwise deterministic.
+// The int8 compute mode likewise: each chunk's input rows and FC1 outputs are also quantized once to int8
+// rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's.
 #include "cpu/cpu_backend.h"
 
 #include <cpuid.h>
@@ -26,6 +28,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
+#include "cpu/int8_rows.h"
 #include "cpu/thread_pool.h"
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
@@ -50,6 +53,10 @@ bool cpu_has_f16c() {
 }
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c(); }
 bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+
+// Which activation rows the kernels read besides the fp32 ones (CpuBackendOptions::compute).
+enum class Compute { exact, bf16, int8 };
 
 const KernelSet& select_kernels(const std::string& isa) {
   if (isa == "auto") {
@@ -69,18 +76,33 @@ const KernelSet& select_kernels(const std::string& isa) {
   throw Error("cpu backend: isa: expected auto, portable, avx2 or avx512, got '" + isa + "'");
 }
 
-// The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels.
+Compute parse_compute(const std::string& compute) {
+  if (compute == "exact") return Compute::exact;
+  if (compute == "bf16") return Compute::bf16;
+  if (compute == "int8") return Compute::int8;
+  throw Error("cpu backend: compute: expected exact, bf16 or int8, got '" + compute + "'");
+}
+
+// The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels, "int8" only as
+// AVX-512 VNNI kernels.
 const KernelSet& select_kernels(const std::string& isa, const std::string& compute) {
   const KernelSet& exact = select_kernels(isa);  // validates isa first
-  if (compute == "exact") return exact;
-  if (compute != "bf16") throw Error("cpu backend: compute: expected exact or bf16, got '" + compute + "'");
+  const Compute c = parse_compute(compute);
+  if (c == Compute::exact) return exact;
+  const char* kernels = c == Compute::bf16 ? "AVX-512 BF16" : "AVX-512 VNNI";
   if (isa != "auto" && isa != "avx512")
-    throw Error("cpu backend: compute 'bf16' runs only on the AVX-512 BF16 kernels, but isa '" + isa +
+    throw Error("cpu backend: compute '" + compute + "' runs only on the " + kernels + " kernels, but isa '" + isa +
                 "' was requested (use isa auto or avx512, or compute exact)");
-  if (!cpu_has_avx512_bf16())
-    throw Error("cpu backend: compute 'bf16' requested, but this CPU lacks AVX512_BF16 (or AVX-512 F/BW/VL); "
-                "use compute 'exact'");
-  return avx512_bf16_kernels();
+  if (c == Compute::bf16) {
+    if (!cpu_has_avx512_bf16())
+      throw Error("cpu backend: compute 'bf16' requested, but this CPU lacks AVX512_BF16 (or AVX-512 F/BW/VL); "
+                  "use compute 'exact'");
+    return avx512_bf16_kernels();
+  }
+  if (!cpu_has_avx512_vnni())
+    throw Error("cpu backend: compute 'int8' requested, but this CPU lacks AVX512_VNNI (or AVX-512 F/BW/VL); "
+                "use compute 'exact' (or 'bf16' where the CPU has AVX512_BF16)");
+  return avx512_vnni_kernels();
 }
 
 // Prepack off: the raw tensors, validated, plus the plan that says how to pack a tile on the fly.
@@ -205,12 +227,19 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
 struct RunScratch {
   std::vector<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
   std::vector<uint16_t> Xb, Ab;  // compute bf16 only: X and A rounded to bf16 (what its kernels read)
+  // compute int8 only: X and A as int8 rows (int8_rows.h): codes, -(sum) per group (stride width / 16,
+  // enough for groups of >= 16 columns), one scale per row
+  std::vector<int8_t> Xq, Aq;
+  std::vector<int32_t> Xn, An;
+  std::vector<float> Xs, As;
   std::vector<Route> routes;    // slot t*k+j of the chunk
   std::vector<int64_t> order;   // slots grouped by expert
 
   size_t bytes() const {
-    return (X.capacity() + A.capacity() + Y.capacity()) * sizeof(float) + (Xb.capacity() + Ab.capacity()) * sizeof(uint16_t) +
-           routes.capacity() * sizeof(Route) + order.capacity() * sizeof(int64_t);
+    return (X.capacity() + A.capacity() + Y.capacity() + Xs.capacity() + As.capacity()) * sizeof(float) +
+           (Xb.capacity() + Ab.capacity()) * sizeof(uint16_t) + Xq.capacity() + Aq.capacity() +
+           (Xn.capacity() + An.capacity()) * sizeof(int32_t) + routes.capacity() * sizeof(Route) +
+           order.capacity() * sizeof(int64_t);
   }
 };
 
@@ -227,8 +256,9 @@ T* grow(std::vector<T>& v, int64_t n) {
 
 // Rows [r0, r1) of the layer: reads those rows of the inputs, writes those rows of `out`.
 template <class Source>
-void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, bool bf16, ThreadPool& pool,
+void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t r0, int64_t r1) {
+  const bool bf16 = mode == Compute::bf16, int8 = mode == Compute::int8;
   const int64_t rows = r1 - r0, H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   const PairKernel kernel = kernel_for(ks, s.bits);
 
@@ -266,6 +296,15 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   // bf16 mode: the same rows rounded to bf16 once per chunk (float_to_bf16: nearest even), padding 0.
   uint16_t* Xb = bf16 ? grow(scratch.Xb, rows * XW) : nullptr;
   uint16_t* Ab = bf16 ? grow(scratch.Ab, rows * k * AW) : nullptr;
+  // int8 mode: the same rows quantized (int8_rows.h); X's once here, A's after FC1 (a row's scale needs
+  // all its columns).
+  const int64_t XN = XW / 16, AN = AW / 16;
+  int8_t* Xq = int8 ? grow(scratch.Xq, rows * XW) : nullptr;
+  int8_t* Aq = int8 ? grow(scratch.Aq, rows * k * AW) : nullptr;
+  int32_t* Xn = int8 ? grow(scratch.Xn, rows * XN) : nullptr;
+  int32_t* An = int8 ? grow(scratch.An, rows * k * AN) : nullptr;
+  float* Xs = int8 ? grow(scratch.Xs, rows) : nullptr;
+  float* As = int8 ? grow(scratch.As, rows * k) : nullptr;
   const int threads = pool.threads();
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
@@ -279,6 +318,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         for (int64_t i = 0; i < XW; ++i) Xb[t * XW + i] = float_to_bf16(X[t * XW + i]);
         for (int64_t j = 0; j < k; ++j) std::fill(Ab + (t * k + j) * AW + I, Ab + (t * k + j + 1) * AW, uint16_t(0));
       }
+      if (int8) quantize_row_int8(X + t * XW, H, XW, s.bits, s.block_size, Xq + t * XW, Xn + t * XN, Xs + t);
     }
   });
 
@@ -301,7 +341,11 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         jb.tokens = int(std::min<int64_t>(mt, m - g));
         for (int i = 0; i < jb.tokens; ++i) {
           jb.x[i] = X + order[o + g + i] / k * XW;
-          jb.xb[i] = bf16 ? Xb + order[o + g + i] / k * XW : nullptr;
+          const int64_t row = order[o + g + i] / k;
+          jb.xb[i] = bf16 ? Xb + row * XW : nullptr;
+          jb.xq[i] = int8 ? Xq + row * XW : nullptr;
+          jb.xneg_sum[i] = int8 ? Xn + row * XN : nullptr;
+          jb.xscale[i] = int8 ? Xs[row] : 0.f;
         }
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
@@ -334,6 +378,14 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     }
   });
 
+  if (int8) {
+    const int64_t positions = rows * k, pos_chunk = std::max<int64_t>(1, positions / (threads * 4));
+    pool.parallel_for((positions + pos_chunk - 1) / pos_chunk, [&](int64_t c) {
+      for (int64_t i = c * pos_chunk; i < std::min(positions, (c + 1) * pos_chunk); ++i)
+        quantize_row_int8(A + i * AW, I, AW, s.bits, s.block_size, Aq + i * AW, An + i * AN, As + i);
+    });
+  }
+
   // FC2 + bias -> Y[slot].
   const PartPlan& p2 = plan.fc2;
   const std::vector<Task> t2 = make_tasks(active, plan.fc2_pairs(), threads);
@@ -351,7 +403,11 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         jb.tokens = int(std::min<int64_t>(mt, m - g));
         for (int i = 0; i < jb.tokens; ++i) {
           jb.x[i] = A + (o + g + i) * AW;
-          jb.xb[i] = bf16 ? Ab + (o + g + i) * AW : nullptr;
+          const int64_t pos = o + g + i;
+          jb.xb[i] = bf16 ? Ab + pos * AW : nullptr;
+          jb.xq[i] = int8 ? Aq + pos * AW : nullptr;
+          jb.xneg_sum[i] = int8 ? An + pos * AN : nullptr;
+          jb.xscale[i] = int8 ? As[pos] : 0.f;
         }
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
@@ -380,19 +436,19 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
 }
 
 template <class Source>
-void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, bool bf16, ThreadPool& pool,
+void run_layer(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t chunk) {
   const int64_t rows = input_rows(in);
   for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
     r1 = r0 + std::min(rows - r0, chunk);
-    run_chunk(s, plan, src, ks, bf16, pool, in, out, scratch, r0, r1);
+    run_chunk(s, plan, src, ks, mode, pool, in, out, scratch, r0, r1);
   }
 }
 
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const CpuBackendOptions& opt)
-      : opt_(opt), kernels_(&select_kernels(opt.isa, opt.compute)), bf16_(opt.compute == "bf16") {
+      : opt_(opt), kernels_(&select_kernels(opt.isa, opt.compute)), mode_(parse_compute(opt.compute)) {
     if (opt.threads < 0) throw Error("cpu backend: threads: expected >= 0 (0 = all cores), got " + std::to_string(opt.threads));
     if (opt.max_chunk_rows < 0)
       throw Error("cpu backend: max_chunk_rows: expected >= 0 (0 = as many rows as fit in 256 MiB of scratch), got " +
@@ -431,10 +487,10 @@ class CpuBackend final : public Backend {
     std::lock_guard<std::mutex> lk(mu_);  // the pool runs one layer at a time
     if (opt_.prepack) {
       const auto& p = static_cast<const CpuPackedExperts&>(packed);
-      run_layer(s, p.plan(), PackedSource{p}, *kernels_, bf16_, *pool_, inputs, output, scratch_, chunk);
+      run_layer(s, p.plan(), PackedSource{p}, *kernels_, mode_, *pool_, inputs, output, scratch_, chunk);
     } else {
       const auto& r = static_cast<const CpuRawExperts&>(packed);
-      run_layer(s, r.plan(), RawSource{r}, *kernels_, bf16_, *pool_, inputs, output, scratch_, chunk);
+      run_layer(s, r.plan(), RawSource{r}, *kernels_, mode_, *pool_, inputs, output, scratch_, chunk);
     }
   }
 
@@ -447,7 +503,7 @@ class CpuBackend final : public Backend {
  private:
   CpuBackendOptions opt_;
   const KernelSet* kernels_;
-  bool bf16_;  // compute "bf16": keep bf16 copies of the activation rows for the kernels
+  Compute mode_;  // bf16 / int8: keep bf16 / int8 copies of the activation rows for the kernels
   std::unique_ptr<ThreadPool> pool_;
   mutable std::mutex mu_;  // one run or prepack at a time: the pool and scratch_ are shared
   RunScratch scratch_;
@@ -459,9 +515,11 @@ static_assert(sizeof(Route) == 8, "cpu_backend.h and backend.h state 16 bytes pe
 
 int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
-  const int64_t bf16_rows = compute == "bf16" ? 2 * (round_up(s.hidden + 8, 16) + s.k * round_up(s.inter + 8, 16)) : 0;
-  return 4 * (round_up(s.hidden + 8, 16) + s.k * (round_up(s.inter + 8, 16) + s.hidden)) +
-         s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows;
+  const int64_t XW = round_up(s.hidden + 8, 16), AW = round_up(s.inter + 8, 16);
+  const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
+  // int8: 1 byte per code, 4 per group sum (XW / 16 and AW / 16 per row), 4 per row scale.
+  const int64_t int8_rows = compute == "int8" ? (XW + s.k * AW) + 4 * (XW / 16 + s.k * AW / 16) + 4 * (1 + s.k) : 0;
+  return 4 * (XW + s.k * (AW + s.hidden)) + s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows + int8_rows;
 }
 
 int64_t chunk_rows(const MoeSpec& spec, const CpuBackendOptions& opt) {

@@ -23,6 +23,10 @@
 // per-token arithmetic is still fixed (independent of which tokens share a call), so it is
 // deterministic across chunk sizes and thread counts. Pairs with an infinite scale, and 2-bit
 // weights, go to the exact portable kernel on the fp32 rows (PairJob::x).
+// The int8 compute mode (compute = "int8", kernels_avx512_vnni.cpp) is the other: it reads activations
+// quantized to int8 with one scale per row (PairJob::xq, int8_rows.h) and multiplies them with the weight
+// codes by vpdpbusd, exactly in int32 within each group, so it too agrees with the others only within
+// the bound stated there, and is deterministic for the same reason; same fallbacks.
 #pragma once
 
 #include <cstdint>
@@ -48,13 +52,18 @@ struct PairJob {
   // bf16 compute mode only: the same rows rounded to bf16 (nearest even), same length and padding, so
   // columns (2i, 2i+1) form the 32-bit word i that vdpbf16ps takes. Null in the exact mode.
   const uint16_t* xb[kMaxTokens];
+  // int8 compute mode only (int8_rows.h): each row's int8 codes, -(sum of codes) per integer group and
+  // scale, written by quantize_row_int8 for this matrix's K, bits and block size. Null / 0 otherwise.
+  const int8_t* xq[kMaxTokens];
+  const int32_t* xneg_sum[kMaxTokens];
+  float xscale[kMaxTokens];
   float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
 };
 
 using PairKernel = void (*)(const PairJob&);
 
 struct KernelSet {
-  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16"
+  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
   int max_tokens_w8 = 0;  // for 8-bit weights where it differs (0: max_tokens); <= kMaxTokens
@@ -66,6 +75,8 @@ const KernelSet& avx2_kernels();    // call only where the CPU has AVX2+FMA+F16C
 const KernelSet& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/VL
 // The bf16 compute mode: call only where the CPU also has AVX512_BF16; its jobs must set xb.
 const KernelSet& avx512_bf16_kernels();
+// The int8 compute mode: call only where the CPU also has AVX512_VNNI; its jobs must set xq, xneg_sum, xscale.
+const KernelSet& avx512_vnni_kernels();
 
 // Block b's contribution for lane l (0..15) of tile `tile` and token t, computed as the reference does:
 // sum over the block's columns c < K, in order, of (scale * float(q - z)) * x[c]. Used only where the

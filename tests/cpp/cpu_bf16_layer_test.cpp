@@ -228,12 +228,12 @@ std::string error_of(F&& make) {
 
 TEST(CpuBf16Layer, OptionErrorsAreClear) {
   EXPECT_EQ(error_of([] { make_cpu_backend({.compute = "fp8"}); }),
-            "cpu backend: compute: expected exact or bf16, got 'fp8'");
+            "cpu backend: compute: expected exact, bf16 or int8, got 'fp8'");
   EXPECT_EQ(error_of([] { make_backend("cpu", LayerOptions{.cpu_compute = "BF16"}); }),
-            "cpu_compute: expected exact or bf16, got 'BF16'");
+            "cpu_compute: expected exact, bf16 or int8, got 'BF16'");
   // Checked whatever the backend, as cuda_gemm is.
   EXPECT_EQ(error_of([] { make_backend("reference", LayerOptions{.cpu_compute = "half"}); }),
-            "cpu_compute: expected exact or bf16, got 'half'");
+            "cpu_compute: expected exact, bf16 or int8, got 'half'");
   const std::string portable = error_of([] { make_cpu_backend({.isa = "portable", .compute = "bf16"}); });
   EXPECT_NE(portable.find("compute 'bf16'"), std::string::npos) << portable;
   EXPECT_NE(portable.find("isa 'portable'"), std::string::npos) << portable;

@@ -269,8 +269,41 @@ def test_cpu_compute_bf16_is_close_deterministic_and_checked():
             out = qmoe.Layer(backend="cpu", cpu_compute="bf16", chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
                 x, lg, rw)
             assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute bf16, chunk_rows={rows}"
-    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact or bf16, got 'fp8'"):
+    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact, bf16 or int8, got 'fp8'"):
         qmoe.Layer(backend="reference", cpu_compute="fp8", **kwargs)
+
+
+def _cpu_has_avx512_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+
+
+def test_cpu_compute_int8_is_close_deterministic_and_checked():
+    # cpu_compute="int8" (docs/DESIGN.md, Numerics): activations quantized to int8 per row before the FC
+    # kernels (vpdpbusd); held to the C++ layer test's relative L2 tolerance 4e-2 against the exact
+    # mode, bitwise the same for every chunk size and thread count, and refused with a clear error for
+    # an unknown value or a CPU without AVX512_VNNI.
+    for cfg in (dataclasses.replace(CONFIGS[5], rows=37), dataclasses.replace(CONFIGS[6], rows=19)):
+        kwargs, _, _ = build(cfg)
+        x, lg, rw = inputs(cfg)
+        if not _cpu_has_avx512_vnni():
+            with pytest.raises(qmoe.Error, match="lacks AVX512_VNNI"):
+                qmoe.Layer(backend="cpu", cpu_compute="int8", **kwargs)
+            continue
+        exact = qmoe.Layer(backend="cpu", **kwargs).run(x, lg, rw)
+        fast = qmoe.Layer(backend="cpu", cpu_compute="int8", **kwargs).run(x, lg, rw)
+        err = rel_err(fast, exact)
+        assert 0 < err <= 4e-2, f"{cfg.name}: cpu_compute int8 vs exact relative L2 {err}"
+        for rows in (1, 5, 64):
+            out = qmoe.Layer(backend="cpu", cpu_compute="int8", chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
+                x, lg, rw)
+            assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute int8, chunk_rows={rows}"
+    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact, bf16 or int8, got 'INT8'"):
+        qmoe.Layer(backend="cpu", cpu_compute="INT8", **kwargs)
 
 
 def test_concurrent_runs_on_one_layer_agree():

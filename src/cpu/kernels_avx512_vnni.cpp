@@ -1,0 +1,156 @@
+// AVX-512 VNNI pair kernels: the "int8" compute mode (CpuBackendOptions::compute), an accuracy option
+// for prefill. Built with -mavx512vnni on top of the AVX-512 flags; the backend selects it only after
+// checking AVX512_VNNI (cpu_backend.cpp). Same packed format (cpu_layout.h), same PairJob interface;
+// the activations come quantized to int8 (int8_rows.h), one fp32 scale per row.
+//
+// Why: at T >= 64 the exact kernels are bound by fp32 FMAs and the bf16 ones by vdpbf16ps (32 MACs per
+// instruction, docs/PERF.md run 4). vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds
+// each group of 4 products into one of 16 int32 lanes: 64 MACs per instruction, and the int4/int8
+// weight codes are already small unsigned integers, so "dequant" is only a byte shuffle.
+//
+// Numerics. Per output lane (row), token t and integer group g (int8_rows.h: min(block, 256) columns,
+// so a group never straddles a scale block), with the weight codes q (unsigned), the zero point z
+// (2^(bits-1) by default) and the token's codes xq and nsum_g = -(sum of xq over the group):
+//   isum_g = sum over the group of q * xq  +  z * nsum_g    = sum (q - z) * xq, exactly, in int32
+//   acc    = fma(scale_b, float(isum_g), acc)               groups in increasing column order
+//   y      = acc * sx                                        (sx: the token's activation scale)
+// |isum_g| <= 256 * 255 * 127 < 2^24, so the int32 sums never overflow and float(isum_g) is exact;
+// all error comes from the activation rounding (|x - sx * xq| <= sx / 2) and fp32 rounding of acc:
+//   |y_int8 - y_exact| <= (sx / 2) * sum_c |s (q - z)|  + fp32 terms
+// (tested in cpu_int8_kernel_test.cpp). A token's arithmetic never depends on which tokens share the
+// call, so results are bitwise the same for every chunk size and thread count. Pairs with an infinite
+// scale go to the exact portable kernel (on the fp32 rows, PairJob::x), as in the other AVX-512 kernels;
+// 2-bit weights always take that kernel.
+//
+// The shuffle. One 64-byte load covers code bytes j..j+3 of a tile's 16 rows: 128-bit lane m holds
+// byte j+m of rows 0..15. vpdpbusd wants lane (dword) l to hold 4 bytes of row l, so this is a 4x16
+// byte transpose: vpermd moves dword d of lane m to dword m of lane d (rows 4d..4d+3 of byte j+m), then
+// vpshufb transposes the 4x4 bytes inside each lane. Afterwards dword l = bytes j..j+3 of row l.
+//   int8: those are columns j..j+3, against the x dword at column j.
+//   int4: byte j+m holds columns 2(j+m) (low nibble) and 2(j+m)+1 (high). "& 0x0f" gives columns 2j,
+//         2j+2, 2j+4, 2j+6; "(>> 4) & 0x0f" gives 2j+1, .., 2j+7. The activation rows are stored with
+//         each 8-column group as its even columns, then its odd ones (int8_column_slot), so the
+//         matching x dwords sit at slots 2j and 2j+4. Two shuffles and three bit operations per
+//         64 code bytes feed 2 x 16 rows x 4 columns, against 2 x MT vpdpbusd.
+// A row's last step may have only 2 code bytes left (J is even, not a multiple of 4): a masked load
+// reads those and zeros for the rest (codes 0, against x columns past K, which are 0).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "cpu/int8_rows.h"
+#include "cpu/kernels_avx512_common.h"
+
+namespace qmoe::cpu {
+
+namespace {
+
+// Tokens per call, by measurement (mixtral, 1 thread, T = 512, CPU ms of one layer on a machine shared
+// with a CI run, load ~4.5 on 2 cores, so +-5%): int4 block 32 / int4 block 128 / int8 row-wise
+// 4 -> 837 / 640 / 737, 6 -> 902 / 622 / 721, 8 -> 987 / 662 / 834. Each token holds 4 zmm (isum and
+// acc x 2 tiles), so past 6 the chains spill; 4 and 6 are within the noise, 6 amortizes the shuffles more.
+constexpr int kTokensW4 = 6, kTokensW8 = 6;
+
+// Broadcast of the 4 int8 codes at slot i of a row.
+inline __m512i x_dword(const int8_t* xq, int64_t i) {
+  int32_t w;
+  std::memcpy(&w, xq + i, 4);
+  return _mm512_set1_epi32(w);
+}
+
+// Code bytes j..j+3 (or j..j+1 where `full` is false) of a tile's 16 rows, transposed so that dword l
+// holds row l's 4 bytes in increasing j.
+inline __m512i load_transposed(const uint8_t* p, bool full) {
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(__mmask64(0xffffffffu), p);
+  return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
+}
+
+// The pair kernel for both widths: BITS 4 or 8.
+template <int BITS, int MT, bool ZP>
+void pair_vnni(const PairJob& jb) {
+  constexpr int kPack = 8 / BITS;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const uint8_t* c[2] = {jb.codes[0], jb.codes[1]};
+  const int64_t gcols = std::min<int64_t>(jb.block_bytes * kPack, kInt8GroupCols), gbytes = gcols / kPack;
+  for (int64_t b = 0; b < jb.nb; ++b) {
+    const int64_t jb0 = b * jb.block_bytes, jb1 = std::min(jb0 + jb.block_bytes, jb.jbytes);
+    // z per row, as the low 16-bit word of each dword (vpdpwssd's operand); the default where a tile has none.
+    __m512i z[2];
+    for (int tile = 0; tile < 2; ++tile)
+      z[tile] = ZP && jb.zero_points[tile] ? load_codes16(jb.zero_points[tile] + b * kTileRows)
+                                           : _mm512_set1_epi32(1 << (BITS - 1));
+    __m512 s[2];
+    for (int tile = 0; tile < 2; ++tile) s[tile] = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
+    for (int64_t jg = jb0; jg < jb1; jg += gbytes) {
+      const int64_t je = std::min(jg + gbytes, jb1);
+      __m512i isum[MT][2];
+      for (int t = 0; t < MT; ++t) isum[t][0] = isum[t][1] = _mm512_setzero_si512();
+      auto step = [&](int64_t j, bool full) __attribute__((always_inline)) {
+        __m512i w[2][2];  // [tile][0: low nibbles or int8 codes, 1: high nibbles]
+        for (int tile = 0; tile < 2; ++tile) {
+          const __m512i v = load_transposed(c[tile] + j * kTileRows, full);
+          if constexpr (BITS == 4) {
+            w[tile][0] = _mm512_and_si512(v, low4);
+            w[tile][1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          } else {
+            w[tile][0] = v;
+          }
+        }
+        for (int t = 0; t < MT; ++t) {
+          if constexpr (BITS == 4) {
+            const __m512i x0 = x_dword(jb.xq[t], 2 * j), x1 = x_dword(jb.xq[t], 2 * j + 4);
+            for (int tile = 0; tile < 2; ++tile)
+              isum[t][tile] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[t][tile], w[tile][0], x0), w[tile][1], x1);
+          } else {
+            const __m512i x0 = x_dword(jb.xq[t], j);
+            for (int tile = 0; tile < 2; ++tile) isum[t][tile] = _mm512_dpbusd_epi32(isum[t][tile], w[tile][0], x0);
+          }
+        }
+      };
+      int64_t j = jg;
+      for (; j + 4 <= je; j += 4) {  // one 64-byte line per tile per step, one prefetch each
+        _mm_prefetch(reinterpret_cast<const char*>(c[0] + j * kTileRows + 1024), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c[1] + j * kTileRows + 1024), _MM_HINT_T0);
+        step(j, true);
+      }
+      if (j < je) step(j, false);  // 2 bytes left: only at the end of a row
+      const int64_t g = jg * kPack / gcols;
+      for (int t = 0; t < MT; ++t) {
+        const __m512i ns = _mm512_set1_epi32(jb.xneg_sum[t][g]);
+        for (int tile = 0; tile < 2; ++tile) {
+          const __m512i exact = _mm512_dpwssd_epi32(isum[t][tile], z[tile], ns);  // + z * -(sum xq)
+          acc[t][tile] = _mm512_fmadd_ps(s[tile], _mm512_cvtepi32_ps(exact), acc[t][tile]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    const __m512 sx = _mm512_set1_ps(jb.xscale[t]);
+    acc[t][0] = _mm512_mul_ps(acc[t][0], sx), acc[t][1] = _mm512_mul_ps(acc[t][1], sx);
+  }
+  store_acc<MT>(jb, acc);
+}
+
+void vnni_w4(const PairJob& jb) {
+  dispatch_pair<kTokensW4>(jb, portable_kernels().w4, "avx512-vnni", [&]<int MT, bool ZP>() { pair_vnni<4, MT, ZP>(jb); });
+}
+void vnni_w8(const PairJob& jb) {
+  dispatch_pair<kTokensW8>(jb, portable_kernels().w8, "avx512-vnni", [&]<int MT, bool ZP>() { pair_vnni<8, MT, ZP>(jb); });
+}
+
+}  // namespace
+
+const KernelSet& avx512_vnni_kernels() {
+  // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens is within its kMaxTokens).
+  static const KernelSet k{"avx512-vnni", portable_kernels().w2, vnni_w4, vnni_w8, kTokensW4, kTokensW8};
+  return k;
+}
+
+}  // namespace qmoe::cpu

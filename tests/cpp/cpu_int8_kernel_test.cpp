@@ -1,0 +1,281 @@
+// The int8 compute mode's pair kernels (src/cpu/kernels_avx512_vnni.cpp) on random tiles, with the
+// activation rows made by quantize_row_int8 (int8_rows.h), against float64 sums written here from the
+// packed format's definition (cpu_layout.h).
+//
+// The bound (reasoned, not tuned). The weights w = s * (q - z) are used exactly (integer codes, the
+// scale applied once per group in fp32), so the new error is the activation rounding: with
+// sx = max|x| / 127, |x - sx * xq| <= sx / 2 per column (+ 2^-24 relative for sx's own rounding). For
+// one output y = sum_c w_c x_c that gives
+//   |y_kernel - y| <= (sx / 2) * W + g * m * W,   W = sum_c |w_c|,  m = max|x| (>= |sx * xq|),
+// where g covers the fp32 steps: per group float(isum) is exact (< 2^24), fma(s, isum, acc) rounds once
+// (a path of at most nb groups + 1 roundings, each relative to at most m * W), and the final * sx once.
+// Checked twice per output:
+//   1. against y from the unrounded x, with the whole bound (the mode's promise);
+//   2. against y_q = sum_c w_c * (sx * xq_c), with g * m * W only: the kernel really uses every
+//      column's code exactly once, with the right weight and zero point (an off-by-one column, a wrong
+//      nibble or zero point is far outside it).
+// Also: a token's result is bitwise the same whatever other tokens share the call (determinism across
+// chunk sizes depends on it), a pair with an infinite scale gives exactly the exact portable kernel's
+// result (the fallback), a row of zeros gives zeros, and the activation quantizer's own contract.
+//
+// Shapes: int4 and int8; row-wise and blocks 16..256 and 512 (two integer groups per block); odd K (and K
+// below one block, and K past one row-wise group of 256); zero points on neither, one or both tiles;
+// fp32/fp16/bf16 scales; 1..tokens_per_call tokens per call. A fresh seed per run, printed with every
+// failure; replay with QMOE_TEST_SEED=<seed>.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "cpu/int8_rows.h"
+#include "qmoe/dtype.h"
+#include "test_seed.h"
+
+namespace {
+
+using namespace qmoe;
+using namespace qmoe::cpu;
+
+bool has_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+using test::base_seed;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// One random pair job and the buffers behind it.
+struct PairCase {
+  int bits = 4;
+  int64_t K = 0, block = 0;  // block 0: row-wise
+  DType sdt = DType::f32;
+  bool zp[2] = {false, false};
+  int tokens = 1;
+  int64_t J = 0, nb = 1, block_bytes = 0, W = 0;
+  std::vector<uint8_t> codes[2], zeros[2];
+  std::vector<uint8_t> scales[2];  // [nb][16] of sdt
+  std::vector<float> x[kMaxTokens];
+  std::vector<int8_t> xq[kMaxTokens];
+  std::vector<int32_t> nsum[kMaxTokens];
+  float sx[kMaxTokens] = {};
+
+  std::string str() const {
+    std::ostringstream os;
+    os << "int" << bits << " K=" << K << " block=" << block << " scales=" << dtype_name(sdt) << " zp=" << zp[0] << zp[1]
+       << " tokens=" << tokens;
+    return os.str();
+  }
+
+  void quantize(int t) {
+    xq[t].assign(size_t(W), 0);
+    nsum[t].assign(size_t(W / 16), 0);
+    quantize_row_int8(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), &sx[t]);
+  }
+
+  void make(std::mt19937_64& rng) {
+    const int pack = 8 / bits;
+    J = (K + pack - 1) / pack;
+    J += J % 2;
+    nb = block ? (K + block - 1) / block : 1;
+    block_bytes = block ? block / pack : J;
+    W = round_up(K + 8, 16);  // as the backend's rows: readable and zero past K
+    std::uniform_real_distribution<float> sd(0.25f, 2.f), xd(-2.f, 2.f);
+    for (int tile = 0; tile < 2; ++tile) {
+      codes[tile].resize(size_t(J * kTileRows));
+      for (auto& c : codes[tile]) c = uint8_t(rng());
+      scales[tile].resize(size_t(nb * kTileRows) * dtype_size(sdt));
+      for (int64_t i = 0; i < nb * kTileRows; ++i) {
+        const float s = (rng() & 1 ? 1.f : -1.f) * sd(rng) / float(K);
+        store_from_float(sdt, scales[tile].data(), i, s);
+      }
+      zeros[tile].clear();
+      if (zp[tile]) {
+        zeros[tile].resize(size_t(nb * kTileRows));
+        for (auto& z : zeros[tile]) z = uint8_t(rng() & ((1u << bits) - 1));
+      }
+    }
+    for (int t = 0; t < tokens; ++t) {
+      x[t].assign(size_t(W), 0.f);
+      const float amp = std::ldexp(1.f, int(rng() % 16) - 8);  // rows of different magnitudes
+      for (int64_t c = 0; c < K; ++c) x[t][size_t(c)] = amp * xd(rng);
+      quantize(t);
+    }
+  }
+
+  PairJob job(float* acc) const {
+    PairJob jb{};
+    for (int tile = 0; tile < 2; ++tile) {
+      jb.codes[tile] = codes[tile].data();
+      jb.scales[tile] = scales[tile].data();
+      jb.zero_points[tile] = zp[tile] ? zeros[tile].data() : nullptr;
+    }
+    jb.jbytes = J, jb.nb = nb, jb.block_bytes = block_bytes, jb.K = K, jb.bits = bits, jb.scale_dtype = sdt;
+    jb.tokens = tokens;
+    for (int t = 0; t < tokens; ++t)
+      jb.x[t] = x[t].data(), jb.xq[t] = xq[t].data(), jb.xneg_sum[t] = nsum[t].data(), jb.xscale[t] = sx[t];
+    jb.acc = acc;
+    return jb;
+  }
+
+  // y from x (or from sx * xq), W = sum |w| and m = max |x| in float64, for lane (tile, l) and token t.
+  void exact(int tile, int l, int t, bool quantized, double& y, double& w_abs, double& m) const {
+    const int pack = 8 / bits, mask = (1 << bits) - 1;
+    y = 0, w_abs = 0, m = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      const int64_t b = block ? c / block : 0;
+      const int q = (codes[tile][size_t((c / pack) * kTileRows + l)] >> ((c % pack) * bits)) & mask;
+      const int z = zp[tile] ? zeros[tile][size_t(b * kTileRows + l)] : 1 << (bits - 1);
+      const double w = double(load_as_float(sdt, scales[tile].data(), b * kTileRows + l)) * double(q - z);
+      const double xv = quantized ? double(sx[t]) * xq[t][size_t(int8_column_slot(bits, c))] : double(x[t][size_t(c)]);
+      y += w * xv, w_abs += std::fabs(w), m = std::max(m, std::fabs(double(x[t][size_t(c)])));
+    }
+  }
+};
+
+PairKernel int8_kernel(int bits) { return bits == 4 ? avx512_vnni_kernels().w4 : avx512_vnni_kernels().w8; }
+
+TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
+  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  std::mt19937_64 rng(base_seed());
+  const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
+  int checked = 0;
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256), int64_t(512)})
+      for (int rep = 0; rep < 6; ++rep) {
+        PairCase c;
+        c.bits = bits, c.block = block;
+        // Odd K, sometimes shorter than one block, sometimes long (up to ~2000 columns).
+        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
+        c.sdt = sdts[rng() % 3];
+        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.tokens = 1 + int(rng() % uint64_t(avx512_vnni_kernels().tokens_per_call(bits)));
+        c.make(rng);
+        std::vector<float> acc(size_t(c.tokens * kPairRows));
+        int8_kernel(bits)(c.job(acc.data()));
+        const int64_t groups = (c.K + 255) / 256 + c.nb;  // an upper bound on the integer groups
+        const double n = double(groups + 2), g = n * 0x1p-24 / (1 - n * 0x1p-24) + 0x1p-23;
+        for (int t = 0; t < c.tokens; ++t)
+          for (int lane = 0; lane < kPairRows; ++lane) {
+            double y, w, m, yq, wq, mq;
+            c.exact(lane / kTileRows, lane % kTileRows, t, false, y, w, m);
+            c.exact(lane / kTileRows, lane % kTileRows, t, true, yq, wq, mq);
+            const double got = acc[size_t(t * kPairRows + lane)];
+            ASSERT_LE(std::fabs(got - y), 0.5 * double(c.sx[t]) * w * (1 + 0x1p-22) + g * m * w)
+                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " exact " << y << " (sum |w| "
+                << w << ", sx " << c.sx[t] << ", base seed " << base_seed() << ")";
+            ASSERT_LE(std::fabs(got - yq), g * m * w)
+                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " vs sum with sx * xq " << yq
+                << " (sum |w| " << w << ", base seed " << base_seed() << ")";
+            ++checked;
+          }
+      }
+  EXPECT_GT(checked, 0);
+}
+
+// A token's result does not depend on the other tokens of its call.
+TEST(CpuInt8Kernel, TokenResultIndependentOfBatch) {
+  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  std::mt19937_64 rng(base_seed() + 1);
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(32)}) {
+      PairCase c;
+      const int n = avx512_vnni_kernels().tokens_per_call(bits);
+      c.bits = bits, c.block = block, c.K = 301, c.zp[0] = true, c.tokens = n;
+      c.make(rng);
+      std::vector<float> all(size_t(n * kPairRows)), one(kPairRows);
+      int8_kernel(bits)(c.job(all.data()));
+      for (int t = 0; t < n; ++t) {
+        PairJob jb = c.job(one.data());
+        jb.tokens = 1, jb.x[0] = c.x[t].data(), jb.xq[0] = c.xq[t].data(), jb.xneg_sum[0] = c.nsum[t].data();
+        jb.xscale[0] = c.sx[t];
+        int8_kernel(bits)(jb);
+        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * kPairRows, sizeof(float) * kPairRows), 0)
+            << c.str() << " token " << t << " alone differs from the same token in a call of " << n << " (base seed " << base_seed() << ")";
+      }
+    }
+}
+
+// A pair with an infinite scale is handed to the exact portable kernel (on the fp32 rows).
+TEST(CpuInt8Kernel, InfiniteScaleFallsBackToExactKernel) {
+  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  std::mt19937_64 rng(base_seed() + 2);
+  for (int bits : {4, 8}) {
+    PairCase c;
+    c.bits = bits, c.block = 32, c.K = 97, c.tokens = 3;
+    c.make(rng);
+    store_from_float(c.sdt, c.scales[1].data(), 1 * kTileRows + 5, -INFINITY);
+    std::vector<float> got(size_t(3 * kPairRows)), want(size_t(3 * kPairRows));
+    int8_kernel(bits)(c.job(got.data()));
+    portable_kernels().w4(c.job(want.data()));  // the portable kernel serves every bit width
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0) << c.str();
+  }
+}
+
+// A row of zeros: sx = 0, codes 0, outputs +0 (zero points or not).
+TEST(CpuInt8Kernel, ZeroRowGivesZeros) {
+  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  std::mt19937_64 rng(base_seed() + 3);
+  for (int bits : {4, 8}) {
+    PairCase c;
+    c.bits = bits, c.block = 16, c.K = 75, c.zp[1] = true, c.tokens = 2;
+    c.make(rng);
+    std::fill(c.x[1].begin(), c.x[1].end(), 0.f);
+    c.quantize(1);
+    EXPECT_EQ(c.sx[1], 0.f);
+    std::vector<float> acc(size_t(2 * kPairRows), 1.f);
+    int8_kernel(bits)(c.job(acc.data()));
+    for (int lane = 0; lane < kPairRows; ++lane) ASSERT_EQ(acc[size_t(kPairRows + lane)], 0.f) << c.str() << " lane " << lane;
+  }
+}
+
+// quantize_row_int8's contract (int8_rows.h): codes in [-127, 127], |x - sx q| <= sx / 2, the extreme
+// column gets +-127, group sums, zeros past K, the slot order for int4, NaN scale for non-finite rows.
+TEST(CpuInt8Kernel, QuantizerContract) {
+  std::mt19937_64 rng(base_seed() + 4);
+  std::uniform_real_distribution<float> xd(-3.f, 3.f);
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(128), int64_t(512)}) {
+      const int64_t K = 2 * int64_t(rng() % 400) + 1, W = round_up(K + 8, 16), G = int8_group_cols(block);
+      std::vector<float> x(size_t(W), 0.f);
+      for (int64_t c = 0; c < K; ++c) x[size_t(c)] = xd(rng);
+      std::vector<int8_t> q(size_t(W), 99);
+      std::vector<int32_t> ns(size_t(W / 16), 99);
+      float sx = -1;
+      quantize_row_int8(x.data(), K, W, bits, block, q.data(), ns.data(), &sx);
+      float m = 0;
+      for (int64_t c = 0; c < K; ++c) m = std::max(m, std::fabs(x[size_t(c)]));
+      ASSERT_EQ(sx, m / 127.f);
+      std::vector<int32_t> want(size_t(W / 16), 0);
+      bool extreme = false;
+      for (int64_t c = 0; c < K; ++c) {
+        const int v = q[size_t(int8_column_slot(bits, c))];
+        ASSERT_LE(std::abs(v), 127);
+        ASSERT_LE(std::fabs(double(x[size_t(c)]) - double(sx) * v), 0.5 * sx * (1 + 0x1p-20)) << "column " << c;
+        extreme = extreme || std::abs(v) == 127;
+        want[size_t(c / G)] -= v;
+      }
+      EXPECT_TRUE(extreme);
+      for (int64_t c = K; c < W; ++c) ASSERT_EQ(q[size_t(int8_column_slot(bits, c))], 0) << "padding column " << c;
+      for (int64_t g = 0; g < (W + G - 1) / G; ++g) ASSERT_EQ(ns[size_t(g)], want[size_t(g)]) << "group " << g;
+    }
+  // int4 slots: columns 0..7 -> 0, 4, 1, 5, 2, 6, 3, 7.
+  const int64_t slots[] = {0, 4, 1, 5, 2, 6, 3, 7};
+  for (int64_t c = 0; c < 16; ++c) EXPECT_EQ(int8_column_slot(4, c), (c & 8) + slots[c & 7]);
+  std::vector<float> x(16, 1.f);
+  x[3] = INFINITY;
+  std::vector<int8_t> q(16);
+  std::vector<int32_t> ns(1);
+  float sx = 0;
+  quantize_row_int8(x.data(), 16, 16, 4, 16, q.data(), ns.data(), &sx);
+  EXPECT_TRUE(std::isnan(sx));
+}
+
+}  // namespace
