@@ -88,6 +88,19 @@ def test_cpu_compute_flag():
         assert ea != eb and abs(eb - ea) <= 8e-3, (ea, eb)
 
 
+def test_cpu_compute_int8_flag():
+    # --cpu-compute int8 (an accuracy option): the demo's error against the fp32 layer moves by at most
+    # the int8 mode's tested layer tolerance (4e-2 relative; docs/DESIGN.md, Numerics).
+    with open("/proc/cpuinfo") as f:
+        if "avx512_vnni" not in f.read().split():
+            return
+    a = demo_json("--seed", "3", "--backend", "cpu")
+    b = demo_json("--seed", "3", "--backend", "cpu", "--cpu-compute", "int8")
+    for i in range(2):
+        ea, eb = a["variants"][i]["rel_error_vs_fp32"], b["variants"][i]["rel_error_vs_fp32"]
+        assert ea != eb and abs(eb - ea) <= 4e-2, (ea, eb)
+
+
 def test_demo_rejects_bad_shape():
     p = ob.run_qmoe_cli(["demo", "--k", "9"])
     assert p.returncode == 1 and p.stderr.startswith("qmoe: error: k"), p.stderr

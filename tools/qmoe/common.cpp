@@ -41,8 +41,10 @@ void add_backend_flags(CLI::App& app, BackendFlags& flags) {
       ->capture_default_str();
   app.add_option("--cpu-compute", flags.cpu_compute,
                  "CPU: kernel arithmetic; exact = fp32 (default), bf16 = activations rounded to bf16 and multiplied "
-                 "with vdpbf16ps (faster prefill; layer error ~3e-3 relative, tested to 8e-3; needs AVX512_BF16)")
-      ->check(CLI::IsMember({"exact", "bf16"}))
+                 "with vdpbf16ps (faster prefill; layer error ~3e-3 relative, tested to 8e-3; needs AVX512_BF16), "
+                 "int8 = activations quantized to int8 per row and multiplied with vpdpbusd (faster still; layer "
+                 "error ~1-2e-2 relative, tested to 4e-2; needs AVX512_VNNI)")
+      ->check(CLI::IsMember({"exact", "bf16", "int8"}))
       ->capture_default_str();
 }
 
