@@ -1,7 +1,9 @@
-// The CPU backend's bf16 compute mode (CpuBackendOptions::compute = "bf16") on whole layers.
+// The CPU backend's accuracy options (CpuBackendOptions::compute = "bf16" and "int8") on whole layers;
+// every test runs once per mode (gtest parameters).
 //
-// 1. Agreement with the reference backend (the fp32 oracle): relative L2 over the output
-//    ||bf16 - ref|| / ||ref|| <= 8e-3. Why: the mode rounds two things to bf16, the layer input (FC1's
+// 1. Agreement with the reference backend (the fp32 oracle), relative L2 over the output, within the
+//    mode's stated tolerance:
+//    bf16: ||bf16 - ref|| / ||ref|| <= 8e-3. Why: the mode rounds two things to bf16, the layer input (FC1's
 //    x) and FC1's activated output (FC2's x), each by a relative error of at most 2^-8 (8 significant
 //    bits), rms about 2^-8/sqrt(3) * 0.7 = 1.6e-3 (uniform in half an ulp; 0.7 = rms of 1/m over the
 //    mantissa m in [1, 2)). Over a dot product of random-sign terms the output's relative rms error is
@@ -12,14 +14,27 @@
 //    wrong column, nibble, zero point or scale) costs O(1). With T = fp16/bf16 both results are also
 //    rounded to T; they round apart only where the mode's error straddles a rounding boundary.
 //    The per-GEMM worst-case bound, 2^-8 * sum |w x| + fp32 terms, is tested in cpu_bf16_kernel_test.cpp.
+//    int8: ||int8 - ref|| / ||ref|| <= 4e-2. Why: the mode quantizes two things per row, the
+//    layer input (FC1's x) and FC1's activated output (FC2's x), to sx * xq with sx = max|x| / 127; the
+//    error per element is uniform in [-sx/2, sx/2], rms sx / sqrt(12) = max|x| / 440, i.e. c / 440
+//    relative to the row's rms, where c = max|x| / rms(x) is the row's crest factor. Over a dot product
+//    of random-sign terms the output's relative rms error is about the same. Layer inputs here have
+//    c ~ 3 (7e-3); SwiGLU and silu outputs are heavy-tailed (a product of two near-Gaussian values),
+//    c ~ 6-8 over a few hundred columns, so FC2 adds ~1.5e-2: measured 0.8e-2 to 1.9e-2 on these
+//    layers (the largest for SwiGLU; relu/gelu ~1e-2). 4e-2 is ~2x the worst measured value, room for
+//    the spread over small random layers; a bug (a wrong column, nibble, zero point or scale) costs
+//    O(1). This is 3-5x the bf16 mode's error (8 significant bits relative to each element, not 7
+//    bits relative to the row's largest).
+//    The per-GEMM worst-case bound, (sx / 2) * sum |s (q - z)| + fp32 terms, is tested in
+//    cpu_int8_kernel_test.cpp.
 // 2. Determinism: outputs bitwise the same for chunks of 1, 7, 64 rows and one chunk, 1, 2 and 3
 //    threads, prepack on and off.
-// 3. 2-bit layers (which run the exact kernel in this mode too) equal compute "exact" bitwise.
+// 3. 2-bit layers (which run the exact kernel in these modes too) equal compute "exact" bitwise.
 // 4. Option errors name the option, the allowed values and what was given; the scratch stays within
-//    the documented bound with the bf16 rows.
+//    the documented bound with the mode's rows.
 // Layers: fixed (int4/int8, row-wise and blocks, zero points, biases, SwiGLU in all three forms,
-// fp32/fp16/bf16, k = E, experts with no tokens, all tokens on one expert) and random ones (fresh seed
-// per run, printed with every failure; replay with QMOE_TEST_SEED=<seed>).
+// fp32/fp16/bf16, k = E, experts with no tokens, all tokens on one expert) and random ones (blocks up
+// to 512; fresh seed per run, printed with every failure; replay with QMOE_TEST_SEED=<seed>).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -42,14 +57,43 @@ namespace {
 using namespace qmoe;
 using test::bitwise_diff;
 
-bool has_bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
+
+// What differs between the modes.
+struct Mode {
+  std::string name;        // the compute option's value
+  std::string cpu_feature; // what the CPU needs beyond AVX-512 F/BW/VL, as the backend's error names it
+  bool supported;
+  double tolerance;        // see 1. above; also docs/DESIGN.md "Numerics"
+  // Scratch bytes per token row beyond the exact mode's (backend.h, docs/RELIABILITY.md), written out
+  // here from the documentation; XW = round16(H + 8), AW = round16(I + 8).
+  int64_t (*extra_scratch)(const MoeSpec&, int64_t XW, int64_t AW);
+  int64_t mixtral_chunk;   // the automatic chunk for Mixtral-8x7B (1636 rows in the exact mode)
+};
+
+const Mode kModes[] = {
+    {"bf16", "AVX512_BF16", has_avx512() && __builtin_cpu_supports("avx512bf16"), 8e-3,
+     [](const MoeSpec& s, int64_t XW, int64_t AW) { return 2 * (XW + s.k * AW); }, 1168},
+    {"int8", "AVX512_VNNI", has_avx512() && __builtin_cpu_supports("avx512vnni"), 4e-2,
+     [](const MoeSpec& s, int64_t XW, int64_t AW) {  // codes, group sums, row scales
+       return (XW + s.k * AW) + 4 * (XW / 16 + s.k * AW / 16) + 4 * (1 + s.k);
+     },
+     1308},
+};
+
+class CpuComputeLayer : public ::testing::TestWithParam<Mode> {
+ protected:
+  const std::string& mode() const { return GetParam().name; }
+};
+// Tests that run the mode's kernels skip on CPUs without its feature.
+#define QMOE_REQUIRE_MODE()                                                                      \
+  if (!GetParam().supported) GTEST_SKIP() << "this CPU lacks " << GetParam().cpu_feature
 
 using test::base_seed;
 
-struct Bf16Case {
+struct LayerCase {
   std::string name;
   MoeSpec spec;
   int64_t tokens = 16;
@@ -58,8 +102,8 @@ struct Bf16Case {
   uint64_t seed = 11;
 };
 
-std::vector<Bf16Case> fixed_cases() {
-  std::vector<Bf16Case> v;
+std::vector<LayerCase> fixed_cases() {
+  std::vector<LayerCase> v;
   MoeSpec a;
   a.num_experts = 8, a.k = 2, a.hidden = 256, a.inter = 192, a.bits = 4, a.block_size = 32;
   a.activation = Activation::swiglu, a.swiglu_fusion = SwigluFusion::interleaved, a.normalize_routing_weights = true;
@@ -92,16 +136,16 @@ std::vector<Bf16Case> fixed_cases() {
   return v;
 }
 
-Bf16Case random_case(uint64_t seed) {
+LayerCase random_case(uint64_t seed) {
   std::mt19937_64 rng(seed);
   auto pick = [&](int n) { return int(rng() % uint64_t(n)); };
-  Bf16Case c;
+  LayerCase c;
   c.seed = seed;
   c.name = "random seed " + std::to_string(seed);
   MoeSpec& s = c.spec;
   s.bits = pick(2) ? 4 : 8;
-  const int64_t blocks[] = {0, 16, 32, 64, 128};
-  s.block_size = blocks[pick(5)];
+  const int64_t blocks[] = {0, 16, 32, 64, 128, 256, 512};
+  s.block_size = blocks[pick(7)];
   s.hidden = s.pack() * (32 + pick(200));
   s.inter = s.pack() * (32 + pick(150));
   s.num_experts = 2 + pick(9);
@@ -120,7 +164,7 @@ Bf16Case random_case(uint64_t seed) {
   return c;
 }
 
-SyntheticLayer make_layer(const Bf16Case& c) {
+SyntheticLayer make_layer(const LayerCase& c) {
   SyntheticLayer l = make_synthetic_layer(c.spec, {.seed = c.seed, .tokens = c.tokens, .router_weights = c.router_weights});
   if (c.one_expert >= 0) {
     const int64_t E = c.spec.num_experts;
@@ -140,41 +184,39 @@ Tensor run_cpu(const SyntheticLayer& l, const CpuBackendOptions& opt) {
   return y;
 }
 
-constexpr double kTolerance = 8e-3;  // see 1. above; also docs/DESIGN.md "Numerics"
-
-std::vector<Bf16Case> all_cases() {
-  std::vector<Bf16Case> cases = fixed_cases();
+std::vector<LayerCase> all_cases() {
+  std::vector<LayerCase> cases = fixed_cases();
   for (uint64_t i = 0; i < 12; ++i) cases.push_back(random_case(base_seed() + i));
   return cases;
 }
 
-TEST(CpuBf16Layer, AgreesWithReferenceWithinStatedTolerance) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+TEST_P(CpuComputeLayer, AgreesWithReferenceWithinStatedTolerance) {
+  QMOE_REQUIRE_MODE();
   double worst = 0;
-  for (const Bf16Case& c : all_cases()) {
+  for (const LayerCase& c : all_cases()) {
     const SyntheticLayer l = make_layer(c);
     const Tensor ref = reference_forward(l.spec, l.raw, l.inputs());
-    const Tensor got = run_cpu(l, {.threads = 2, .compute = "bf16"});
+    const Tensor got = run_cpu(l, {.threads = 2, .compute = mode()});
     const double err = relative_error(got.view(), ref.view());
     worst = std::max(worst, err);
-    EXPECT_LE(err, kTolerance) << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens
-                                      << " one_expert=" << c.one_expert << " (base seed " << base_seed() << ")";
-    // Far from exact-mode agreement would mean the mode is not on; not 0 unless only 2-bit or idle.
-    if (c.spec.bits != 2 && c.tokens > 0) EXPECT_GT(err, 0.0) << c.name << ": bf16 mode gave the exact result";
+    EXPECT_LE(err, GetParam().tolerance) << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens
+                                         << " one_expert=" << c.one_expert << " (base seed " << base_seed() << ")";
+    // Exact-mode agreement would mean the mode is not on; not 0 unless only 2-bit or idle.
+    if (c.spec.bits != 2 && c.tokens > 0) EXPECT_GT(err, 0.0) << c.name << ": mode " << mode() << " gave the exact result";
   }
-  std::printf("worst relative L2 error of compute bf16 vs the reference: %.3g\n", worst);
+  std::printf("worst relative L2 error of compute %s vs the reference: %.3g\n", mode().c_str(), worst);
 }
 
-TEST(CpuBf16Layer, BitwiseDeterministicAcrossChunksThreadsAndPrepack) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
-  for (const Bf16Case& c : all_cases()) {
+TEST_P(CpuComputeLayer, BitwiseDeterministicAcrossChunksThreadsAndPrepack) {
+  QMOE_REQUIRE_MODE();
+  for (const LayerCase& c : all_cases()) {
     const SyntheticLayer l = make_layer(c);
-    const Tensor want = run_cpu(l, {.threads = 2, .max_chunk_rows = c.tokens, .compute = "bf16"});
+    const Tensor want = run_cpu(l, {.threads = 2, .max_chunk_rows = c.tokens, .compute = mode()});
     for (int threads : {1, 2, 3})
       for (bool prepack : {true, false})
         for (int64_t chunk : {int64_t(1), int64_t(7), int64_t(64), int64_t(0)}) {
           const std::string d = bitwise_diff(
-              want, run_cpu(l, {.threads = threads, .prepack = prepack, .max_chunk_rows = chunk, .compute = "bf16"}));
+              want, run_cpu(l, {.threads = threads, .prepack = prepack, .max_chunk_rows = chunk, .compute = mode()}));
           ASSERT_EQ(d, "") << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << " threads=" << threads
                            << " prepack=" << prepack << " max_chunk_rows=" << chunk << ": " << d << " (base seed "
                            << base_seed() << ")";
@@ -182,33 +224,33 @@ TEST(CpuBf16Layer, BitwiseDeterministicAcrossChunksThreadsAndPrepack) {
   }
 }
 
-TEST(CpuBf16Layer, TwoBitLayersRunExact) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+TEST_P(CpuComputeLayer, TwoBitLayersRunExact) {
+  QMOE_REQUIRE_MODE();
   MoeSpec s;
   s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 48, s.bits = 2, s.block_size = 16;
   s.activation = Activation::swiglu, s.swiglu_fusion = SwigluFusion::interleaved, s.fc1_zero_points = true;
   const SyntheticLayer l = make_synthetic_layer(s, {.seed = 3, .tokens = 21});
-  const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .compute = "bf16"}));
-  EXPECT_EQ(d, "") << "2-bit, compute bf16 vs exact: " << d;
+  const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .compute = mode()}));
+  EXPECT_EQ(d, "") << "2-bit, compute " << mode() << " vs exact: " << d;
 }
 
-// The scratch bound with the bf16 rows (backend.h, docs/RELIABILITY.md), written out here: the
-// exact mode's row plus 2 * (round16(H + 8) + k * round16(I + 8)) bytes; the automatic chunk uses it.
-TEST(CpuBf16Layer, ScratchWithinDocumentedBound) {
+// The scratch bound with the mode's rows (backend.h, docs/RELIABILITY.md): the exact mode's row plus
+// the mode's extra bytes (Mode::extra_scratch); the automatic chunk uses it.
+TEST_P(CpuComputeLayer, ScratchWithinDocumentedBound) {
   auto r16 = [](int64_t v) { return (v + 15) / 16 * 16; };
   auto per_row = [&](const MoeSpec& s) {
-    return 4 * (r16(s.hidden + 8) + s.k * (r16(s.inter + 8) + s.hidden)) + 16 * s.k +
-           2 * (r16(s.hidden + 8) + s.k * r16(s.inter + 8));
+    const int64_t XW = r16(s.hidden + 8), AW = r16(s.inter + 8);
+    return 4 * (XW + s.k * (AW + s.hidden)) + 16 * s.k + GetParam().extra_scratch(s, XW, AW);
   };
   MoeSpec m;
   m.num_experts = 8, m.k = 2, m.hidden = 4096, m.inter = 14336, m.activation = Activation::swiglu;
-  EXPECT_EQ(cpu::scratch_bytes_per_row(m, "bf16"), per_row(m));
-  EXPECT_EQ(cpu::chunk_rows(m, {.compute = "bf16"}), 1168);  // 1636 in the exact mode
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  EXPECT_EQ(cpu::scratch_bytes_per_row(m, mode()), per_row(m));
+  EXPECT_EQ(cpu::chunk_rows(m, {.compute = mode()}), GetParam().mixtral_chunk);
+  QMOE_REQUIRE_MODE();
   MoeSpec s;
   s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 96, s.bits = 4, s.block_size = 32, s.activation = Activation::silu;
   const SyntheticLayer l = make_synthetic_layer(s, {.seed = 5, .tokens = 300});
-  auto be = make_cpu_backend({.max_chunk_rows = 100, .compute = "bf16"});
+  auto be = make_cpu_backend({.max_chunk_rows = 100, .compute = mode()});
   auto packed = be->prepack(s, l.raw);
   Tensor y(s.act_dtype, l.input.shape());
   be->run(*packed, l.inputs(), y);
@@ -226,7 +268,23 @@ std::string error_of(F&& make) {
   return "";
 }
 
-TEST(CpuBf16Layer, OptionErrorsAreClear) {
+TEST_P(CpuComputeLayer, OptionErrorsAreClear) {
+  const std::string m = mode();
+  // The mode needs the AVX-512 kernels: other instruction sets are refused, naming both options.
+  for (const char* isa : {"portable", "avx2"}) {
+    const std::string e = error_of([&] { make_cpu_backend({.isa = isa, .compute = m}); });
+    if (std::string(isa) == "avx2" && !__builtin_cpu_supports("avx2")) continue;
+    EXPECT_NE(e.find("compute '" + m + "'"), std::string::npos) << e;
+    EXPECT_NE(e.find("isa '" + std::string(isa) + "'"), std::string::npos) << e;
+  }
+  const std::string native = error_of([&] { make_cpu_backend({.compute = m}); });
+  if (GetParam().supported)
+    EXPECT_EQ(native, "");
+  else
+    EXPECT_NE(native.find("lacks " + GetParam().cpu_feature), std::string::npos) << native;
+}
+
+TEST(CpuCompute, UnknownValuesAreRefused) {
   EXPECT_EQ(error_of([] { make_cpu_backend({.compute = "fp8"}); }),
             "cpu backend: compute: expected exact, bf16 or int8, got 'fp8'");
   EXPECT_EQ(error_of([] { make_backend("cpu", LayerOptions{.cpu_compute = "BF16"}); }),
@@ -234,14 +292,9 @@ TEST(CpuBf16Layer, OptionErrorsAreClear) {
   // Checked whatever the backend, as cuda_gemm is.
   EXPECT_EQ(error_of([] { make_backend("reference", LayerOptions{.cpu_compute = "half"}); }),
             "cpu_compute: expected exact, bf16 or int8, got 'half'");
-  const std::string portable = error_of([] { make_cpu_backend({.isa = "portable", .compute = "bf16"}); });
-  EXPECT_NE(portable.find("compute 'bf16'"), std::string::npos) << portable;
-  EXPECT_NE(portable.find("isa 'portable'"), std::string::npos) << portable;
-  const std::string native = error_of([] { make_cpu_backend({.compute = "bf16"}); });
-  if (has_bf16())
-    EXPECT_EQ(native, "");
-  else
-    EXPECT_NE(native.find("lacks AVX512_BF16"), std::string::npos) << native;
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, CpuComputeLayer, ::testing::ValuesIn(kModes),
+                         [](const ::testing::TestParamInfo<Mode>& p) { return p.param.name; });
 
 }  // namespace
