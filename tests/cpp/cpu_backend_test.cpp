@@ -30,6 +30,8 @@
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
+#include "cpu_isas.h"
+#include "random_spec.h"
 #include "test_seed.h"
 
 using namespace qmoe;
@@ -38,13 +40,7 @@ namespace {
 
 using test::base_seed;
 
-std::vector<std::string> isas() {
-  std::vector<std::string> v{"portable"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    v.push_back("avx512");
-  return v;
-}
+using test::isas;
 
 struct Case {
   MoeSpec spec;
@@ -158,16 +154,7 @@ Case random_case(uint64_t seed) {
       s.activation_beta = 1.f;
     }
   }
-  s.fc1_zero_points = pick(3) == 0;
-  s.fc2_zero_points = pick(3) == 0;
-  s.fc3_zero_points = s.has_fc3() && pick(3) == 0;
-  s.fc1_bias = pick(2);
-  s.fc2_bias = pick(2);
-  s.fc3_bias = s.has_fc3() && pick(2);
-  s.normalize_routing_weights = pick(2);
-  const DType dts[] = {DType::f32, DType::f16, DType::bf16};
-  s.act_dtype = dts[pick(3)];
-  s.scale_dtype = dts[pick(3)];
+  test::randomize_layer_options(s, pick);
   c.rows = 1 + pick(20);
   c.three_d = pick(4) == 0;
   c.router_weights = pick(5) == 0;

@@ -27,13 +27,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
 #include "qmoe/dtype.h"
+#include "random_pair.h"
 #include "test_seed.h"
 
 namespace {
@@ -48,47 +48,18 @@ bool has_bf16() {
 
 using test::base_seed;
 
-// One random pair job and the buffers behind it.
-struct PairCase {
-  int bits = 4;
-  int64_t K = 0, block = 0;  // block 0: row-wise
-  DType sdt = DType::f32;
-  bool zp[2] = {false, false};
+// One random pair job: the weights (random_pair.h) and the token rows, fp32 and bf16.
+struct PairCase : test::RandomPairWeights {
   int tokens = 1;
-  int64_t J = 0, nb = 1, block_bytes = 0;
-  std::vector<uint8_t> codes[2], zeros[2];
-  std::vector<uint8_t> scales[2];  // [nb][16] of sdt
   std::vector<float> x[kMaxTokens];
   std::vector<uint16_t> xb[kMaxTokens];
 
-  std::string str() const {
-    std::ostringstream os;
-    os << "int" << bits << " K=" << K << " block=" << block << " scales=" << dtype_name(sdt) << " zp=" << zp[0] << zp[1]
-       << " tokens=" << tokens;
-    return os.str();
-  }
+  std::string str() const { return weights_str() + " tokens=" + std::to_string(tokens); }
 
   void make(std::mt19937_64& rng) {
+    make_weights(rng);
     const int pack = 8 / bits;
-    J = (K + pack - 1) / pack;
-    J += J % 2;
-    nb = block ? (K + block - 1) / block : 1;
-    block_bytes = block ? block / pack : J;
-    std::uniform_real_distribution<float> sd(0.25f, 2.f), xd(-2.f, 2.f);
-    for (int tile = 0; tile < 2; ++tile) {
-      codes[tile].resize(size_t(J * kTileRows));
-      for (auto& c : codes[tile]) c = uint8_t(rng());
-      scales[tile].resize(size_t(nb * kTileRows) * dtype_size(sdt));
-      for (int64_t i = 0; i < nb * kTileRows; ++i) {
-        const float s = (rng() & 1 ? 1.f : -1.f) * sd(rng) / float(K);
-        store_from_float(sdt, scales[tile].data(), i, s);
-      }
-      zeros[tile].clear();
-      if (zp[tile]) {
-        zeros[tile].resize(size_t(nb * kTileRows));
-        for (auto& z : zeros[tile]) z = uint8_t(rng() & ((1u << bits) - 1));
-      }
-    }
+    std::uniform_real_distribution<float> xd(-2.f, 2.f);
     for (int t = 0; t < tokens; ++t) {
       x[t].assign(size_t(J * pack), 0.f);  // zero past K, as the backend's rows are
       xb[t].assign(size_t(J * pack), 0);
@@ -103,12 +74,7 @@ struct PairCase {
 
   PairJob job(float* acc) const {
     PairJob jb{};
-    for (int tile = 0; tile < 2; ++tile) {
-      jb.codes[tile] = codes[tile].data();
-      jb.scales[tile] = scales[tile].data();
-      jb.zero_points[tile] = zp[tile] ? zeros[tile].data() : nullptr;
-    }
-    jb.jbytes = J, jb.nb = nb, jb.block_bytes = block_bytes, jb.K = K, jb.bits = bits, jb.scale_dtype = sdt;
+    fill(jb);
     jb.tokens = tokens;
     for (int t = 0; t < tokens; ++t) jb.x[t] = x[t].data(), jb.xb[t] = xb[t].data();
     jb.acc = acc;
@@ -117,13 +83,9 @@ struct PairCase {
 
   // y (from x or from bf16(x)) and S = sum |w x| in float64, for lane (tile, l) and token t.
   void exact(int tile, int l, int t, bool rounded, double& y, double& s_abs) const {
-    const int pack = 8 / bits, mask = (1 << bits) - 1;
     y = 0, s_abs = 0;
     for (int64_t c = 0; c < K; ++c) {
-      const int64_t b = block ? c / block : 0;
-      const int q = (codes[tile][size_t((c / pack) * kTileRows + l)] >> ((c % pack) * bits)) & mask;
-      const int z = zp[tile] ? zeros[tile][size_t(b * kTileRows + l)] : 1 << (bits - 1);
-      const double w = double(load_as_float(sdt, scales[tile].data(), b * kTileRows + l)) * double(q - z);
+      const double w = weight(tile, l, c);
       const double xv = rounded ? double(bf16_to_float(xb[t][size_t(c)])) : double(x[t][size_t(c)]);
       y += w * xv, s_abs += std::fabs(w * xv);
     }

@@ -30,19 +30,15 @@
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
 #include "bitwise_diff.h"
+#include "cpu_isas.h"
+#include "random_spec.h"
 #include "test_seed.h"
 
 namespace {
 
 using namespace qmoe;
 
-std::vector<std::string> isas() {
-  std::vector<std::string> v{"portable"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    v.push_back("avx512");
-  return v;
-}
+using test::isas;
 
 using test::base_seed;
 
@@ -112,16 +108,7 @@ ChunkCase random_case(uint64_t seed) {
   const Activation acts[] = {Activation::relu, Activation::gelu, Activation::silu, Activation::identity, Activation::swiglu};
   s.activation = acts[pick(5)];
   if (s.is_swiglu()) s.swiglu_fusion = SwigluFusion(pick(3));
-  s.fc1_zero_points = pick(3) == 0;
-  s.fc2_zero_points = pick(3) == 0;
-  s.fc3_zero_points = s.has_fc3() && pick(3) == 0;
-  s.fc1_bias = pick(2);
-  s.fc2_bias = pick(2);
-  s.fc3_bias = s.has_fc3() && pick(2);
-  s.normalize_routing_weights = pick(2);
-  const DType dts[] = {DType::f32, DType::f16, DType::bf16};
-  s.act_dtype = dts[pick(3)];
-  s.scale_dtype = dts[pick(3)];
+  test::randomize_layer_options(s, pick);
   c.tokens = 65 + 2 * pick(100);
   c.router_weights = pick(4) == 0;
   c.name = "random seed " + std::to_string(seed);

@@ -50,6 +50,7 @@
 #include "qmoe/layer.h"
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
+#include "random_spec.h"
 #include "test_seed.h"
 
 namespace {
@@ -153,11 +154,7 @@ LayerCase random_case(uint64_t seed) {
   const Activation acts[] = {Activation::relu, Activation::gelu, Activation::silu, Activation::identity, Activation::swiglu};
   s.activation = acts[pick(5)];
   if (s.is_swiglu()) s.swiglu_fusion = SwigluFusion(pick(3));
-  s.fc1_zero_points = pick(2), s.fc2_zero_points = pick(2), s.fc3_zero_points = s.has_fc3() && pick(2);
-  s.fc1_bias = pick(2), s.fc2_bias = pick(2), s.fc3_bias = s.has_fc3() && pick(2);
-  s.normalize_routing_weights = pick(2);
-  const DType dts[] = {DType::f32, DType::f16, DType::bf16};
-  s.act_dtype = dts[pick(3)], s.scale_dtype = dts[pick(3)];
+  test::randomize_layer_options(s, pick);
   c.tokens = 1 + pick(70);
   c.router_weights = pick(4) == 0;
   if (pick(4) == 0) c.one_expert = pick(int(s.num_experts));

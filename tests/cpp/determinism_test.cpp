@@ -25,19 +25,13 @@
 #include "qmoe/layer.h"
 #include "qmoe/synthetic.h"
 #include "bitwise_diff.h"
+#include "cpu_isas.h"
 
 namespace {
 
 using namespace qmoe;
 
-std::vector<std::string> isas() {
-  std::vector<std::string> v{"portable"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    v.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    v.push_back("avx512");
-  return v;
-}
+using test::isas;
 
 struct DetCase {
   const char* name;
