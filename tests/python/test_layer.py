@@ -240,70 +240,49 @@ def test_chunk_rows_gives_bitwise_the_same_output_and_bad_options_are_refused():
         qmoe.Layer(backend="cpu", chunk_rows=-1, **kwargs)
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+        return set()
 
 
-def test_cpu_compute_bf16_is_close_deterministic_and_checked():
-    # cpu_compute="bf16" (docs/DESIGN.md, Numerics): activations rounded to bf16 before the FC kernels;
-    # held to the C++ layer test's relative L2 tolerance 8e-3 against the exact mode, bitwise the same
-    # for every chunk size, and refused with a clear error for an unknown value (whatever the
-    # backend, like cuda_gemm) or a CPU without AVX512_BF16.
+# The CPU accuracy options (docs/DESIGN.md, Numerics): value, the CPU flag it needs besides AVX-512
+# F/BW/VL, the name the backend's error gives it, and the C++ layer test's relative L2 tolerance
+# (tests/cpp/cpu_compute_layer_test.cpp says why).
+CPU_COMPUTE_MODES = [("bf16", "avx512_bf16", "AVX512_BF16", 8e-3), ("int8", "avx512_vnni", "AVX512_VNNI", 4e-2)]
+
+
+@pytest.mark.parametrize("mode,flag,feature,tol", CPU_COMPUTE_MODES)
+def test_cpu_compute_is_close_deterministic_and_checked(mode, flag, feature, tol):
+    # cpu_compute=mode: activations rounded (bf16) or quantized per row (int8) before the FC kernels;
+    # held to the C++ layer test's tolerance against the exact mode, bitwise the same for every chunk
+    # size and thread count, and refused with a clear error on a CPU without the instruction.
+    supported = {"avx512f", "avx512bw", "avx512vl", flag} <= _cpu_flags()
     for cfg in (dataclasses.replace(CONFIGS[5], rows=37), dataclasses.replace(CONFIGS[6], rows=19)):
         kwargs, _, _ = build(cfg)
         x, lg, rw = inputs(cfg)
-        if not _cpu_has_avx512_bf16():
-            with pytest.raises(qmoe.Error, match="lacks AVX512_BF16"):
-                qmoe.Layer(backend="cpu", cpu_compute="bf16", **kwargs)
+        if not supported:
+            with pytest.raises(qmoe.Error, match="lacks " + feature):
+                qmoe.Layer(backend="cpu", cpu_compute=mode, **kwargs)
             continue
         exact = qmoe.Layer(backend="cpu", **kwargs).run(x, lg, rw)
-        fast = qmoe.Layer(backend="cpu", cpu_compute="bf16", **kwargs).run(x, lg, rw)
+        fast = qmoe.Layer(backend="cpu", cpu_compute=mode, **kwargs).run(x, lg, rw)
         err = rel_err(fast, exact)
-        assert 0 < err <= 8e-3, f"{cfg.name}: cpu_compute bf16 vs exact relative L2 {err}"
+        assert 0 < err <= tol, f"{cfg.name}: cpu_compute {mode} vs exact relative L2 {err}"
         for rows in (1, 5, 64):
-            out = qmoe.Layer(backend="cpu", cpu_compute="bf16", chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
+            out = qmoe.Layer(backend="cpu", cpu_compute=mode, chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
                 x, lg, rw)
-            assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute bf16, chunk_rows={rows}"
-    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact, bf16 or int8, got 'fp8'"):
-        qmoe.Layer(backend="reference", cpu_compute="fp8", **kwargs)
+            assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute {mode}, chunk_rows={rows}"
 
 
-def _cpu_has_avx512_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-
-
-def test_cpu_compute_int8_is_close_deterministic_and_checked():
-    # cpu_compute="int8" (docs/DESIGN.md, Numerics): activations quantized to int8 per row before the FC
-    # kernels (vpdpbusd); held to the C++ layer test's relative L2 tolerance 4e-2 against the exact
-    # mode, bitwise the same for every chunk size and thread count, and refused with a clear error for
-    # an unknown value or a CPU without AVX512_VNNI.
-    for cfg in (dataclasses.replace(CONFIGS[5], rows=37), dataclasses.replace(CONFIGS[6], rows=19)):
-        kwargs, _, _ = build(cfg)
-        x, lg, rw = inputs(cfg)
-        if not _cpu_has_avx512_vnni():
-            with pytest.raises(qmoe.Error, match="lacks AVX512_VNNI"):
-                qmoe.Layer(backend="cpu", cpu_compute="int8", **kwargs)
-            continue
-        exact = qmoe.Layer(backend="cpu", **kwargs).run(x, lg, rw)
-        fast = qmoe.Layer(backend="cpu", cpu_compute="int8", **kwargs).run(x, lg, rw)
-        err = rel_err(fast, exact)
-        assert 0 < err <= 4e-2, f"{cfg.name}: cpu_compute int8 vs exact relative L2 {err}"
-        for rows in (1, 5, 64):
-            out = qmoe.Layer(backend="cpu", cpu_compute="int8", chunk_rows=rows, threads=1 + rows % 2, **kwargs).run(
-                x, lg, rw)
-            assert np.array_equal(out, fast), f"{cfg.name}: cpu_compute int8, chunk_rows={rows}"
-    with pytest.raises(qmoe.Error, match="cpu_compute: expected exact, bf16 or int8, got 'INT8'"):
-        qmoe.Layer(backend="cpu", cpu_compute="INT8", **kwargs)
+def test_cpu_compute_rejects_unknown_values():
+    # Checked whatever the backend, like cuda_gemm.
+    kwargs, _, _ = build(CONFIGS[5])
+    for backend, value in (("reference", "fp8"), ("cpu", "INT8")):
+        with pytest.raises(qmoe.Error, match=f"cpu_compute: expected exact, bf16 or int8, got '{value}'"):
+            qmoe.Layer(backend=backend, cpu_compute=value, **kwargs)
 
 
 def test_concurrent_runs_on_one_layer_agree():
