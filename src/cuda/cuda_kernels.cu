@@ -90,20 +90,21 @@ template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
 // pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
 // puts the 16 lanes of each 64-bit access phase in distinct banks.
 //
-// XR = 1 (one token per work item: decode, T = 1): the stage holds that token's span only, with its
-// 8-byte groups permuted so that lane t's B operands of all k-steps are contiguous (group 4j + t of
-// the span at byte 8 * (KSTEPS * t + j)); every lane reads them, so all 8 B columns carry the same
-// token and only column 0 is stored. The stage shrinks from 1792 to 640 bytes (4-bit), so ~2.3x as
-// many warps fit per SM.
+// XR = 1 (one token per work item: decode, T = 1): the stage holds only the weights. The block's one
+// token is staged once, before the loop, for the block's whole K range (XTokenStage), so each span
+// costs one 16-byte copy per lane and no warp barrier (a lane reads back only the bytes it copied).
 template <int SB, int NT, int TPW, int XR = 8> struct StageLayout {
   static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
   static constexpr int kTokenStride = kTokenBytes + 32;
   static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
   static constexpr int kXOffset = TPW * kSpanBytes;             // after the TPW weight vectors
-  static constexpr int kBytes = kXOffset + (XR == 1 ? kTokenBytes : NT * 8 * kTokenStride);
+  static constexpr int kBytes = kXOffset + (XR == 1 ? 0 : NT * 8 * kTokenStride);
   static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
   static_assert(XR == 8 || (XR == 1 && NT == 1 && TPW == 1), "one staged token row only at NT = TPW = 1");
 };
+static_assert(StageLayout<4, 1, 1, 1>::kTokenBytes == token_stage_bytes(4, 1) &&
+                  StageLayout<8, 1, 1, 1>::kTokenBytes == token_stage_bytes(8, 1),
+              "token_stage_bytes (cuda_kernels.h) is the XR = 1 token stage");
 
 
 // ----------------------------------------------------------------------------------------------
@@ -587,11 +588,25 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const uint8_t* wnext[TPW];
 #pragma unroll
   for (int u = 0; u < TPW; ++u) wnext[u] = reinterpret_cast<const uint8_t*>(wp[u] + int64_t(s_begin) * kLanes);
-  // XR = 1: 8-byte group b = lane = 4j + t' of the token's span -> byte 8 * (KSTEPS * t' + j); xsrc[0]
-  // is never null there (an item holds >= 1 token).
-  const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
-  const uint32_t wdst = lane * 16, xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
-  const uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;  // XR = 1: where lane t's B operands start
+  const uint32_t wdst = lane * 16;
+  // XR = 1: the block's token over its split's spans [s_lo, s_hi), after the warps' areas, one 8-byte
+  // group per copy, committed as the first copy group. Each span's groups are permuted so that lane t's
+  // B operands of all k-steps are contiguous (group 4j + t at byte 8 * (KSTEPS * t + j)); every lane
+  // reads them, so all 8 B columns of the mma carry the same token. Lane t reads span s's at
+  // xrd1 + (s - s_begin) * kTokenBytes. xsrc[0] is never null there (an item holds >= 1 token).
+  uint32_t xrd1 = 0;
+  if constexpr (XR == 1) {
+    const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
+    const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
+    constexpr int kGroups = SL::kTokenBytes / 8;  // per span
+    for (int i = threadIdx.x; i < (s_hi - s_lo) * kGroups; i += kWarps * 32) {
+      const int sp = i / kGroups, b = i % kGroups;
+      cp_async8_sa(xs_sa + sp * SL::kTokenBytes + 8 * (KSTEPS * (b & 3) + (b >> 2)),
+                   xsrc[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
+    }
+    cp_async_commit();
+    xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
+  }
   uint32_t st_w = ring_sa;  // stage of the next span to issue
   auto issue = [&](int s) {
     if (s < s_end) {
@@ -599,9 +614,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       const uint32_t st = st_w;
 #pragma unroll
       for (int u = 0; u < TPW; ++u) cp_async16_stream_sa(st + u * kSpanBytes + wdst, wnext[u]);
-      if constexpr (XR == 1) {
-        if (lane < 4 * KSTEPS) cp_async8_sa(st + xdst1, xnext);
-      } else {
+      if constexpr (XR != 1) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -616,11 +629,14 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
     cp_async_commit();  // always, so group counting stays uniform at the tail
 #pragma unroll
     for (int u = 0; u < TPW; ++u) wnext[u] += kSpanBytes;
-    if constexpr (XR == 1) xnext += SL::kTokenBytes;
     st_w = st_w + SL::kBytes == ring_end ? ring_sa : st_w + SL::kBytes;
   };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
+  if constexpr (XR == 1) {
+    cp_async_wait<STAGES - 1>();  // this thread's share of the token (the oldest group) has landed
+    __syncthreads();              // ... and every thread's; all warps of the block get here
+  }
   if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
   uint32_t st_r = 0;  // byte offset in the ring of the stage of the span being computed
 
@@ -632,7 +648,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
 #pragma unroll 1
     for (int s = s_begin; s < s_end; ++s) {
       cp_async_wait<STAGES - 2>();  // this thread's copies of span s have landed
-      __syncwarp();                 // ... and every lane's (x chunks are read by other lanes)
+      if constexpr (XR != 1) __syncwarp();  // ... and every lane's (x chunks are read by other lanes)
       issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
       [[maybe_unused]] const uint8_t* st = ring + st_r;
       const uint32_t st_sa = ring_sa + st_r;
@@ -644,10 +660,11 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       if constexpr (XR == 1) {
 #pragma unroll
         for (int j = 0; j < KSTEPS; j += 2) {
-          const uint4 v2 = lds128(st_sa + xrd1 + 8 * j);
+          const uint4 v2 = lds128(xrd1 + 8 * j);
           bx[0][j] = make_uint2(v2.x, v2.y);
           bx[0][j + 1] = make_uint2(v2.z, v2.w);
         }
+        xrd1 += SL::kTokenBytes;
       } else {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -794,14 +811,16 @@ template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
-  const size_t smem = size_t(kWarps) * b.smem_per_warp;  // 29..100 KB: needs the opt-in above 48 KB
+  // 26..100 KB (XR = 1: plus the token's stage, 64 or 128 bytes per span): needs the opt-in above 48 KB
+  const size_t smem = size_t(kWarps) * b.smem_per_warp + (XR == 1 ? size_t(token_stage_bytes(SB, a.spans_per_split)) : 0);
   launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
 }
 
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
-cudaError_t set_smem_attr() {
+cudaError_t set_smem_attr(int optin) {
+  // XR = 1: the token's stage grows with K (launch_fc_one), so allow all the device has.
   cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
+                                       XR == 1 ? optin : kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
   // All FC kernels are bounded by shared memory (XR = 1: 7 blocks of ~30 KB); ask for the largest
   // shared-memory carveout so the occupancy does not depend on the driver's default choice.
   if (e == cudaSuccess)
@@ -810,12 +829,12 @@ cudaError_t set_smem_attr() {
   return e;
 }
 template <class CT, int SB, bool FC1>
-cudaError_t set_smem_attrs_nt() {
-  cudaError_t e = set_smem_attr<CT, SB, 1, FC1, 1, 1>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 1>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 2>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 1>();
-  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 1>();
+cudaError_t set_smem_attrs_nt(int optin) {
+  cudaError_t e = set_smem_attr<CT, SB, 1, FC1, 1, 1>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 1>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 2>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 1>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 1>(optin);
   return e;
 }
 
@@ -932,7 +951,11 @@ bool pdl_supported(int device) {
 
 cudaError_t init_kernels() {
   // Raises the dynamic shared-memory limit of every FC kernel once, outside any stream capture.
-  return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_smem_attrs_nt<CT, SB, FC1>(); });
+  int device = 0, optin = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_smem_attrs_nt<CT, SB, FC1>(optin); });
 }
 
 void launch_fc1(const FcArgs& a, cudaStream_t st) { launch_fc<true>(a, st); }
