@@ -7,10 +7,12 @@
 // span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring that also holds the
 // span's activations (8 spans in flight at decode), dequantizes in registers (lop3/prmt magic
 // numbers; fp16 int4 folds the high-nibble shift into an fma with 1/16) and runs mma.sync m16n8k16
-// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the one token's
-// activations (640 instead of 1792 bytes for int4), so 7 blocks of 4 warps fit per SM instead of 3;
-// the loop keeps its copy addresses loop-carried (32-bit shared addresses, pointers advanced per
-// span), ~95 SASS instructions per 512-byte span instead of ~115. Split-K: inside a block
+// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the weights and
+// the block stages its one token once for its whole K range (512 instead of 1792 bytes per stage for
+// int4), so 7 blocks of 4 warps fit per SM instead of 3; a lane reads back only the weight bytes it
+// copied, so the loop needs no warp barrier, and its copy addresses are loop-carried (32-bit shared
+// addresses, pointers advanced per span): ~80 SASS instructions per 512-byte span (bf16 int4; ~115
+// before these steps). Split-K: inside a block
 // (kw warps per tile, summed in shared memory in a fixed order) and, for fc2, across blocks (summed by
 // the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
