@@ -595,10 +595,9 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.kw = c.kw1;
   f1.tpw = c.tpw;
   // One token: top-k picks distinct experts, so no expert (no work item) holds more than one slot.
-  // Its blocks stage the token for their K range (fc1: all of H; fc2: one split of I).
-  const bool stage_fits =
-      std::max(cuda::token_stage_bytes(p.geom.fc1.sbits, p.geom.fc1.S), cuda::token_stage_bytes(p.geom.fc2.sbits, c.spans_per_split)) <=
-      cuda::kMaxTokenStage;
+  // With 4-bit weights its blocks stage the token for their K range (fc1: all of H; fc2: one split of I).
+  const bool stage_fits = p.geom.fc1.sbits != 4 || std::max(cuda::token_stage_bytes(p.geom.fc1.S),
+                                                            cuda::token_stage_bytes(c.spans_per_split)) <= cuda::kMaxTokenStage;
   f1.xr = (rows == 1 && c.nt == 1 && c.tpw == 1 && stage_fits) ? 1 : 8;
   f1.pdl = pdl_ && !c.sm90;  // the wgmma kernels are launched plainly
   c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);

@@ -7,12 +7,12 @@
 // span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring that also holds the
 // span's activations (8 spans in flight at decode), dequantizes in registers (lop3/prmt magic
 // numbers; fp16 int4 folds the high-nibble shift into an fma with 1/16) and runs mma.sync m16n8k16
-// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the weights and
-// the block stages its one token once for its whole K range (512 instead of 1792 bytes per stage for
-// int4), so 7 blocks of 4 warps fit per SM instead of 3; a lane reads back only the weight bytes it
-// copied, so the loop needs no warp barrier, and its copy addresses are loop-carried (32-bit shared
-// addresses, pointers advanced per span): ~80 SASS instructions per 512-byte span (bf16 int4; ~115
-// before these steps). Split-K: inside a block
+// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the one token's span
+// besides the weights (640 instead of 1792 bytes for int4), so 7 blocks of 4 warps fit per SM instead
+// of 3; with 4-bit weights not even that: the block stages its token once for its whole K range, and
+// as a lane then reads back only the weight bytes it copied, the loop needs no warp barrier. Copy
+// addresses are loop-carried (32-bit shared addresses, pointers advanced per span): ~80 SASS
+// instructions per 512-byte span (bf16 int4; ~115 before these steps). Split-K: inside a block
 // (kw warps per tile, summed in shared memory in a fixed order) and, for fc2, across blocks (summed by
 // the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
@@ -92,21 +92,28 @@ template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
 // pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
 // puts the 16 lanes of each 64-bit access phase in distinct banks.
 //
-// XR = 1 (one token per work item: decode, T = 1): the stage holds only the weights. The block's one
-// token is staged once, before the loop, for the block's whole K range (XTokenStage), so each span
-// costs one 16-byte copy per lane and no warp barrier (a lane reads back only the bytes it copied).
+// XR = 1 (one token per work item: decode, T = 1), with 8-byte groups of a token's span permuted so
+// that lane t's B operands of all k-steps are contiguous (group 4j + t at byte 8 * (KSTEPS * t + j));
+// every lane reads them, so all 8 B columns of the mma carry the same token:
+//   4-bit weights (kBlockToken): the stage holds only the weights; the block stages its token once,
+//     before the loop, for its whole K range, so a span costs one 16-byte copy per lane and no warp
+//     barrier (a lane reads back only the bytes it copied). The decode loop is bound by instruction
+//     issue there; measured on an H100: mixtral 96.3 -> 93.7 us, deepseek-v3-like 104.8 -> 93.7 us;
+//   8-bit weights: the stage holds the token's span too (640 bytes), copied by 16 lanes with the span.
+//     Staging the token for the block made mixtral 10% slower (148 -> 162 us): its 14 KB of token
+//     leave 5 blocks per SM instead of 7, and 8-bit decode is bound by bytes in flight, not issue.
 template <int SB, int NT, int TPW, int XR = 8> struct StageLayout {
+  static constexpr bool kBlockToken = XR == 1 && SB == 4;
   static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
   static constexpr int kTokenStride = kTokenBytes + 32;
   static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
   static constexpr int kXOffset = TPW * kSpanBytes;             // after the TPW weight vectors
-  static constexpr int kBytes = kXOffset + (XR == 1 ? 0 : NT * 8 * kTokenStride);
+  static constexpr int kBytes = kXOffset + (kBlockToken ? 0 : XR == 1 ? kTokenBytes : NT * 8 * kTokenStride);
   static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
   static_assert(XR == 8 || (XR == 1 && NT == 1 && TPW == 1), "one staged token row only at NT = TPW = 1");
 };
-static_assert(StageLayout<4, 1, 1, 1>::kTokenBytes == token_stage_bytes(4, 1) &&
-                  StageLayout<8, 1, 1, 1>::kTokenBytes == token_stage_bytes(8, 1),
-              "token_stage_bytes (cuda_kernels.h) is the XR = 1 token stage");
+static_assert(StageLayout<4, 1, 1, 1>::kTokenBytes == token_stage_bytes(1),
+              "token_stage_bytes (cuda_kernels.h) is the block's token stage");
 
 
 // ----------------------------------------------------------------------------------------------
@@ -591,13 +598,15 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
 #pragma unroll
   for (int u = 0; u < TPW; ++u) wnext[u] = reinterpret_cast<const uint8_t*>(wp[u] + int64_t(s_begin) * kLanes);
   const uint32_t wdst = lane * 16;
-  // XR = 1: the block's token over its split's spans [s_lo, s_hi), after the warps' areas, one 8-byte
-  // group per copy, committed as the first copy group. Each span's groups are permuted so that lane t's
-  // B operands of all k-steps are contiguous (group 4j + t at byte 8 * (KSTEPS * t + j)); every lane
-  // reads them, so all 8 B columns of the mma carry the same token. Lane t reads span s's at
-  // xrd1 + (s - s_begin) * kTokenBytes. xsrc[0] is never null there (an item holds >= 1 token).
-  uint32_t xrd1 = 0;
-  if constexpr (XR == 1) {
+  // XR = 1: xsrc[0] is never null (an item holds >= 1 token). kBlockToken: the block's token over its
+  // split's spans [s_lo, s_hi), after the warps' areas, one 8-byte group per copy (permuted as in a
+  // stage), committed as the first copy group; lane t reads span s's at xrd1 + (s - s_begin) *
+  // kTokenBytes. Else lane 4j + t' copies group 4j + t' of each span into the stage, and lane t reads
+  // its operands at stage + xrd1.
+  const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
+  const uint32_t xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
+  uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;
+  if constexpr (SL::kBlockToken) {
     const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
     const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
     constexpr int kGroups = SL::kTokenBytes / 8;  // per span
@@ -616,7 +625,9 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       const uint32_t st = st_w;
 #pragma unroll
       for (int u = 0; u < TPW; ++u) cp_async16_stream_sa(st + u * kSpanBytes + wdst, wnext[u]);
-      if constexpr (XR != 1) {
+      if constexpr (XR == 1 && !SL::kBlockToken) {
+        if (lane < 4 * KSTEPS) cp_async8_sa(st + xdst1, xnext);
+      } else if constexpr (XR != 1) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -631,11 +642,12 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
     cp_async_commit();  // always, so group counting stays uniform at the tail
 #pragma unroll
     for (int u = 0; u < TPW; ++u) wnext[u] += kSpanBytes;
+    if constexpr (XR == 1 && !SL::kBlockToken) xnext += SL::kTokenBytes;
     st_w = st_w + SL::kBytes == ring_end ? ring_sa : st_w + SL::kBytes;
   };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
-  if constexpr (XR == 1) {
+  if constexpr (SL::kBlockToken) {
     cp_async_wait<STAGES - 1>();  // this thread's share of the token (the oldest group) has landed
     __syncthreads();              // ... and every thread's; all warps of the block get here
   }
@@ -650,7 +662,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
 #pragma unroll 1
     for (int s = s_begin; s < s_end; ++s) {
       cp_async_wait<STAGES - 2>();  // this thread's copies of span s have landed
-      if constexpr (XR != 1) __syncwarp();  // ... and every lane's (x chunks are read by other lanes)
+      if constexpr (!SL::kBlockToken) __syncwarp();  // ... and every lane's (x chunks are read by other lanes)
       issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
       [[maybe_unused]] const uint8_t* st = ring + st_r;
       const uint32_t st_sa = ring_sa + st_r;
@@ -661,12 +673,14 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       uint2 bx[NT][KSTEPS];
       if constexpr (XR == 1) {
 #pragma unroll
+        const uint32_t xb = SL::kBlockToken ? xrd1 : st_sa + xrd1;
+#pragma unroll
         for (int j = 0; j < KSTEPS; j += 2) {
-          const uint4 v2 = lds128(xrd1 + 8 * j);
+          const uint4 v2 = lds128(xb + 8 * j);
           bx[0][j] = make_uint2(v2.x, v2.y);
           bx[0][j + 1] = make_uint2(v2.z, v2.w);
         }
-        xrd1 += SL::kTokenBytes;
+        if constexpr (SL::kBlockToken) xrd1 += SL::kTokenBytes;
       } else {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -814,15 +828,17 @@ void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
   // 26..100 KB (XR = 1: plus the token's stage, 64 or 128 bytes per span): needs the opt-in above 48 KB
-  const size_t smem = size_t(kWarps) * b.smem_per_warp + (XR == 1 ? size_t(token_stage_bytes(SB, a.spans_per_split)) : 0);
+  const size_t smem = size_t(kWarps) * b.smem_per_warp +
+                     (StageLayout<SB, NT, TPW, XR>::kBlockToken ? size_t(token_stage_bytes(a.spans_per_split)) : 0);
   launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
 }
 
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 cudaError_t set_smem_attr(int optin) {
-  // XR = 1: the token's stage grows with K (launch_fc_one), so allow all the device has.
+  // The block's token stage grows with K (launch_fc_one), so allow all the device has.
   cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       XR == 1 ? optin : kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
+                                       StageLayout<SB, NT, TPW, XR>::kBlockToken ? optin
+                                                                                 : kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
   // All FC kernels are bounded by shared memory (XR = 1: 7 blocks of ~30 KB); ask for the largest
   // shared-memory carveout so the occupancy does not depend on the driver's default choice.
   if (e == cudaSuccess)

@@ -116,15 +116,15 @@ struct FcArgs {
                                // stage, halving per-span overhead, but fewer warps fit (measured on
                                // H100: faster at 2+ tokens per expert, slower at 1)
   int xr = 8;                  // token rows staged per n-tile: 1 only when no work item holds more than
-                               // one token (T = 1; needs nt = 1, tpw = 1), else 8. At 1 the block stages
-                               // its token for its whole K split: token_stage_bytes(sbits, spans_per_split)
-                               // of shared memory, which must stay within kMaxTokenStage
+                               // one token (T = 1; needs nt = 1, tpw = 1), else 8. At 1 with 4-bit
+                               // weights the block stages its token for its whole K split:
+                               // token_stage_bytes(spans_per_split), which must stay within kMaxTokenStage
   int smem_per_warp = 0;       // set by the launcher
   bool pdl = false;            // launched as a programmatic dependent of the previous kernel (sm_90+)
 };
-// Shared memory of the token staged by an XR = 1 block over `spans` spans (stored bits 4: 64 values
-// of 2 bytes per span; 8: 32), and the most the host lets it take.
-constexpr int64_t token_stage_bytes(int sbits, int64_t spans) { return spans * (sbits == 4 ? 128 : 64); }
+// Shared memory of the token staged by an XR = 1 block of 4-bit weights over `spans` spans (64 values
+// of 2 bytes each), and the most the host lets it take.
+constexpr int64_t token_stage_bytes(int64_t spans) { return spans * 128; }
 constexpr int64_t kMaxTokenStage = 48 * 1024;
 // Whether the run's kernels may be launched as programmatic dependents (griddepcontrol): an sm_90+
 // GPU running code compiled for sm_90+. Kernels after a run's first then overlap their predecessor's
