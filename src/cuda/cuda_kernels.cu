@@ -582,9 +582,11 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
   // misses), rolled they need register moves that wait on the newest load (one load in flight).
   // Shared memory is indexed at run time, so the loop stays rolled and small.
-  if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();  // the activations are fc1's output
-
   using SL = StageLayout<SB, NT, TPW, XR>;
+  // The activations are fc1's output. With the block's token staged apart (kBlockToken), fc2 first
+  // starts its weight and scale loads (they depend only on the work items, see fc_kernel's top), so
+  // their latency overlaps fc1's last blocks; it waits just before copying the token.
+  if constexpr (!FC1 && !SL::kBlockToken) pdl_wait(), pdl_launch_dependents();
   const uint8_t* xsrc[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xsrc[nt] = reinterpret_cast<const uint8_t*>(xrow[nt]);
@@ -606,7 +608,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
   const uint32_t xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
   uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;
-  if constexpr (SL::kBlockToken) {
+  auto stage_token = [&] {
     const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
     const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
     constexpr int kGroups = SL::kTokenBytes / 8;  // per span
@@ -617,7 +619,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
     }
     cp_async_commit();
     xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
-  }
+  };
   uint32_t st_w = ring_sa;  // stage of the next span to issue
   auto issue = [&](int s) {
     if (s < s_end) {
@@ -647,11 +649,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
-  if constexpr (SL::kBlockToken) {
-    cp_async_wait<STAGES - 1>();  // this thread's share of the token (the oldest group) has landed
-    __syncthreads();              // ... and every thread's; all warps of the block get here
-  }
   if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
+  if constexpr (SL::kBlockToken) {
+    if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();
+    stage_token();
+    cp_async_wait<0>();  // this thread's share of the token (and the first stages) have landed
+    __syncthreads();     // ... and every thread's; all warps of the block get here
+  }
   uint32_t st_r = 0;  // byte offset in the ring of the stage of the span being computed
 
   // Three compile-time variants so scale-block boundaries cost no per-k-step test:
