@@ -602,9 +602,9 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const uint32_t wdst = lane * 16;
   // XR = 1: xsrc[0] is never null (an item holds >= 1 token). kBlockToken: the block's token over its
   // split's spans [s_lo, s_hi), after the warps' areas, one 8-byte group per copy (permuted as in a
-  // stage), committed as the first copy group; lane t reads span s's at xrd1 + (s - s_begin) *
-  // kTokenBytes. Else lane 4j + t' copies group 4j + t' of each span into the stage, and lane t reads
-  // its operands at stage + xrd1.
+  // stage), copied after the first weight stages were issued; lane t reads span s's at
+  // xrd1 + (s - s_begin) * kTokenBytes. Else lane 4j + t' copies group 4j + t' of each span into the
+  // stage, and lane t reads its operands at stage + xrd1.
   const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
   const uint32_t xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
   uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;
@@ -676,7 +676,6 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       for (int u = 0; u < TPW; ++u) v[u] = lds128(st_sa + u * kSpanBytes + wdst);
       uint2 bx[NT][KSTEPS];
       if constexpr (XR == 1) {
-#pragma unroll
         const uint32_t xb = SL::kBlockToken ? xrd1 : st_sa + xrd1;
 #pragma unroll
         for (int j = 0; j < KSTEPS; j += 2) {
@@ -831,7 +830,7 @@ template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
-  // 26..100 KB (XR = 1: plus the token's stage, 64 or 128 bytes per span): needs the opt-in above 48 KB
+  // 26..100 KB (kBlockToken: plus the token's stage, 128 bytes per span): needs the opt-in above 48 KB
   const size_t smem = size_t(kWarps) * b.smem_per_warp +
                      (StageLayout<SB, NT, TPW, XR>::kBlockToken ? size_t(token_stage_bytes(a.spans_per_split)) : 0);
   launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
