@@ -254,6 +254,25 @@ T* grow(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
+// One matrix's activation rows as the kernels read them: fp32, plus the compute mode's copies (bf16
+// rows, or int8 codes, group sums and row scales; null where the mode keeps none).
+struct KernelRows {
+  const float* f;
+  const uint16_t* b;
+  const int8_t* q;
+  const int32_t* nsum;
+  const float* scale;
+  int64_t width, groups;  // elements per row; int32 group sums per row
+
+  void put(PairJob& jb, int i, int64_t row) const {
+    jb.x[i] = f + row * width;
+    jb.xb[i] = b ? b + row * width : nullptr;
+    jb.xq[i] = q ? q + row * width : nullptr;
+    jb.xneg_sum[i] = nsum ? nsum + row * groups : nullptr;
+    jb.xscale[i] = scale ? scale[row] : 0.f;
+  }
+};
+
 // Rows [r0, r1) of the layer: reads those rows of the inputs, writes those rows of `out`.
 template <class Source>
 void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
@@ -305,6 +324,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   int32_t* An = int8 ? grow(scratch.An, rows * k * AN) : nullptr;
   float* Xs = int8 ? grow(scratch.Xs, rows) : nullptr;
   float* As = int8 ? grow(scratch.As, rows * k) : nullptr;
+  const KernelRows xrows{X, Xb, Xq, Xn, Xs, XW, XN}, arows{A, Ab, Aq, An, As, AW, AN};
   const int threads = pool.threads();
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
@@ -339,14 +359,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       jb.acc = acc;
       for (int64_t g = 0; g < m; g += mt) {
         jb.tokens = int(std::min<int64_t>(mt, m - g));
-        for (int i = 0; i < jb.tokens; ++i) {
-          jb.x[i] = X + order[o + g + i] / k * XW;
-          const int64_t row = order[o + g + i] / k;
-          jb.xb[i] = bf16 ? Xb + row * XW : nullptr;
-          jb.xq[i] = int8 ? Xq + row * XW : nullptr;
-          jb.xneg_sum[i] = int8 ? Xn + row * XN : nullptr;
-          jb.xscale[i] = int8 ? Xs[row] : 0.f;
-        }
+        for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* a = A + (o + g + i) * AW;
@@ -401,14 +414,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       jb.acc = acc;
       for (int64_t g = 0; g < m; g += mt) {
         jb.tokens = int(std::min<int64_t>(mt, m - g));
-        for (int i = 0; i < jb.tokens; ++i) {
-          jb.x[i] = A + (o + g + i) * AW;
-          const int64_t pos = o + g + i;
-          jb.xb[i] = bf16 ? Ab + pos * AW : nullptr;
-          jb.xq[i] = int8 ? Aq + pos * AW : nullptr;
-          jb.xneg_sum[i] = int8 ? An + pos * AN : nullptr;
-          jb.xscale[i] = int8 ? As[pos] : 0.f;
-        }
+        for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* y = Y + order[o + g + i] * H;

@@ -608,18 +608,6 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
   const uint32_t xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
   uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;
-  auto stage_token = [&] {
-    const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
-    const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
-    constexpr int kGroups = SL::kTokenBytes / 8;  // per span
-    for (int i = threadIdx.x; i < (s_hi - s_lo) * kGroups; i += kWarps * 32) {
-      const int sp = i / kGroups, b = i % kGroups;
-      cp_async8_sa(xs_sa + sp * SL::kTokenBytes + 8 * (KSTEPS * (b & 3) + (b >> 2)),
-                   xsrc[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
-    }
-    cp_async_commit();
-    xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
-  };
   uint32_t st_w = ring_sa;  // stage of the next span to issue
   auto issue = [&](int s) {
     if (s < s_end) {
@@ -652,7 +640,16 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
   if constexpr (SL::kBlockToken) {
     if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();
-    stage_token();
+    const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
+    const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
+    constexpr int kGroups = SL::kTokenBytes / 8;  // per span
+    for (int i = threadIdx.x; i < (s_hi - s_lo) * kGroups; i += kWarps * 32) {
+      const int sp = i / kGroups, b = i % kGroups;
+      cp_async8_sa(xs_sa + sp * SL::kTokenBytes + 8 * (KSTEPS * (b & 3) + (b >> 2)),
+                   xsrc[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
+    }
+    cp_async_commit();
+    xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
     cp_async_wait<0>();  // this thread's share of the token (and the first stages) have landed
     __syncthreads();     // ... and every thread's; all warps of the block get here
   }

@@ -32,6 +32,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
+#include "cpu_isas.h"
 #include "qmoe/dtype.h"
 #include "random_pair.h"
 #include "test_seed.h"
@@ -40,11 +41,6 @@ namespace {
 
 using namespace qmoe;
 using namespace qmoe::cpu;
-
-bool has_bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
-}
 
 using test::base_seed;
 
@@ -92,10 +88,11 @@ struct PairCase : test::RandomPairWeights {
   }
 };
 
-PairKernel bf16_kernel(int bits) { return bits == 4 ? avx512_bf16_kernels().w4 : avx512_bf16_kernels().w8; }
+using test::has_avx512_bf16;
+PairKernel bf16_kernel(int bits) { return test::kernel_of(avx512_bf16_kernels(), bits); }
 
 TEST(CpuBf16Kernel, WithinBoundOfExactSum) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  if (!has_avx512_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
   std::mt19937_64 rng(base_seed());
   const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
   int checked = 0;
@@ -131,42 +128,16 @@ TEST(CpuBf16Kernel, WithinBoundOfExactSum) {
   EXPECT_GT(checked, 0);
 }
 
-// A token's result does not depend on the other tokens of its call.
 TEST(CpuBf16Kernel, TokenResultIndependentOfBatch) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  if (!has_avx512_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
   std::mt19937_64 rng(base_seed() + 1);
-  for (int bits : {4, 8})
-    for (int64_t block : {int64_t(0), int64_t(32)}) {
-      PairCase c;
-      const int n = avx512_bf16_kernels().tokens_per_call(bits);
-      c.bits = bits, c.block = block, c.K = 301, c.zp[0] = true, c.tokens = n;
-      c.make(rng);
-      std::vector<float> all(size_t(n * kPairRows)), one(kPairRows);
-      bf16_kernel(bits)(c.job(all.data()));
-      for (int t = 0; t < n; ++t) {
-        PairJob jb = c.job(one.data());
-        jb.tokens = 1, jb.x[0] = c.x[t].data(), jb.xb[0] = c.xb[t].data();
-        bf16_kernel(bits)(jb);
-        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * kPairRows, sizeof(float) * kPairRows), 0)
-            << c.str() << " token " << t << " alone differs from the same token in a call of " << n << " (base seed " << base_seed() << ")";
-      }
-    }
+  test::expect_tokens_independent<PairCase>(avx512_bf16_kernels(), rng);
 }
 
-// A pair with an infinite scale is handed to the exact portable kernel (on the fp32 rows).
 TEST(CpuBf16Kernel, InfiniteScaleFallsBackToExactKernel) {
-  if (!has_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
+  if (!has_avx512_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
   std::mt19937_64 rng(base_seed() + 2);
-  for (int bits : {4, 8}) {
-    PairCase c;
-    c.bits = bits, c.block = 32, c.K = 97, c.tokens = 3;
-    c.make(rng);
-    store_from_float(c.sdt, c.scales[1].data(), 1 * kTileRows + 5, -INFINITY);
-    std::vector<float> got(size_t(3 * kPairRows)), want(size_t(3 * kPairRows));
-    bf16_kernel(bits)(c.job(got.data()));
-    portable_kernels().w4(c.job(want.data()));  // the portable kernel serves every bit width
-    ASSERT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0) << c.str();
-  }
+  test::expect_infinite_scale_falls_back<PairCase>(avx512_bf16_kernels(), rng);
 }
 
 }  // namespace

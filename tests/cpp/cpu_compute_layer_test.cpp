@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "bitwise_diff.h"
+#include "cpu_isas.h"
 #include "cpu/cpu_backend.h"
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
@@ -58,10 +59,6 @@ namespace {
 using namespace qmoe;
 using test::bitwise_diff;
 
-bool has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
 // What differs between the modes.
 struct Mode {
   std::string name;        // the compute option's value
@@ -75,9 +72,9 @@ struct Mode {
 };
 
 const Mode kModes[] = {
-    {"bf16", "AVX512_BF16", has_avx512() && __builtin_cpu_supports("avx512bf16"), 8e-3,
+    {"bf16", "AVX512_BF16", test::has_avx512_bf16(), 8e-3,
      [](const MoeSpec& s, int64_t XW, int64_t AW) { return 2 * (XW + s.k * AW); }, 1168},
-    {"int8", "AVX512_VNNI", has_avx512() && __builtin_cpu_supports("avx512vnni"), 4e-2,
+    {"int8", "AVX512_VNNI", test::has_avx512_vnni(), 4e-2,
      [](const MoeSpec& s, int64_t XW, int64_t AW) {  // codes, group sums, row scales
        return (XW + s.k * AW) + 4 * (XW / 16 + s.k * AW / 16) + 4 * (1 + s.k);
      },

@@ -34,6 +34,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
 #include "cpu/int8_rows.h"
+#include "cpu_isas.h"
 #include "qmoe/dtype.h"
 #include "random_pair.h"
 #include "test_seed.h"
@@ -42,11 +43,6 @@ namespace {
 
 using namespace qmoe;
 using namespace qmoe::cpu;
-
-bool has_vnni() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni");
-}
 
 using test::base_seed;
 
@@ -103,10 +99,11 @@ struct PairCase : test::RandomPairWeights {
   }
 };
 
-PairKernel int8_kernel(int bits) { return bits == 4 ? avx512_vnni_kernels().w4 : avx512_vnni_kernels().w8; }
+using test::has_avx512_vnni;
+PairKernel int8_kernel(int bits) { return test::kernel_of(avx512_vnni_kernels(), bits); }
 
 TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
-  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
   std::mt19937_64 rng(base_seed());
   const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
   int checked = 0;
@@ -143,48 +140,21 @@ TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
   EXPECT_GT(checked, 0);
 }
 
-// A token's result does not depend on the other tokens of its call.
 TEST(CpuInt8Kernel, TokenResultIndependentOfBatch) {
-  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
   std::mt19937_64 rng(base_seed() + 1);
-  for (int bits : {4, 8})
-    for (int64_t block : {int64_t(0), int64_t(32)}) {
-      PairCase c;
-      const int n = avx512_vnni_kernels().tokens_per_call(bits);
-      c.bits = bits, c.block = block, c.K = 301, c.zp[0] = true, c.tokens = n;
-      c.make(rng);
-      std::vector<float> all(size_t(n * kPairRows)), one(kPairRows);
-      int8_kernel(bits)(c.job(all.data()));
-      for (int t = 0; t < n; ++t) {
-        PairJob jb = c.job(one.data());
-        jb.tokens = 1, jb.x[0] = c.x[t].data(), jb.xq[0] = c.xq[t].data(), jb.xneg_sum[0] = c.nsum[t].data();
-        jb.xscale[0] = c.sx[t];
-        int8_kernel(bits)(jb);
-        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * kPairRows, sizeof(float) * kPairRows), 0)
-            << c.str() << " token " << t << " alone differs from the same token in a call of " << n << " (base seed " << base_seed() << ")";
-      }
-    }
+  test::expect_tokens_independent<PairCase>(avx512_vnni_kernels(), rng);
 }
 
-// A pair with an infinite scale is handed to the exact portable kernel (on the fp32 rows).
 TEST(CpuInt8Kernel, InfiniteScaleFallsBackToExactKernel) {
-  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
   std::mt19937_64 rng(base_seed() + 2);
-  for (int bits : {4, 8}) {
-    PairCase c;
-    c.bits = bits, c.block = 32, c.K = 97, c.tokens = 3;
-    c.make(rng);
-    store_from_float(c.sdt, c.scales[1].data(), 1 * kTileRows + 5, -INFINITY);
-    std::vector<float> got(size_t(3 * kPairRows)), want(size_t(3 * kPairRows));
-    int8_kernel(bits)(c.job(got.data()));
-    portable_kernels().w4(c.job(want.data()));  // the portable kernel serves every bit width
-    ASSERT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0) << c.str();
-  }
+  test::expect_infinite_scale_falls_back<PairCase>(avx512_vnni_kernels(), rng);
 }
 
 // A row of zeros: sx = 0, codes 0, outputs +0 (zero points or not).
 TEST(CpuInt8Kernel, ZeroRowGivesZeros) {
-  if (!has_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
   std::mt19937_64 rng(base_seed() + 3);
   for (int bits : {4, 8}) {
     PairCase c;

@@ -1,9 +1,14 @@
 // The weight side of a random pair job for the CPU pair-kernel tests: two packed 16-row tiles of
 // codes, per-block scales and optional zero points (cpu_layout.h), and the float64 weight of any
 // element, written from the packed format's definition. Each kernel test adds its own activation rows.
+// Also two checks every compute mode's kernels must pass, for a test's case type.
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <sstream>
 #include <string>
@@ -12,6 +17,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/cpu_layout.h"
 #include "qmoe/dtype.h"
+#include "test_seed.h"
 
 namespace qmoe::test {
 
@@ -73,5 +79,48 @@ struct RandomPairWeights {
     return double(load_as_float(sdt, scales[tile].data(), b * cpu::kTileRows + l)) * double(q - z);
   }
 };
+
+inline cpu::PairKernel kernel_of(const cpu::KernelSet& ks, int bits) { return bits == 4 ? ks.w4 : ks.w8; }
+
+// A token's result does not depend on the other tokens of its call (determinism across chunk sizes
+// depends on it): each token alone gives bitwise what it gives in a full call. Case: a RandomPairWeights
+// with its activation rows, `tokens`, make(rng) and job(acc).
+template <class Case>
+void expect_tokens_independent(const cpu::KernelSet& ks, std::mt19937_64& rng) {
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(32)}) {
+      Case c;
+      const int n = ks.tokens_per_call(bits);
+      c.bits = bits, c.block = block, c.K = 301, c.zp[0] = true, c.tokens = n;
+      c.make(rng);
+      std::vector<float> all(size_t(n * cpu::kPairRows)), one(cpu::kPairRows);
+      kernel_of(ks, bits)(c.job(all.data()));
+      for (int t = 0; t < n; ++t) {
+        cpu::PairJob jb = c.job(one.data());
+        jb.tokens = 1, jb.x[0] = jb.x[t], jb.xb[0] = jb.xb[t], jb.xq[0] = jb.xq[t], jb.xneg_sum[0] = jb.xneg_sum[t];
+        jb.xscale[0] = jb.xscale[t];
+        kernel_of(ks, bits)(jb);
+        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * cpu::kPairRows, sizeof(float) * cpu::kPairRows), 0)
+            << c.str() << " token " << t << " alone differs from the same token in a call of " << n << " (base seed "
+            << base_seed() << ")";
+      }
+    }
+}
+
+// A pair with an infinite scale gives exactly the exact portable kernel's result (the fallback, on the
+// fp32 rows).
+template <class Case>
+void expect_infinite_scale_falls_back(const cpu::KernelSet& ks, std::mt19937_64& rng) {
+  for (int bits : {4, 8}) {
+    Case c;
+    c.bits = bits, c.block = 32, c.K = 97, c.tokens = 3;
+    c.make(rng);
+    store_from_float(c.sdt, c.scales[1].data(), 1 * cpu::kTileRows + 5, -INFINITY);
+    std::vector<float> got(size_t(3 * cpu::kPairRows)), want(size_t(3 * cpu::kPairRows));
+    kernel_of(ks, bits)(c.job(got.data()));
+    cpu::portable_kernels().w4(c.job(want.data()));  // the portable kernel serves every bit width
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0) << c.str();
+  }
+}
 
 }  // namespace qmoe::test
