@@ -60,11 +60,15 @@ if [ "${AB_TESTS:-1}" != 0 ]; then
 fi
 ARGS=("$@")
 [ ${#ARGS[@]} -gt 0 ] || ARGS=(--shapes mixtral,qwen3-30b-a3b,gpt-oss-20b --quants int4b128,int8 --tokens 1,8,64 --iters 30)
-run() {  # name, command...
-  echo "== $1"; shift
-  "$@" > "$OUT/bench_run.log" 2>&1; grep -E "^[a-z]" "$OUT/bench_run.log" | grep -v "^device" | cut -c1-110
+logs=()
+run() {  # name, command... (each run's whole log stays in $OUT/bench_<name>.log)
+  local log="$OUT/bench_${1// /_}.log"
+  shift
+  "$@" > "$log" 2>&1; logs+=("$log")
+  echo "$(basename "$log"): $(grep -m1 "read bandwidth" "$log")"
 }
 for v in "${variants[@]}"; do run "$v" "$W/$v/b/src/cuda/qmoe_cuda_bench" "${ARGS[@]}"; done
 run new "$N/qmoe_cuda_bench" "${ARGS[@]}"
 for e in ${AB_ENVS:-}; do run "new $e" env "$e" "$N/qmoe_cuda_bench" "${ARGS[@]}"; done
+"$(dirname "$0")/ab_compare.sh" "${logs[@]}"  # graph us side by side
 echo "total: ${SECONDS}s"

@@ -173,12 +173,12 @@ std::vector<size_t> expected_sizes(const MoeSpec& s) {
 // Per-run configuration (printable): problem -> config.
 struct RunConfig {
   bool sm90 = false;  // the wgmma kernels (fc_sm90.h); the rest then is chunk 128, one split
-  int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1, tpw = 1;
+  int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1, tpw = 1, xr = 8;
   int64_t spans_per_split = 0;
   std::string str() const {
     StrBuilder os;
     if (sm90) os << "sm90 ";
-    os << "nt=" << nt << " tpw=" << tpw << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
+    os << "nt=" << nt << " tpw=" << tpw << " xr=" << xr << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
        << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
     return os.str();
   }
@@ -435,11 +435,15 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
     c.spans_per_split = p.geom.fc2.S;
     return c;
   }
-  c.nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
+  // n-tiles of 8 tokens per work item: an expert with more tokens than a chunk streams its weights
+  // once per chunk, so the chunk is sized to hold most experts' tokens whole (H200, block-shared
+  // activations, same call: mixtral T=64, 16 tokens per expert, int4 b128 547 -> 527 us with nt = 4
+  // instead of 2; gpt-oss-20b T=64, 8 per expert, int4 b32 361 -> 278 us with nt = 2 instead of 1).
+  c.nt = avg <= 6 ? 1 : avg <= 12 ? 2 : 4;
   c.chunk = 8 * c.nt;
   c.max_items = int(touched + slots / c.chunk);
-  // Parallelism: aim for ~24 streaming warps per SM. First split K inside a block (kw warps per
-  // tile, >= 3 spans each), then (fc2 only) across blocks, with >= 4 spans per split.
+  // Parallelism: aim for ~24 streaming warps per SM. At one token, first split K inside a block (kw
+  // warps per tile, >= 3 spans each); then (fc2 only) across blocks, with >= 4 spans per split.
   const int64_t target = int64_t(sms_) * 24;
   const int64_t items = std::max(c.max_items, 1);
   auto pick_kw = [&](int64_t warps, int64_t S) {
@@ -452,13 +456,26 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   c.tpw = (c.nt == 1 && avg >= 2) ? 2 : 1;
   const int tpw = c.tpw;
   const int64_t w1 = (p.geom.fc1.MT + tpw - 1) / tpw, w2 = (p.geom.fc2.MT + tpw - 1) / tpw;
-  c.kw1 = pick_kw(items * w1, p.geom.fc1.S);
-  c.kw2 = pick_kw(items * w2, p.geom.fc2.S);
-  const int64_t warps = items * w2 * c.kw2;
-  int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / (4 * c.kw2)));
-  c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;
-  c.splits = int((p.geom.fc2.S + c.spans_per_split - 1) / c.spans_per_split);
+  // One token (rows == 1): top-k picks distinct experts, so no work item holds more than one slot
+  // (xr = 1). Else (xr = 8) a block's warps share the item's activation stages, so they share one K
+  // range: no split inside the block (kw = 1), fc2 splits across blocks only.
+  const bool one_token = rows == 1 && c.nt == 1 && c.tpw == 1;
+  auto plan = [&](bool xr1) {
+    c.xr = xr1 ? 1 : 8;
+    c.kw1 = xr1 ? pick_kw(items * w1, p.geom.fc1.S) : 1;
+    c.kw2 = xr1 ? pick_kw(items * w2, p.geom.fc2.S) : 1;
+    const int64_t warps = items * w2 * c.kw2;
+    int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
+    splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / (4 * c.kw2)));
+    c.spans_per_split = (p.geom.fc2.S + splits - 1) / splits;
+    c.splits = int((p.geom.fc2.S + c.spans_per_split - 1) / c.spans_per_split);
+  };
+  plan(one_token);
+  // With 4-bit weights an xr = 1 block stages its token for its K range (fc1: all of H; fc2: one
+  // split); where that would not fit, the xr = 8 kernels run.
+  const bool stage_fits = p.geom.fc1.sbits != 4 || std::max(cuda::token_stage_bytes(p.geom.fc1.S),
+                                                            cuda::token_stage_bytes(c.spans_per_split)) <= cuda::kMaxTokenStage;
+  if (one_token && !stage_fits) plan(false);
   return c;
 }
 
@@ -594,11 +611,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.spans_per_split = p.geom.fc1.S;
   f1.kw = c.kw1;
   f1.tpw = c.tpw;
-  // One token: top-k picks distinct experts, so no expert (no work item) holds more than one slot.
-  // With 4-bit weights its blocks stage the token for their K range (fc1: all of H; fc2: one split of I).
-  const bool stage_fits = p.geom.fc1.sbits != 4 || std::max(cuda::token_stage_bytes(p.geom.fc1.S),
-                                                            cuda::token_stage_bytes(c.spans_per_split)) <= cuda::kMaxTokenStage;
-  f1.xr = (rows == 1 && c.nt == 1 && c.tpw == 1 && stage_fits) ? 1 : 8;
+  f1.xr = c.xr;
   f1.pdl = pdl_ && !c.sm90;  // the wgmma kernels are launched plainly
   c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);
 

@@ -4,16 +4,17 @@
 // four for T <= 64, where routing and grouping are one single-block kernel (route_group_kernel).
 // fc1 and fc2 are one templated weight-streaming kernel (fc_kernel): a warp owns one (or two) 16-row
 // tiles of one expert's packed matrix and streams them along K, one 16-byte cp.async per lane per
-// span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring that also holds the
-// span's activations (8 spans in flight at decode), dequantizes in registers (lop3/prmt magic
-// numbers; fp16 int4 folds the high-nibble shift into an fma with 1/16) and runs mma.sync m16n8k16
-// with up to NT*8 tokens as the B operand. At T = 1 (XR = 1) a stage holds only the one token's span
-// besides the weights (640 instead of 1792 bytes for int4), so 7 blocks of 4 warps fit per SM instead
-// of 3; with 4-bit weights not even that: the block stages its token once for its whole K range, and
-// as a lane then reads back only the weight bytes it copied, the loop needs no warp barrier. Copy
-// addresses are loop-carried (32-bit shared addresses, pointers advanced per span): ~80 SASS
-// instructions per 512-byte span (bf16 int4; ~115 before these steps). Split-K: inside a block
-// (kw warps per tile, summed in shared memory in a fixed order) and, for fc2, across blocks (summed by
+// span and tile (layout in cuda_sm80_layout.h) into a per-warp shared-memory ring (8 spans in
+// flight), dequantizes in registers (lop3/prmt magic numbers; fp16 int4 folds the high-nibble shift
+// into an fma with 1/16) and runs mma.sync m16n8k16 with up to NT*8 tokens as the B operand. The
+// activations are staged per block: with several tokens per work item (XR = 8) the block's 4 warps
+// own tiles of the same item and K range and share one activation stage per span (one block barrier
+// per span); at T = 1 (XR = 1) with 4-bit weights the block stages its token once for its whole K
+// range, and as a lane then reads back only the weight bytes it copied, the loop needs no barrier at
+// all (8-bit: the token's span rides in each warp's stage). Copy addresses are loop-carried (32-bit
+// shared addresses, pointers advanced per span): ~80 SASS instructions per 512-byte span at T = 1
+// (bf16 int4; ~115 before these steps). Split-K: at T = 1 inside a block (kw warps per tile, summed
+// in shared memory in a fixed order) and, for fc2, across blocks (summed by
 // the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
 // fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere; the
@@ -83,14 +84,22 @@ constexpr int kWarps = 4;        // warps per FC block
 constexpr int kScaleChunk = 32;  // scale blocks per warp held in shared memory at a time
 constexpr int kScaleBytes = kScaleChunk * kTileRows * 5;  // fp32 scales (worst case) + uint8 zeros
 
-// Pipeline depth: 8 spans (4 KB of weights) per warp at decode (NT = 1), where few warps exist;
-// 4 when the activations of 16..32 tokens make a stage large.
-template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
+// Pipeline depth: 8 spans in flight per warp (4 KB of weights per tile); 6 at NT = 4, where the
+// block's activation stages (5 KB each) would otherwise leave fewer than 4 blocks per SM.
+template <int NT> constexpr int kStages = NT == 4 ? 6 : 8;
 
-// One pipeline stage of one warp: the span's 512 weight bytes of each of its TPW tiles, then the span's activations of the
-// warp's NT*8 token columns. A token row's span (SPAN values, 2 bytes each) is stored with a 32-byte
-// pad: lanes (g, t) read 8 bytes at g*stride + 8t, and stride = 160 (4-bit) or 96 (8-bit) bytes
-// puts the 16 lanes of each 64-bit access phase in distinct banks.
+// One pipeline stage of one warp: the span's 512 weight bytes of each of its TPW tiles (then, for
+// 8-bit weights at XR = 1, the token's span). The activations are staged per block:
+//
+// XR = 8 (kBlockX): the block's 4 warps own 4 (or 8, TPW = 2) tiles of the same work item and K range,
+//   so they share one activation stage per span: NT*8 token rows of the span (SPAN values, 2 bytes
+//   each) stored with a 32-byte pad, copied by the whole block (one or two 16-byte copies per thread)
+//   and guarded by one block barrier per span. Lanes (g, t) read 8 bytes at g*stride + 8t; stride =
+//   160 (4-bit) or 96 (8-bit) bytes puts the 16 lanes of each 64-bit access phase in distinct banks.
+//   Each warp used to stage all NT*8 rows itself: at NT = 2 four times as many activation bytes as
+//   weight bytes per tile, and 3 blocks per SM. Sharing them (H200, same call, graph us): mixtral
+//   int4 b128 T=8 317 -> 257, T=64 691 -> 547; int4 b32 T=8 516 -> 376; qwen3-30b-a3b int4 b128
+//   T=8 94 -> 77; deepseek-v3-like int4 b32 T=64 3699 -> 2642; int8 4-20% faster.
 //
 // XR = 1 (one token per work item: decode, T = 1), with 8-byte groups of a token's span permuted so
 // that lane t's B operands of all k-steps are contiguous (group 4j + t at byte 8 * (KSTEPS * t + j));
@@ -104,12 +113,15 @@ template <int NT> constexpr int kStages = NT == 1 ? 8 : 4;
 //     leave 5 blocks per SM instead of 7, and 8-bit decode is bound by bytes in flight, not issue.
 template <int SB, int NT, int TPW, int XR = 8> struct StageLayout {
   static constexpr bool kBlockToken = XR == 1 && SB == 4;
+  static constexpr bool kBlockX = XR == 8;
   static constexpr int kTokenBytes = (SB == 4 ? 64 : 32) * 2;
   static constexpr int kTokenStride = kTokenBytes + 32;
-  static constexpr int kChunksPerLane = kTokenBytes / 16 / 4;  // 16-byte copies per lane per token
-  static constexpr int kXOffset = TPW * kSpanBytes;             // after the TPW weight vectors
-  static constexpr int kBytes = kXOffset + (kBlockToken ? 0 : XR == 1 ? kTokenBytes : NT * 8 * kTokenStride);
-  static_assert(kChunksPerLane * 16 * 4 == kTokenBytes, "4 lanes copy one token's span");
+  static constexpr int kChunksPerRow = kTokenBytes / 16;           // 16-byte copies per token row
+  static constexpr int kXChunks = NT * 8 * kChunksPerRow;           // kBlockX: copies per block stage
+  static constexpr int kXCopies = (kXChunks + kWarps * 32 - 1) / (kWarps * 32);  // ... per thread
+  static constexpr int kXStageBytes = kBlockX ? NT * 8 * kTokenStride : 0;  // per block stage
+  static constexpr int kXOffset = TPW * kSpanBytes;                 // after the TPW weight vectors
+  static constexpr int kBytes = kXOffset + (XR == 1 && !kBlockToken ? kTokenBytes : 0);
   static_assert(XR == 8 || (XR == 1 && NT == 1 && TPW == 1), "one staged token row only at NT = TPW = 1");
 };
 static_assert(StageLayout<4, 1, 1, 1>::kTokenBytes == token_stage_bytes(1),
@@ -467,12 +479,15 @@ __device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const ui
 }
 
 // XR: token rows staged per n-tile (8, or 1 when every work item holds one token; see StageLayout).
-// At XR = 1 the block is small enough for 7 per SM; the bound keeps registers from undoing that.
+// At XR = 1 the block is small enough for 7 per SM, at XR = 8 for 3..6; the bound keeps registers
+// from undoing that.
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR>
-__global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
   constexpr int STAGES = kStages<NT>;  // spans in flight per warp
+  using SL = StageLayout<SB, NT, TPW, XR>;
+  constexpr bool BX = SL::kBlockX;     // the block shares its activation stages (one K range, kw = 1)
   // TPW: 16-row tiles per warp, sharing the activation stage (see FcArgs::tpw).
   const int item = blockIdx.x;
   // fc1 reads the routing kernel's output from here on; fc2 only the work items until its wait below
@@ -485,7 +500,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Intra-block split-K: KW warps share one 16-row tile, each streaming 1/KW of the K range; their
   // sums meet in shared memory in a fixed order (deterministic) before the epilogue.
-  const int KW = a.kw;
+  const int KW = BX ? 1 : a.kw;
   const int kq = warp % KW;
   const int64_t mt0 = (int64_t(blockIdx.y) * (kWarps / KW) + warp / KW) * TPW;
   const MatrixGeom& G = a.geom;
@@ -494,17 +509,22 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   const int e = it.x, p0 = it.y, cnt = it.z;
   const int g = lane >> 2, t = lane & 3;
 
-  // B rows: this lane feeds token column g of each n-tile.
-  const CT* xrow[NT];
+  // B rows: fc1 reads token sorted_slot / k, fc2 the item's own rows of fc1's output.
+  auto x_row = [&](int idx) {
+    const int pos = p0 + idx;
+    const int64_t r = FC1 ? int64_t(a.sorted_slot[pos] / a.k) : int64_t(pos);
+    return reinterpret_cast<const uint8_t*>(static_cast<const CT*>(a.x) + r * a.x_ld);
+  };
+  // XR = 1: the item's one token. BX: the 16-byte piece of each span this thread copies into the
+  // block's stage (row xrow_idx / kChunksPerRow, null past the item's tokens: zero fill).
+  const uint8_t* xrow[SL::kXCopies];
+  uint32_t xdst[SL::kXCopies];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int idx = XR == 1 ? 0 : nt * 8 + g;  // XR = 1: every lane stages / reads token 0
-    xrow[nt] = nullptr;
-    if (idx < cnt) {
-      const int pos = p0 + idx;
-      const int64_t r = FC1 ? int64_t(a.sorted_slot[pos] / a.k) : int64_t(pos);
-      xrow[nt] = static_cast<const CT*>(a.x) + r * a.x_ld;
-    }
+  for (int c = 0; c < SL::kXCopies; ++c) {
+    const int idx = XR == 1 ? 0 : int(threadIdx.x) + c * kWarps * 32;
+    const int row = XR == 1 ? 0 : idx / SL::kChunksPerRow, piece = idx % SL::kChunksPerRow;
+    xdst[c] = row * SL::kTokenStride + piece * 16;
+    xrow[c] = row < cnt && idx < (XR == 1 ? 1 : SL::kXChunks) ? x_row(row) + piece * 16 : nullptr;
   }
 
   // Span indices fit 32 bits (K < 2^31 / 64 is far beyond any layer); 32-bit loop state keeps the
@@ -516,7 +536,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
     s_begin = min(s_end, s_begin + kq * per);
     s_end = min(s_end, s_begin + per);
   }
-  if (!active) s_end = s_begin;
+  if (!active && !BX) s_end = s_begin;  // BX: such a warp still copies and meets the barriers
   // Tile u of this warp; a tile past the end (odd MT) re-reads tile mt0 and is never stored.
   const uint4* wp[TPW];
   int64_t sbase[TPW];
@@ -582,14 +602,10 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   // tokens. Register rings were tried first: unrolled they made >100 KB kernels (instruction-cache
   // misses), rolled they need register moves that wait on the newest load (one load in flight).
   // Shared memory is indexed at run time, so the loop stays rolled and small.
-  using SL = StageLayout<SB, NT, TPW, XR>;
   // The activations are fc1's output. With the block's token staged apart (kBlockToken), fc2 first
   // starts its weight and scale loads (they depend only on the work items, see fc_kernel's top), so
   // their latency overlaps fc1's last blocks; it waits just before copying the token.
   if constexpr (!FC1 && !SL::kBlockToken) pdl_wait(), pdl_launch_dependents();
-  const uint8_t* xsrc[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xsrc[nt] = reinterpret_cast<const uint8_t*>(xrow[nt]);
   // Loop-carried copy state: source pointers advance by one span per issue, the stage address
   // cycles through the ring (span s_begin + i uses stage i % STAGES). Being loop-carried, these stay
   // in registers instead of being recomputed from the kernel parameters every span (ptxas did that
@@ -605,10 +621,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   // stage), copied after the first weight stages were issued; lane t reads span s's at
   // xrd1 + (s - s_begin) * kTokenBytes. Else lane 4j + t' copies group 4j + t' of each span into the
   // stage, and lane t reads its operands at stage + xrd1.
-  const uint8_t* xnext = XR == 1 ? xsrc[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
+  const uint8_t* xnext = XR == 1 ? xrow[0] + int64_t(s_begin) * SL::kTokenBytes + 8 * lane : nullptr;
   const uint32_t xdst1 = SL::kXOffset + 8 * (KSTEPS * (lane & 3) + (lane >> 2));
   uint32_t xrd1 = SL::kXOffset + 8 * KSTEPS * t;
   uint32_t st_w = ring_sa;  // stage of the next span to issue
+  // BX: the block's activation stages follow the warps' areas; stage i of the ring holds span i's rows.
+  uint8_t* const xring = fc_smem + kWarps * a.smem_per_warp;
+  const uint32_t xring_sa = static_cast<uint32_t>(__cvta_generic_to_shared(xring));
   auto issue = [&](int s) {
     if (s < s_end) {
       [[maybe_unused]] const uint32_t su = uint32_t(s);
@@ -617,16 +636,14 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
       for (int u = 0; u < TPW; ++u) cp_async16_stream_sa(st + u * kSpanBytes + wdst, wnext[u]);
       if constexpr (XR == 1 && !SL::kBlockToken) {
         if (lane < 4 * KSTEPS) cp_async8_sa(st + xdst1, xnext);
-      } else if constexpr (XR != 1) {
+      } else if constexpr (BX) {
+        const uint32_t xst = xring_sa + (st - ring_sa) / SL::kBytes * SL::kXStageBytes;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < SL::kChunksPerLane; ++c) {
-            const int chunk = t * SL::kChunksPerLane + c;
-            const uint8_t* src = xsrc[nt] ? xsrc[nt] + size_t(su) * SL::kTokenBytes + chunk * 16
-                                          : static_cast<const uint8_t*>(a.x);
-            cp_async16_zfill_sa(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride + chunk * 16, src, xsrc[nt] ? 16 : 0);
-          }
+        for (int c = 0; c < SL::kXCopies; ++c) {
+          if (SL::kXChunks % (kWarps * 32) != 0 && int(threadIdx.x) + c * kWarps * 32 >= SL::kXChunks) continue;
+          const uint8_t* src = xrow[c] ? xrow[c] + size_t(su) * SL::kTokenBytes : static_cast<const uint8_t*>(a.x);
+          cp_async16_zfill_sa(xst + xdst[c], src, xrow[c] ? 16 : 0);
+        }
       }
     }
     cp_async_commit();  // always, so group counting stays uniform at the tail
@@ -641,12 +658,12 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
   if constexpr (SL::kBlockToken) {
     if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();
     const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
-    const uint32_t xs_sa = static_cast<uint32_t>(__cvta_generic_to_shared(fc_smem + kWarps * a.smem_per_warp));
+    const uint32_t xs_sa = xring_sa;  // the token stage (no activation ring at XR = 1)
     constexpr int kGroups = SL::kTokenBytes / 8;  // per span
     for (int i = threadIdx.x; i < (s_hi - s_lo) * kGroups; i += kWarps * 32) {
       const int sp = i / kGroups, b = i % kGroups;
       cp_async8_sa(xs_sa + sp * SL::kTokenBytes + 8 * (KSTEPS * (b & 3) + (b >> 2)),
-                   xsrc[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
+                   xrow[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
     }
     cp_async_commit();
     xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
@@ -663,9 +680,12 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
 #pragma unroll 1
     for (int s = s_begin; s < s_end; ++s) {
       cp_async_wait<STAGES - 2>();  // this thread's copies of span s have landed
-      if constexpr (!SL::kBlockToken) __syncwarp();  // ... and every lane's (x chunks are read by other lanes)
-      issue(s + STAGES - 1);        // refills the stage all lanes finished with last iteration
-      [[maybe_unused]] const uint8_t* st = ring + st_r;
+      // ... and every lane's (x pieces are read by other lanes; BX: by other warps). The barrier also
+      // says every warp is done with span s - 1, whose stage the issue below refills.
+      if constexpr (BX) __syncthreads();
+      else if constexpr (!SL::kBlockToken) __syncwarp();
+      issue(s + STAGES - 1);
+      [[maybe_unused]] const uint8_t* xst = xring + st_r / SL::kBytes * SL::kXStageBytes;
       const uint32_t st_sa = ring_sa + st_r;
       st_r = st_r + SL::kBytes == STAGES * SL::kBytes ? 0 : st_r + SL::kBytes;
       uint4 v[TPW];
@@ -686,8 +706,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int j = 0; j < KSTEPS; ++j)
-            bx[nt][j] = *reinterpret_cast<const uint2*>(st + SL::kXOffset + (nt * 8 + g) * SL::kTokenStride +
-                                                        (16 * j + 4 * t) * 2);
+            bx[nt][j] = *reinterpret_cast<const uint2*>(xst + (nt * 8 + g) * SL::kTokenStride + (16 * j + 4 * t) * 2);
       }
 #pragma unroll
       for (int j = 0; j < KSTEPS; ++j) {
@@ -822,13 +841,18 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 1) fc_kernel(const 
 template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_per_warp() {
   return TPW * kScaleBytes + kStages<NT> * StageLayout<SB, NT, TPW, XR>::kBytes;
 }
+// The block's shared memory besides the token stage of kBlockToken: the warps' areas, then the
+// activation stages of kBlockX.
+template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_fixed() {
+  return kWarps * fc_smem_per_warp<SB, NT, TPW, XR>() + kStages<NT> * StageLayout<SB, NT, TPW, XR>::kXStageBytes;
+}
 
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
 void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
-  // 26..100 KB (kBlockToken: plus the token's stage, 128 bytes per span): needs the opt-in above 48 KB
-  const size_t smem = size_t(kWarps) * b.smem_per_warp +
+  // 26..63 KB (kBlockToken: plus the token's stage, 128 bytes per span): needs the opt-in above 48 KB
+  const size_t smem = size_t(fc_smem_fixed<SB, NT, TPW, XR>()) +
                      (StageLayout<SB, NT, TPW, XR>::kBlockToken ? size_t(token_stage_bytes(a.spans_per_split)) : 0);
   launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
 }
@@ -838,7 +862,7 @@ cudaError_t set_smem_attr(int optin) {
   // The block's token stage grows with K (launch_fc_one), so allow all the device has.
   cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        StageLayout<SB, NT, TPW, XR>::kBlockToken ? optin
-                                                                                 : kWarps * fc_smem_per_warp<SB, NT, TPW, XR>());
+                                                                                 : fc_smem_fixed<SB, NT, TPW, XR>());
   // All FC kernels are bounded by shared memory (XR = 1: 7 blocks of ~30 KB); ask for the largest
   // shared-memory carveout so the occupancy does not depend on the driver's default choice.
   if (e == cudaSuccess)

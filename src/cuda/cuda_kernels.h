@@ -111,7 +111,7 @@ struct FcArgs {
   int64_t H = 0;
   int splits = 1;              // grid split-K count (fc2 only; combine sums the splits)
   int64_t spans_per_split = 0;
-  int kw = 1;                  // warps per tile inside a block (1, 2, 4): deterministic in-block split-K
+  int kw = 1;                  // warps per tile inside a block (1, 2, 4; xr = 1 only): deterministic in-block split-K
   int tpw = 1;                 // 16-row tiles per warp (2 only with nt = 1): they share the activation
                                // stage, halving per-span overhead, but fewer warps fit (measured on
                                // H100: faster at 2+ tokens per expert, slower at 1)
