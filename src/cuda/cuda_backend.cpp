@@ -451,9 +451,11 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
     while (kw < 4 && warps * kw < target && S / (2 * kw) >= 3) kw *= 2;
     return kw;
   };
-  // Two tiles per warp when experts see 2..8 tokens (measured: mixtral T=8 361 -> 331 us, deepseek
-  // T=64 2574 -> 2365 us), one at 1 token per expert (two were slower there: 128 -> 140 us).
-  c.tpw = (c.nt == 1 && avg >= 2) ? 2 : 1;
+  // Two tiles per warp from 2 tokens per expert: they share the B fragments (measured on an H100:
+  // mixtral T=8 361 -> 331 us, deepseek T=64 2574 -> 2365 us; on an H200 with 2 and 4 n-tiles:
+  // mixtral int4 b128 T=64 463 -> 413 us, int8 563 -> 467, gpt-oss-20b int4 b128 220 -> 207; blocks
+  // of 32 +3-7%), one at 1 token per expert (two were slower there: 128 -> 140 us).
+  c.tpw = avg >= 2 ? 2 : 1;
   const int tpw = c.tpw;
   const int64_t w1 = (p.geom.fc1.MT + tpw - 1) / tpw, w2 = (p.geom.fc2.MT + tpw - 1) / tpw;
   // One token (rows == 1): top-k picks distinct experts, so no work item holds more than one slot

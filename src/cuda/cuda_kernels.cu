@@ -479,10 +479,10 @@ __device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const ui
 }
 
 // XR: token rows staged per n-tile (8, or 1 when every work item holds one token; see StageLayout).
-// At XR = 1 the block is small enough for 7 per SM, at XR = 8 for 3..6; the bound keeps registers
-// from undoing that.
+// At XR = 1 the block is small enough for 7 per SM, at XR = 8 for 3..6 (3 at NT * TPW = 8); the bound
+// keeps registers from undoing that.
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR>
-__global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 : 4) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
   constexpr int STAGES = kStages<NT>;  // spans in flight per warp
@@ -547,15 +547,24 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const 
     sbase[u] = (int64_t(e) * G.MT + mtc) * G.NBP * kTileRows;
   }
 
-  // Two partial accumulators, even and odd k-steps, so consecutive mma.sync do not wait on each
-  // other (ncu showed "wait" stalls dominating the decode loop).
-  float acc[TPW][NT][4], part[2][TPW][NT][4];
+  // At NT = 1 two partial accumulators, even and odd k-steps, so consecutive mma.sync do not wait on
+  // each other (ncu showed "wait" stalls dominating the decode loop); with more n-tiles their mma
+  // already alternate, and one set keeps the registers for the B fragments.
+  constexpr int PARTS = NT == 1 ? 2 : 1;
+  float acc[TPW][NT][4], part[PARTS][TPW][NT][4];
 #pragma unroll
   for (int u = 0; u < TPW; ++u)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[u][nt][r] = 0.f, part[0][u][nt][r] = 0.f, part[1][u][nt][r] = 0.f;
+      for (int r = 0; r < 4; ++r) {
+        acc[u][nt][r] = 0.f;
+#pragma unroll
+        for (int q = 0; q < PARTS; ++q) part[q][u][nt][r] = 0.f;
+      }
+  // n-tiles holding at least one of the item's tokens: the others' mma and B loads are skipped
+  // (their output columns are never stored; an item of a chunk of 32 often holds 9..24 tokens).
+  const int nt_used = (cnt + 7) >> 3;
 
   // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
   // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk blocks);
@@ -592,8 +601,10 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const 
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          acc[u][nt][r] = fmaf(r < 2 ? sc0[u] : sc1[u], part[0][u][nt][r] + part[1][u][nt][r], acc[u][nt][r]);
-          part[0][u][nt][r] = 0.f, part[1][u][nt][r] = 0.f;
+          float p = part[0][u][nt][r];
+          if constexpr (PARTS == 2) p += part[1][u][nt][r], part[1][u][nt][r] = 0.f;
+          acc[u][nt][r] = fmaf(r < 2 ? sc0[u] : sc1[u], p, acc[u][nt][r]);
+          part[0][u][nt][r] = 0.f;
         }
   };
 
@@ -706,7 +717,8 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const 
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int j = 0; j < KSTEPS; ++j)
-            bx[nt][j] = *reinterpret_cast<const uint2*>(xst + (nt * 8 + g) * SL::kTokenStride + (16 * j + 4 * t) * 2);
+            if (nt == 0 || nt < nt_used)
+              bx[nt][j] = *reinterpret_cast<const uint2*>(xst + (nt * 8 + g) * SL::kTokenStride + (16 * j + 4 * t) * 2);
       }
 #pragma unroll
       for (int j = 0; j < KSTEPS; ++j) {
@@ -715,7 +727,8 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : 4) fc_kernel(const 
           uint32_t af[4];
           dequant<CT, SB>(v[u], j, zr[u], af);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) CtTraits<CT>::mma(part[j & 1][u][nt], af, bx[nt][j].x, bx[nt][j].y);
+          for (int nt = 0; nt < NT; ++nt)
+            if (nt == 0 || nt < nt_used) CtTraits<CT>::mma(part[j % PARTS][u][nt], af, bx[nt][j].x, bx[nt][j].y);
         }
         if constexpr (KB > 0) {
           if ((j + 1) % KB == 0) {
@@ -876,25 +889,26 @@ cudaError_t set_smem_attrs_nt(int optin) {
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 1>(optin);
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 1, FC1, 2>(optin);
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 1>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 2, FC1, 2>(optin);
   if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 1>(optin);
+  if (e == cudaSuccess) e = set_smem_attr<CT, SB, 4, FC1, 2>(optin);
   return e;
 }
 
 template <bool FC1, class CT, int SB>
 void launch_fc_nt(const FcArgs& a, cudaStream_t st) {
-  const int tpw = (a.nt == 1 && a.tpw == 2) ? 2 : 1;  // two tiles per warp only with one n-tile
+  const int tpw = (a.xr == 8 && a.tpw == 2) ? 2 : 1;  // two tiles per warp only with block-shared x
   const int tiles_per_block = kWarps / a.kw * tpw;
   const dim3 grid(unsigned(a.max_items), unsigned((a.geom.MT + tiles_per_block - 1) / tiles_per_block),
                   unsigned(a.splits));
-  switch (a.nt) {
-    case 1:
-      if (tpw == 2) launch_fc_one<CT, SB, 1, FC1, 2>(a, grid, st);
-      else if (a.xr == 1) launch_fc_one<CT, SB, 1, FC1, 1, 1>(a, grid, st);
-      else launch_fc_one<CT, SB, 1, FC1, 1>(a, grid, st);
-      break;
-    case 2: launch_fc_one<CT, SB, 2, FC1, 1>(a, grid, st); break;
-    case 4: launch_fc_one<CT, SB, 4, FC1, 1>(a, grid, st); break;
-    default: break;  // the host checks nt
+  switch (a.nt * 4 + tpw) {
+    case 5: a.xr == 1 ? launch_fc_one<CT, SB, 1, FC1, 1, 1>(a, grid, st) : launch_fc_one<CT, SB, 1, FC1, 1>(a, grid, st); break;
+    case 6: launch_fc_one<CT, SB, 1, FC1, 2>(a, grid, st); break;
+    case 9: launch_fc_one<CT, SB, 2, FC1, 1>(a, grid, st); break;
+    case 10: launch_fc_one<CT, SB, 2, FC1, 2>(a, grid, st); break;
+    case 17: launch_fc_one<CT, SB, 4, FC1, 1>(a, grid, st); break;
+    case 18: launch_fc_one<CT, SB, 4, FC1, 2>(a, grid, st); break;
+    default: break;  // the host checks nt and tpw
   }
 }
 

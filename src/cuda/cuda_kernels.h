@@ -112,9 +112,9 @@ struct FcArgs {
   int splits = 1;              // grid split-K count (fc2 only; combine sums the splits)
   int64_t spans_per_split = 0;
   int kw = 1;                  // warps per tile inside a block (1, 2, 4; xr = 1 only): deterministic in-block split-K
-  int tpw = 1;                 // 16-row tiles per warp (2 only with nt = 1): they share the activation
-                               // stage, halving per-span overhead, but fewer warps fit (measured on
-                               // H100: faster at 2+ tokens per expert, slower at 1)
+  int tpw = 1;                 // 16-row tiles per warp (1, 2; 2 only with xr = 8): they share the B
+                               // fragments, halving the activation reads per weight, but fewer warps
+                               // fit (measured on H100: faster at 2+ tokens per expert, slower at 1)
   int xr = 8;                  // token rows staged per n-tile: 1 only when no work item holds more than
                                // one token (T = 1; needs nt = 1, tpw = 1), else 8. At 1 with 4-bit
                                // weights the block stages its token for its whole K split:
