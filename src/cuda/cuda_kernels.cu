@@ -81,12 +81,17 @@ void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStre
 }
 
 constexpr int kWarps = 4;        // warps per FC block
-constexpr int kScaleChunk = 32;  // scale blocks per warp held in shared memory at a time
-constexpr int kScaleBytes = kScaleChunk * kTileRows * 5;  // fp32 scales (worst case) + uint8 zeros
+// Scale blocks per tile held in shared memory at a time: 32 at XR = 1 (a refill is a dependent global
+// round trip in the stream), 16 at XR = 8, where the smaller area lets another block fit per SM.
+template <int XR> constexpr int kScaleChunk = XR == 1 ? 32 : 16;
+template <int XR> constexpr int kScaleBytes = kScaleChunk<XR> * kTileRows * 5;  // fp32 scales (worst case) + uint8 zeros
 
-// Pipeline depth: 8 spans in flight per warp (4 KB of weights per tile); 6 at NT = 4, where the
-// block's activation stages (5 KB each) would otherwise leave fewer than 4 blocks per SM.
-template <int NT> constexpr int kStages = NT == 4 ? 6 : 8;
+// Pipeline depth: 8 spans in flight per warp at XR = 1 (4 KB of weights) and for 8-bit weights, which
+// are bound by bytes in flight; 4 for 4-bit weights at XR = 8, where a warp streams two tiles and one
+// more block per SM pays more than a deeper ring (H200, same call, 8 -> 4 stages with 16 instead of
+// 32 scale blocks held: qwen3-30b-a3b int4 b128 T=64 169 -> 150 us, gpt-oss-20b T=16 171 -> 155,
+// deepseek-v3-like T=64 1757 -> 1625, mixtral T=8 258 -> 242; 8-bit weights 2-7% slower with 4 or 6).
+template <int SB, int XR> constexpr int kStages = XR == 1 || SB == 8 ? 8 : 4;
 
 // One pipeline stage of one warp: the span's 512 weight bytes of each of its TPW tiles (then, for
 // 8-bit weights at XR = 1, the token's span). The activations are staged per block:
@@ -485,7 +490,7 @@ template <class CT, int SB, int NT, bool FC1, int TPW, int XR>
 __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 : 4) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
-  constexpr int STAGES = kStages<NT>;  // spans in flight per warp
+  constexpr int STAGES = kStages<SB, XR>;  // spans in flight per warp
   using SL = StageLayout<SB, NT, TPW, XR>;
   constexpr bool BX = SL::kBlockX;     // the block shares its activation stages (one K range, kw = 1)
   // TPW: 16-row tiles per warp, sharing the activation stage (see FcArgs::tpw).
@@ -566,13 +571,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   // (their output columns are never stored; an item of a chunk of 32 often holds 9..24 tokens).
   const int nt_used = (cnt + 7) >> 3;
 
-  // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk blocks,
-  // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk blocks);
+  // Scales and zero points of this warp's tile reach shared memory in chunks of kScaleChunk<XR> blocks,
+  // copied by the whole warp with coalesced 4-byte loads (fill_scales, once per kScaleChunk<XR> blocks);
   // a scale block then costs a shared-memory read instead of a dependent DRAM round trip.
   extern __shared__ __align__(16) uint8_t fc_smem[];
   const int es = a.scale_elt == Elt::f32 ? 4 : 2;
-  uint8_t* ssm = fc_smem + warp * a.smem_per_warp;  // TPW x kScaleBytes, then the ring
-  uint8_t* ring = ssm + TPW * kScaleBytes;          // STAGES x StageLayout<SB, NT>::kBytes
+  uint8_t* ssm = fc_smem + warp * a.smem_per_warp;  // TPW x kScaleBytes<XR>, then the ring
+  uint8_t* ring = ssm + TPW * kScaleBytes<XR>;      // STAGES x StageLayout::kBytes
   int chunk0 = -1;  // first block held in shared memory
   const int64_t ks = int64_t(s_begin) * KSTEPS;  // global k-step
   int blk = int(ks / G.kpb);
@@ -580,14 +585,14 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   ZeroRep<CT, SB> zr[TPW];
   float sc0[TPW], sc1[TPW];
   auto load_block = [&](int b) {
-    const bool refill = b >= chunk0 + kScaleChunk || chunk0 < 0;
+    const bool refill = b >= chunk0 + kScaleChunk<XR> || chunk0 < 0;
     if (refill) chunk0 = b;
 #pragma unroll
     for (int u = 0; u < TPW; ++u) {
-      uint8_t* us = ssm + u * kScaleBytes;
-      uint8_t* uz = us + kScaleChunk * kTileRows * 4;
+      uint8_t* us = ssm + u * kScaleBytes<XR>;
+      uint8_t* uz = us + kScaleChunk<XR> * kTileRows * 4;
       if (refill)
-        fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows, int(min(int64_t(kScaleChunk), G.NBP - b)), es, lane);
+        fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows, int(min(int64_t(kScaleChunk<XR>), G.NBP - b)), es, lane);
       const BlockParams bp = block_params(us, uz, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
                                           a.zdefault);
       sc0[u] = bp.s0, sc1[u] = bp.s1;
@@ -766,9 +771,9 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     // cp_async_wait<0> above; __syncwarp: all its lanes are done reading). No static shared array,
     // so that 7 blocks of the XR = 1 variant fit an SM's shared memory.
     constexpr int kRed = TPW * NT * 4 * 32;  // floats per warp
-    static_assert(kRed * 4 <= kStages<NT> * SL::kBytes, "the ring holds the split-K partial sums");
+    static_assert(kRed * 4 <= kStages<SB, XR> * SL::kBytes, "the ring holds the split-K partial sums");
     auto red = [&](int w) {
-      return reinterpret_cast<float*>(fc_smem + w * a.smem_per_warp + TPW * kScaleBytes);
+      return reinterpret_cast<float*>(fc_smem + w * a.smem_per_warp + TPW * kScaleBytes<XR>);
     };
     __syncwarp();
     float* mine = red(warp);
@@ -852,12 +857,12 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
 }
 
 template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_per_warp() {
-  return TPW * kScaleBytes + kStages<NT> * StageLayout<SB, NT, TPW, XR>::kBytes;
+  return TPW * kScaleBytes<XR> + kStages<SB, XR> * StageLayout<SB, NT, TPW, XR>::kBytes;
 }
 // The block's shared memory besides the token stage of kBlockToken: the warps' areas, then the
 // activation stages of kBlockX.
 template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_fixed() {
-  return kWarps * fc_smem_per_warp<SB, NT, TPW, XR>() + kStages<NT> * StageLayout<SB, NT, TPW, XR>::kXStageBytes;
+  return kWarps * fc_smem_per_warp<SB, NT, TPW, XR>() + kStages<SB, XR> * StageLayout<SB, NT, TPW, XR>::kXStageBytes;
 }
 
 template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
