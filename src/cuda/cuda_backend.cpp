@@ -178,8 +178,8 @@ struct RunConfig {
   std::string str() const {
     StrBuilder os;
     if (sm90) os << "sm90 ";
-    os << "nt=" << nt << " tpw=" << tpw << " xr=" << xr << " max_items=" << max_items << " fc1_kw=" << kw1 << " fc2_kw=" << kw2
-       << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
+    os << "nt=" << nt << " tpw=" << tpw << " xr=" << xr << " max_items=" << max_items << " fc1_kw=" << kw1
+       << " fc2_kw=" << kw2 << " fc2_splits=" << splits << " spans/split=" << spans_per_split;
     return os.str();
   }
 };

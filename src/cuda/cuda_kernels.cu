@@ -14,8 +14,8 @@
 // all (8-bit: the token's span rides in each warp's stage). Copy addresses are loop-carried (32-bit
 // shared addresses, pointers advanced per span): ~80 SASS instructions per 512-byte span at T = 1
 // (bf16 int4; ~115 before these steps). Split-K: at T = 1 inside a block (kw warps per tile, summed
-// in shared memory in a fixed order) and, for fc2, across blocks (summed by
-// the combine kernel in a fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
+// in shared memory in a fixed order) and, for fc2, across blocks (summed by the combine kernel in a
+// fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
 // fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere; the
 // grouping uses integer atomics only to place rows, and every row's result is independent of its
@@ -84,7 +84,8 @@ constexpr int kWarps = 4;        // warps per FC block
 // Scale blocks per tile held in shared memory at a time: 32 at XR = 1 (a refill is a dependent global
 // round trip in the stream), 16 at XR = 8, where the smaller area lets another block fit per SM.
 template <int XR> constexpr int kScaleChunk = XR == 1 ? 32 : 16;
-template <int XR> constexpr int kScaleBytes = kScaleChunk<XR> * kTileRows * 5;  // fp32 scales (worst case) + uint8 zeros
+// fp32 scales (the widest) and uint8 zero points of kScaleChunk blocks of one tile
+template <int XR> constexpr int kScaleBytes = kScaleChunk<XR> * kTileRows * 5;
 
 // Pipeline depth: 8 spans in flight per warp at XR = 1 (4 KB of weights) and for 8-bit weights, which
 // are bound by bytes in flight; 4 for 4-bit weights at XR = 8, where a warp streams two tiles and one
@@ -520,8 +521,9 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     const int64_t r = FC1 ? int64_t(a.sorted_slot[pos] / a.k) : int64_t(pos);
     return reinterpret_cast<const uint8_t*>(static_cast<const CT*>(a.x) + r * a.x_ld);
   };
-  // XR = 1: the item's one token. BX: the 16-byte piece of each span this thread copies into the
-  // block's stage (row xrow_idx / kChunksPerRow, null past the item's tokens: zero fill).
+  // XR = 1: the item's one token. BX: the 16-byte pieces of each span this thread copies into the
+  // block's stage (piece idx of the stage: row idx / kChunksPerRow; null past the item's tokens, which
+  // are zero-filled).
   const uint8_t* xrow[SL::kXCopies];
   uint32_t xdst[SL::kXCopies];
 #pragma unroll
@@ -592,7 +594,8 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
       uint8_t* us = ssm + u * kScaleBytes<XR>;
       uint8_t* uz = us + kScaleChunk<XR> * kTileRows * 4;
       if (refill)
-        fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows, int(min(int64_t(kScaleChunk<XR>), G.NBP - b)), es, lane);
+        fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows,
+                    int(min(int64_t(kScaleChunk<XR>), G.NBP - b)), es, lane);
       const BlockParams bp = block_params(us, uz, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
                                           a.zdefault);
       sc0[u] = bp.s0, sc1[u] = bp.s1;
