@@ -127,8 +127,8 @@ void pair_w4(const PairJob& jb) {
     // line per tile, one prefetch each (as the exact kernel).
     int64_t j = j0;
     for (; j + 4 <= j1; j += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
       step(j, ev), step(j + 1, od), step(j + 2, ev), step(j + 3, od);
     }
     for (; j < j1; ++j) (j & 1) ? step(j, od) : step(j, ev);
@@ -173,8 +173,8 @@ void pair_w8(const PairJob& jb) {
     // when j % 4 == 0.
     int64_t j = j0;
     for (; j + 4 <= j1; j += 4) {  // one 64-byte line per tile per iteration, one prefetch each
-      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c0 + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c1 + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
       step(j, ev), step(j + 2, od);
     }
     for (; j < j1; j += 2) (j & 2) ? step(j, od) : step(j, ev);

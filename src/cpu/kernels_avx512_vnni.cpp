@@ -120,8 +120,8 @@ void pair_vnni(const PairJob& jb) {
       };
       int64_t j = jg;
       for (; j + 4 <= je; j += 4) {  // one 64-byte line per tile per step, one prefetch each
-        _mm_prefetch(reinterpret_cast<const char*>(c[0] + j * kTileRows + 1024), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c[1] + j * kTileRows + 1024), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c[0] + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c[1] + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
         step(j, true);
       }
       if (j < je) step(j, false);  // 2 bytes left: only at the end of a row
