@@ -412,12 +412,13 @@ bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
 
-// Average tokens per touched expert from which the wgmma kernels beat the SM80-family kernels
-// (CudaGemm::automatic), measured on an H100 with bench/cuda_device_run.sh prefill (docs/PERF-cuda.md,
-// at 727f8b8): at 16 tokens per expert (deepseek-v3-like, T = 512) the SM80 kernels won for every
-// quantization (1.2-1.4x), at 32 (qwen3-30b-a3b, T = 512) the wgmma kernels won for every one,
-// blocks of 32 included (1.2-1.3x), and above that everywhere.
-constexpr int64_t kWgmmaCrossover = 24;
+// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
+// kernels (CudaGemm::automatic). Measured on an H100 at 7b71334 (`qmoe_cuda_bench --gemm sm80|sm90`,
+// docs/PERF-cuda.md, "Dispatch"): since the SM80-family kernels share activations per block they win
+// at 16 and at 32 tokens per expert on all four shapes, int4 by 1.2-2.1x and 8-bit by 1.1-1.5x, except
+// deepseek-v3-like 8-bit at 32 (0.91x); at 128 (mixtral T = 512, at 727f8b8) the wgmma kernels won by
+// 2.6x. Above 32 the wgmma kernels run (the range 33..127 is not measured yet).
+constexpr int64_t kWgmmaCrossover = 33;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
