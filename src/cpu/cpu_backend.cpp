@@ -346,6 +346,9 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   const bool swiglu = plan.swiglu;
   const PartPlan& pa = swiglu ? plan.fc1_gate : plan.fc1;
   const PartPlan& pb = swiglu ? plan.fc1_linear : plan.fc1;
+  // The accuracy options' vector SwiGLU; 2-bit layers run exact in every mode (their kernel is the
+  // portable one), so they keep the scalar formula too.
+  const SwigluFn vswiglu = s.bits == 2 ? nullptr : ks.swiglu;
   const std::vector<Task> t1 = make_tasks(active, plan.fc1_pairs(), threads);
   pool.parallel_for(int64_t(t1.size()), [&](int64_t ti) {
     const Task& task = t1[size_t(ti)];
@@ -366,15 +369,21 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
           uint16_t* ab = bf16 ? Ab + (o + g + i) * AW : nullptr;
           const float* h = acc + i * kPairRows;
           if (swiglu) {
-            for (int l = 0; l < kTileRows; ++l) {
-              const int64_t r = p * kTileRows + l;
-              if (r >= I) break;
-              float gv = h[l], uv = h[kTileRows + l];
-              if (ta.bias) gv += ta.bias[l];
-              if (tb.bias) uv += tb.bias[l];
-              a[r] = swiglu_scalar(s, gv, uv);
-              if (ab) ab[r] = float_to_bf16(a[r]);
+            const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
+            float gv[kTileRows], uv[kTileRows];
+            for (int l = 0; l < n; ++l) {
+              gv[l] = h[l], uv[l] = h[kTileRows + l];
+              if (ta.bias) gv[l] += ta.bias[l];
+              if (tb.bias) uv[l] += tb.bias[l];
             }
+            float* ar = a + p * kTileRows;
+            if (vswiglu) {
+              vswiglu(gv, uv, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+            } else {
+              for (int l = 0; l < n; ++l) ar[l] = swiglu_scalar(s, gv[l], uv[l]);
+            }
+            if (ab)
+              for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);
           } else {
             for (int l = 0; l < kPairRows; ++l) {
               const int64_t r = p * kPairRows + l;

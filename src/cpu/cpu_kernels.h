@@ -62,11 +62,19 @@ struct PairJob {
 
 using PairKernel = void (*)(const PairJob&);
 
+// SwiGLU of n <= 16 (gate, linear) pairs, biases added: out[i] = swiglu_scalar's formula with the
+// spec's limit, alpha and beta, but with a vector exp (within 4 ulp of std::exp, tested in
+// cpu_swiglu_test.cpp) instead of one std::exp call per value.
+using SwigluFn = void (*)(const float* gate, const float* lin, float* out, int n, float limit, float alpha, float beta);
+
 struct KernelSet {
   const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
   int max_tokens_w8 = 0;  // for 8-bit weights where it differs (0: max_tokens); <= kMaxTokens
+  // The FC1 epilogue's SwiGLU for the accuracy options (bf16, int8 compute); null in the exact sets,
+  // which call swiglu_scalar so that every backend's activations stay bitwise equal.
+  SwigluFn swiglu = nullptr;
   int tokens_per_call(int bits) const { return bits == 8 && max_tokens_w8 > 0 ? max_tokens_w8 : max_tokens; }
 };
 

@@ -194,7 +194,7 @@ void bf16_w8(const PairJob& jb) {
 
 const KernelSet& avx512_bf16_kernels() {
   // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens 7 is within its kMaxTokens).
-  static const KernelSet k{"avx512-bf16", portable_kernels().w2, bf16_w4, bf16_w8, kTokensW4, kTokensW8};
+  static const KernelSet k{"avx512-bf16", portable_kernels().w2, bf16_w4, bf16_w8, kTokensW4, kTokensW8, swiglu16};
   return k;
 }
 

@@ -71,6 +71,36 @@ inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
   }
 }
 
+// e^x, within 2 ulp for finite results: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so
+// n ln2 is exact), e^r by its Taylor series to r^6 (truncation < 1.2e-7 relative), times 2^n by
+// vscalefps, which overflows to +inf and underflows through the subnormals to 0 like std::exp. x is
+// first clamped to [-104, 89] (beyond, e^x is 0 or inf in fp32 already); NaN passes through (vminps /
+// vmaxps return their second operand when either is NaN).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // 0.693359375: 9 bits, n * it exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// SwigluFn (cpu_kernels.h): swiglu_scalar's steps (reference.cpp), 16 lanes at a time: gate clamped
+// above at limit, linear clamped to [-limit, limit] (NaN stays NaN as with std::min / std::clamp),
+// then gate * 1 / (1 + e^(-alpha gate)) * (linear + beta).
+inline void swiglu16(const float* gate, const float* lin, float* out, int n, float limit, float alpha, float beta) {
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit);
+  const __m512 g = _mm512_min_ps(lim, _mm512_maskz_loadu_ps(m, gate));  // (limit < g) ? limit : g
+  __m512 u = _mm512_maskz_loadu_ps(m, lin);
+  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, nlim, _CMP_LT_OQ), _mm512_min_ps(lim, u), nlim);
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_set1_ps(-alpha), g));
+  const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  _mm512_mask_storeu_ps(out, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_add_ps(u, _mm512_set1_ps(beta))));
+}
+
 // A pair kernel's entry point: pairs with an infinite scale go to the portable kernel `fallback`
 // (see any_inf_scale); otherwise calls kernel.operator()<MT, ZP>() with MT = jb.tokens (1..MaxTokens,
 // each a compile-time instance) and ZP = whether the pair has zero points.

@@ -154,7 +154,7 @@ void vnni_w8(const PairJob& jb) {
 
 const KernelSet& avx512_vnni_kernels() {
   // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens is within its kMaxTokens).
-  static const KernelSet k{"avx512-vnni", portable_kernels().w2, vnni_w4, vnni_w8, kTokensW4, kTokensW8};
+  static const KernelSet k{"avx512-vnni", portable_kernels().w2, vnni_w4, vnni_w8, kTokensW4, kTokensW8, swiglu16};
   return k;
 }
 
