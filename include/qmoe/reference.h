@@ -10,7 +10,8 @@
 namespace qmoe {
 
 // The contract's scalar activations (§4.3): every backend's CPU-side epilogue calls these, so equal
-// FC1 outputs give bitwise equal activations. `activation_scalar` takes any non-SwiGLU activation;
+// FC1 outputs give bitwise equal activations (the CPU backend's bf16 and int8 accuracy options run
+// SwiGLU with a vector e^x instead, docs/DESIGN.md). `activation_scalar` takes any non-SwiGLU activation;
 // `swiglu_scalar` takes gate g and linear half u (biases added) with the spec's limit/alpha/beta.
 float activation_scalar(Activation a, float v);
 float swiglu_scalar(const MoeSpec& spec, float g, float u);
