@@ -72,11 +72,11 @@ inline void store_acc(const PairJob& jb, __m512 acc[MT][2]) {
 }
 
 // e^x to a few ulp (the SwiGLU below is tested within 8 ulp of the scalar formula, whose std::exp it
-// replaces): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so
-// n ln2 is exact), e^r by its Taylor series to r^6 (truncation < 1.2e-7 relative), times 2^n by
-// vscalefps, which overflows to +inf and underflows through the subnormals to 0 like std::exp. x is
-// first clamped to [-104, 89] (beyond, e^x is 0 or inf in fp32 already); NaN passes through (vminps /
-// vmaxps return their second operand when either is NaN).
+// replaces): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so n ln2 is exact), e^r by its
+// Taylor series to r^6 (truncation < 1.2e-7 relative), times 2^n by vscalefps, which overflows to +inf
+// and underflows through the subnormals to 0 like std::exp. x is first clamped to [-104, 89] (beyond,
+// e^x is 0 or inf in fp32 already); NaN passes through (vminps / vmaxps return their second operand
+// when either is NaN).
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
