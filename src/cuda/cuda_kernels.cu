@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   constexpr int STAGES = kStages<SB, XR>;  // spans in flight per warp
   using SL = StageLayout<SB, NT, TPW, XR>;
   constexpr bool BX = SL::kBlockX;     // the block shares its activation stages (one K range, kw = 1)
-  // TPW: 16-row tiles per warp, sharing the activation stage (see FcArgs::tpw).
+  // TPW: 16-row tiles per warp, sharing the B fragments (see FcArgs::tpw).
   const int item = blockIdx.x;
   // fc1 reads the routing kernel's output from here on; fc2 only the work items until its wait below
   // (they come from the routing kernel, finished before fc1's blocks passed their wait).
