@@ -172,7 +172,7 @@ std::vector<size_t> expected_sizes(const MoeSpec& s) {
 
 // Per-run configuration (printable): problem -> config.
 struct RunConfig {
-  bool sm90 = false;  // the wgmma kernels (fc_sm90.h); the rest then is chunk 128, one split
+  bool sm90 = false;  // the wgmma kernels (fc_sm90.h); then chunk = their width (nt = chunk / 8), one split
   int nt = 1, chunk = 8, max_items = 0, splits = 1, kw1 = 1, kw2 = 1, tpw = 1, xr = 8;
   int64_t spans_per_split = 0;
   std::string str() const {
@@ -222,6 +222,12 @@ class CudaBackend final : public Backend {
     pdl_ = cuda::pdl_supported(opt.device);
     // QMOE_CUDA_PDL=0 launches every kernel plainly (for A/B measurements and as an escape hatch).
     if (const char* v = std::getenv("QMOE_CUDA_PDL")) pdl_ = pdl_ && std::string(v) != "0";
+    // QMOE_CUDA_SM90_N=8|16|32|64|128 fixes the wgmma kernels' token width (for A/B measurements).
+    if (const char* v = std::getenv("QMOE_CUDA_SM90_N")) {
+      const std::string n(v);
+      sm90_n_ = n == "8" ? 8 : n == "16" ? 16 : n == "32" ? 32 : n == "64" ? 64 : n == "128" ? 128 : 0;
+      if (!sm90_n_) throw Error("QMOE_CUDA_SM90_N: expected 8, 16, 32, 64 or 128, got '" + n + "'");
+    }
     QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
   ~CudaBackend() override {
@@ -255,6 +261,7 @@ class CudaBackend final : public Backend {
   CudaBackendOptions opt_;
   int sms_ = 0;
   bool sm90_ = false;  // the wgmma kernels may run (Hopper GPU, sm_90a build, not turned off)
+  int sm90_n_ = 0;     // their token width when fixed by QMOE_CUDA_SM90_N, else 0 (sm90_width)
   bool pdl_ = false;   // kernels after a run's first overlap their predecessor (cuda::pdl_supported)
   cudaStream_t stream_ = nullptr;
   Workspace ws_;
@@ -417,7 +424,11 @@ bool input_direct(const MoeSpec& s) {
 // docs/PERF-cuda.md, "Dispatch"): since the SM80-family kernels share activations per block they win
 // at 16 and at 32 tokens per expert on all four shapes, int4 by 1.2-2.1x and 8-bit by 1.1-1.5x, except
 // deepseek-v3-like 8-bit at 32 (0.91x); at 128 (mixtral T = 512, at 727f8b8) the wgmma kernels won by
-// 2.6x. Above 32 the wgmma kernels run (the range 33..127 is not measured yet).
+// 2.6x. Above 32 the wgmma kernels run (the range 33..127 is not measured yet). Re-measured at
+// 8..32 tokens per expert after the wgmma kernels got widths below 128 (sm90_width; H100, 2026-11-27,
+// docs/PERF-cuda.md, "Narrow wgmma widths"): 1.3-1.95x faster than at width 128, but the SM80-family
+// kernels still win for 4-bit weights (1.02-1.67x) and tie or win for 8-bit ones (0.98-1.20x), except
+// deepseek-v3-like 8-bit at 16 tokens per expert (0.90x), so the crossover stays.
 constexpr int64_t kWgmmaCrossover = 33;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
@@ -431,7 +442,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
       (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
-    c.chunk = cuda::kSm90Chunk;
+    c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
+    c.nt = c.chunk / 8;
     c.max_items = int(touched + slots / c.chunk);
     c.spans_per_split = p.geom.fc2.S;
     return c;

@@ -7,11 +7,14 @@
 //
 //  * A block (one per SM) is warp-specialised: a producer warpgroup copies, two consumer warpgroups
 //    multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
-//    4w + q) x 128 tokens of one expert (one work item of the grouping with chunk 128). Each consumer
-//    warpgroup issues wgmma.m64n128k16 with the weights as A FROM REGISTERS: a lane's 16-byte span
+//    4w + q) x N tokens of one expert (one work item of the grouping with chunk N; N = 8, 16, 32, 64
+//    or 128 by the tokens per expert, sm90_width). Each consumer
+//    warpgroup issues wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span
 //    vector is, after the magic-number dequantization, exactly its A fragment (the per-warp register
 //    layout of wgmma's m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs
-//    ~2 ALU operations per 2 weights per 128 tokens.
+//    ~2 ALU operations per 2 weights per N tokens. The width matters below 128 tokens per expert: at
+//    N = 128 an item of 16 tokens paid for 128 columns of tensor work and of activation copies
+//    (H100, --gemm sm90, N = 128 -> sm90_width: mixtral int4 b128 T = 64 869 -> 472 us; docs/PERF-cuda.md).
 //  * The activations are B, from shared memory through a wgmma descriptor: 128 token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
 //    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
@@ -50,10 +53,10 @@ using namespace dev;
 constexpr int kConsumers = 2;                      // consumer warpgroups per block, 64 weight rows each
 constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
 constexpr int kTiles = 4 * kConsumers;            // 16-row tiles per block
-constexpr int kN = 128;                           // tokens per block (wgmma's n128)
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
 constexpr int kItemGroup = 8;                     // work items whose blocks run together (see the block order)
-constexpr int kXBytes = kN * kStageK * 2;         // 16 KB
+// N: tokens per block (wgmma's n, 8..128; the host picks it from the tokens per expert).
+template <int N> constexpr int kXBytes = N * kStageK * 2;  // 16 KB at N = 128
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
 // touches, [block h][tile][16 rows] of up to 4 bytes at 512 h, then their zero points [h][tile][16]
@@ -61,14 +64,17 @@ template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // shared memory instead of waiting on global loads (measured on an H100, mixtral T = 2048: blocks of
 // 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
 constexpr int kScaleArea = 2048;
-template <int SB> constexpr int kScaleOff = kXBytes + kTiles * kSpanBytes * kSpansPerStage<SB>;
-template <int SB> constexpr int kStageBytes = kScaleOff<SB> + kScaleArea;
-// Stages in flight: as many as fit one block per SM (22 KB each for 4-bit weights, 26 KB for 8-bit).
-template <int SB> constexpr int kStages = SB == 4 ? 10 : 8;
-// [stages][full barriers][empty barriers][128 row offsets]; + 1 KB to align the base to a swizzle atom.
-template <int SB> constexpr int smem_bytes() { return kStages<SB> * (kStageBytes<SB> + 16) + kN * 8 + 1024; }
-static_assert(kStageBytes<4> % 1024 == 0 && kStageBytes<8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
-static_assert(smem_bytes<4>() <= 227 * 1024 && smem_bytes<8>() <= 227 * 1024, "one block per SM fits");
+template <int SB, int N> constexpr int kScaleOff = kXBytes<N> + kTiles * kSpanBytes * kSpansPerStage<SB>;
+template <int SB, int N> constexpr int kStageBytes = kScaleOff<SB, N> + kScaleArea;
+// Stages in flight: as many as fit one block per SM, at most 16 (N = 128: 10 of 22 KB for 4-bit
+// weights, 8 of 26 KB for 8-bit).
+constexpr int kSmemLimit = 227 * 1024;
+template <int SB, int N>
+constexpr int kStages = std::min(16, (kSmemLimit - 1024 - N * 8) / (kStageBytes<SB, N> + 16));
+// [stages][full barriers][empty barriers][N row offsets]; + 1 KB to align the base to a swizzle atom.
+template <int SB, int N> constexpr int smem_bytes() { return kStages<SB, N> * (kStageBytes<SB, N> + 16) + N * 8 + 1024; }
+static_assert(kStageBytes<4, 8> % 1024 == 0 && kStageBytes<8, 8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
+static_assert(kStages<4, 128> == 10 && kStages<8, 128> == 8 && smem_bytes<8, 128>() <= kSmemLimit, "one block per SM fits");
 
 #ifdef QMOE_SM90_DEVICE
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -78,9 +84,9 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 }
 // Keeps the compiler from moving accesses of wgmma's accumulator registers across the asynchronous
 // instructions (they are written behind its back until wg_wait).
-__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
@@ -119,41 +125,61 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return uint64_t((saddr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-// D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (shared memory, K-major); TYPES names the
-// input types ("f16.f16" or "bf16.bf16").
+// D[64 x N] (+)= A[64 x 16] (registers) * B[16 x N] (shared memory, K-major), N = 8 .. 128 tokens;
+// TYPES names the input types ("f16.f16" or "bf16.bf16"). A thread holds N / 2 accumulators.
+#define QMOE_WGMMA_N8(TYPES)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPES " {%0, %1, %2, %3}, "      \
+               "{%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define QMOE_WGMMA_N16(TYPES)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7}, "      \
+               "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define QMOE_WGMMA_N32(TYPES)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "      \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define QMOE_WGMMA_N64(TYPES)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "      \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 #define QMOE_WGMMA_N128(TYPES)                                                   \
-  asm volatile(                                                                  \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {"                  \
-    "%0, %1, %2, %3, %4, %5, %6, %7, "  \
-    "%8, %9, %10, %11, %12, %13, %14, %15, "  \
-    "%16, %17, %18, %19, %20, %21, %22, %23, "  \
-    "%24, %25, %26, %27, %28, %29, %30, %31, "  \
-    "%32, %33, %34, %35, %36, %37, %38, %39, "  \
-    "%40, %41, %42, %43, %44, %45, %46, %47, "  \
-    "%48, %49, %50, %51, %52, %53, %54, %55, "  \
-    "%56, %57, %58, %59, %60, %61, %62, %63"  \
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                             \
-      :                                                                          \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-template <class CT>
-__device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-  if constexpr (std::is_same_v<CT, __half>) QMOE_WGMMA_N128("f16.f16");
-  else QMOE_WGMMA_N128("bf16.bf16");
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "      \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+template <class CT, int N>
+__device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+#define QMOE_WGMMA_CASE(NN)                                         \
+  if constexpr (N == NN) {                                          \
+    if constexpr (std::is_same_v<CT, __half>) QMOE_WGMMA_N##NN("f16.f16"); \
+    else QMOE_WGMMA_N##NN("bf16.bf16");                             \
+  }
+  QMOE_WGMMA_CASE(8)
+  QMOE_WGMMA_CASE(16)
+  QMOE_WGMMA_CASE(32)
+  QMOE_WGMMA_CASE(64)
+  QMOE_WGMMA_CASE(128)
+#undef QMOE_WGMMA_CASE
 }
+#undef QMOE_WGMMA_N8
+#undef QMOE_WGMMA_N16
+#undef QMOE_WGMMA_N32
+#undef QMOE_WGMMA_N64
 #undef QMOE_WGMMA_N128
 #endif
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
-template <class CT, int SB, bool FC1, int KB>
+template <class CT, int SB, bool FC1, int KB, int N>
 __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
@@ -168,7 +194,8 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   if (item >= *a.n_items) return;  // whole block
   constexpr int SPANS = kSpansPerStage<SB>;
   constexpr int KSTEPS = SB == 4 ? 4 : 2;  // k-steps per span
-  constexpr int S = kStages<SB>;
+  constexpr int S = kStages<SB, N>;
+  constexpr int kStB = kStageBytes<SB, N>;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const MatrixGeom& G = a.geom;
   const int4 it = a.items[item];
@@ -179,10 +206,10 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem)) + 1023u) & ~1023u;
   // After the stages: the full and empty barrier of each stage, then the token rows' offsets in
   // units of 128 bytes (rows are multiples of 64 elements long), -1 for no row.
-  const uint32_t full0 = sbase + S * kStageBytes<SB>, empty0 = full0 + 8 * S;
+  const uint32_t full0 = sbase + S * kStB, empty0 = full0 + 8 * S;
   int* row_off = reinterpret_cast<int*>(sm90_smem + (empty0 + 8 * S - static_cast<uint32_t>(
                                                           __cvta_generic_to_shared(sm90_smem))));
-  for (int n = tid; n < kN; n += kThreads) {
+  for (int n = tid; n < N; n += kThreads) {
     const int64_t r = n < cnt ? (FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n)) : -1;
     row_off[n] = r < 0 ? -1 : int(r * (a.x_ld / 64));
   }
@@ -204,9 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
     const uint8_t* xk = static_cast<const uint8_t*>(a.x) + c * 16;  // + 128 per stage
-    int ro[kN / 16];  // this thread's token rows (pt >> 3) + 16 i
+    constexpr int kRows = (N + 15) / 16;  // token rows per producer thread
+    int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past N)
 #pragma unroll
-    for (int i = 0; i < kN / 16; ++i) ro[i] = row_off[(pt >> 3) + 16 * i];
+    for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < N ? row_off[(pt >> 3) + 16 * i] : -2;
     // Weights: tiles 2 pw and 2 pw + 1, lane by lane (the consumer lane reads back its own vectors).
     const uint8_t* wt[2];
 #pragma unroll
@@ -214,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
       const int64_t mt = mblock * kTiles + 2 * pw + v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
       wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
     }
-    const uint32_t wd = kXBytes + uint32_t(2 * pw * SPANS * kSpanBytes + lane * 16);
+    const uint32_t wd = kXBytes<N> + uint32_t(2 * pw * SPANS * kSpanBytes + lane * 16);
     // Activations: chunk c of token rows (pt >> 3) + 16 i, at n * 128 + ((c ^ (n & 7)) * 16); n & 7 is
     // the same for every i.
     const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
@@ -236,13 +264,13 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
         const int tile = (pt / es) % kTiles, part = pt % es;
         sc_h = pt / (kTiles * es);
         sc_src = static_cast<const uint8_t*>(a.s) + tile_base(tile) * es + part * 16;
-        sc_dst = kScaleOff<SB> + uint32_t(sc_h * 512 + tile * kTileRows * es + part * 16);
+        sc_dst = kScaleOff<SB, N> + uint32_t(sc_h * 512 + tile * kTileRows * es + part * 16);
         sc_step = kTileRows * es;
       } else if (a.z && pt >= 64 && pt < 64 + kBlocks * kTiles) {
         const int tile = (pt - 64) % kTiles;
         sc_h = (pt - 64) / kTiles;
         sc_src = a.z + tile_base(tile);
-        sc_dst = kScaleOff<SB> + uint32_t(1024 + sc_h * 128 + tile * kTileRows);
+        sc_dst = kScaleOff<SB, N> + uint32_t(1024 + sc_h * 128 + tile * kTileRows);
         sc_step = kTileRows;
       }
     }
@@ -250,10 +278,11 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     for (int ks = 0; ks < nk; ++ks) {
       const int slot = ks % S;
       if (ks >= S) mbar_wait(empty0 + 8 * slot, ((ks / S) - 1) & 1);
-      const uint32_t st = sbase + uint32_t(slot) * kStageBytes<SB>;
+      const uint32_t st = sbase + uint32_t(slot) * kStB;
 #pragma unroll
-      for (int i = 0; i < kN / 16; ++i) {
+      for (int i = 0; i < kRows; ++i) {
         const int r = ro[i];
+        if (r == -2) continue;
         cp_async16_zfill_sa(st + xd + 2048 * i, r < 0 ? a.x : xk + int64_t(r) * 128, r < 0 ? 0 : 16);
       }
       xk += 128;
@@ -286,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   const int64_t mt = mblock * kTiles + 4 * wg + q;
   const bool live = mt < G.MT;  // a tile past the end computes on the last one's data, never stored
   const int64_t mtc = live ? mt : G.MT - 1;
-  const uint32_t wdst = kXBytes + uint32_t((4 * wg + q) * SPANS * kSpanBytes + lane * 16);
+  const uint32_t wdst = kXBytes<N> + uint32_t((4 * wg + q) * SPANS * kSpanBytes + lane * 16);
 
   // Row-wise scales (KB = 0) come from global memory once. Block-wise ones come from the stage's
   // scale area (see kScaleArea), block h of the stage at shared address `stage`: zero points when a
@@ -303,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   }
   const int srow = (4 * wg + q) * kTileRows + g;  // this thread's first row in a block's scale area
   const uint32_t smem_sa = static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem));
-  auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOff<SB>; };
+  auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOff<SB, N>; };
   auto stage_zeros = [&](uint32_t stage, int h) {
     if (!a.z) return;
     const uint8_t* zp = area(stage) + 1024 + h * 128 + srow;
@@ -317,16 +346,17 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   };
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
 
-  float acc[64], part[64];
+  constexpr int R = N / 2;  // accumulators per thread
+  float acc[R], part[R];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < R; ++i) acc[i] = 0.f;
   auto fold = [&](uint32_t stage, int h) {  // acc += the block's scales * part
     const float s0 = stage_scale(stage, h, srow), s1 = stage_scale(stage, h, srow + 8);
     wg_wait<0>();
     fence_regs(part);
     fence_regs(acc);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, part[i], acc[i]);
+    for (int i = 0; i < R; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, part[i], acc[i]);
   };
 
   // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
@@ -348,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     uint32_t af[8][4];
     uint32_t st[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStageBytes<SB>;
+    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
     constexpr int BATCH = KB == 0 ? 4 : KB;
 #pragma unroll
     for (int j0 = 0; j0 < 4; j0 += BATCH) {
@@ -374,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
           if (u == 1 && step == 1) break;
 #pragma unroll
           for (int j = j0; j < j0 + BATCH; ++j)
-            wgmma_n128<CT>(acc, af[4 * u + j], desc_sw128(st[u] + 32 * j), ks + u > 0 || j > 0);
+            wgmma<CT, N>(acc, af[4 * u + j], desc_sw128(st[u] + 32 * j), ks + u > 0 || j > 0);
           wg_commit();
         }
         fence_regs(acc);
@@ -385,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
           if (u == 1 && step == 1) break;
 #pragma unroll
           for (int j = j0; j < j0 + BATCH; ++j)
-            wgmma_n128<CT>(part, af[4 * u + j], desc_sw128(st[u] + 32 * j),
+            wgmma<CT, N>(part, af[4 * u + j], desc_sw128(st[u] + 32 * j),
                            (KB == 4 ? kc > 0 || u > 0 : false) || j > j0);
           wg_commit();
         }
@@ -424,13 +454,13 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   fence_regs(acc);
   if constexpr (KB == 0) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] *= (i & 2) ? rs1 : rs0;
+    for (int i = 0; i < R; ++i) acc[i] *= (i & 2) ? rs1 : rs0;
   }
   if (!live) return;
 
   // Epilogue. acc[4 j + q]: token 8 j + 2 t + (q & 1), tile row g + 8 (q >> 1).
 #pragma unroll
-  for (int j = 0; j < kN / 8; ++j) {
+  for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int idx = 8 * j + 2 * t + c;
@@ -476,29 +506,50 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
 #endif
 }
 
-template <class CT, int SB, bool FC1, int KB>
+template <class CT, int SB, bool FC1, int KB, int N>
 cudaError_t set_attr() {
-  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              smem_bytes<SB>());
+  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              smem_bytes<SB, N>());
+}
+// Calls f.template operator()<N>() for the kernel widths N.
+template <class F> cudaError_t for_each_n(F&& f) {
+  cudaError_t e = cudaSuccess;
+  for (cudaError_t r : {f.template operator()<8>(), f.template operator()<16>(), f.template operator()<32>(),
+                        f.template operator()<64>(), f.template operator()<128>()})
+    if (e == cudaSuccess) e = r;
+  return e;
 }
 template <class CT, int SB, bool FC1>
 cudaError_t set_attrs_kb() {
-  cudaError_t e = set_attr<CT, SB, FC1, 0>();
-  if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 2>();
-  if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 4>();
-  return e;
+  return for_each_n([&]<int N>() {
+    cudaError_t e = set_attr<CT, SB, FC1, 0, N>();
+    if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 2, N>();
+    if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 4, N>();
+    return e;
+  });
 }
 
 int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2; }
+
+template <bool FC1, class CT, int SB, int N>
+void launch_n(const FcArgs& a, const dim3 grid, cudaStream_t st) {
+  switch (kb_of(a.geom)) {
+    case 0: fc_sm90_kernel<CT, SB, FC1, 0, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
+    case 2: fc_sm90_kernel<CT, SB, FC1, 2, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
+    default: fc_sm90_kernel<CT, SB, FC1, 4, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
+  }
+}
 
 template <bool FC1, class CT, int SB>
 void launch_sb(const FcArgs& a, cudaStream_t st) {
   const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
   const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTiles - 1) / kTiles)));
-  switch (kb_of(a.geom)) {
-    case 0: fc_sm90_kernel<CT, SB, FC1, 0><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
-    case 2: fc_sm90_kernel<CT, SB, FC1, 2><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
-    default: fc_sm90_kernel<CT, SB, FC1, 4><<<grid, kThreads, smem_bytes<SB>(), st>>>(a); break;
+  switch (8 * a.nt) {  // the host checks that the width is one of these (sm90_width)
+    case 8: launch_n<FC1, CT, SB, 8>(a, grid, st); break;
+    case 16: launch_n<FC1, CT, SB, 16>(a, grid, st); break;
+    case 32: launch_n<FC1, CT, SB, 32>(a, grid, st); break;
+    case 64: launch_n<FC1, CT, SB, 64>(a, grid, st); break;
+    default: launch_n<FC1, CT, SB, 128>(a, grid, st); break;
   }
 }
 
@@ -518,7 +569,7 @@ bool sm90_available(int device) {
   cudaFuncAttributes fa{};
   // The kernels hold wgmma only in sm_90a machine code; a build without it (or PTX JIT from an older
   // virtual architecture) reports a lower PTX version and gets the SM80-family kernels.
-  if (cudaFuncGetAttributes(&fa, fc_sm90_kernel<__half, 4, true, 0>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&fa, fc_sm90_kernel<__half, 4, true, 0, 128>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }

@@ -1,6 +1,6 @@
 // The Hopper wgmma FC kernels (fc_sm90.cu): the large-batch path of the CUDA backend on sm_90a.
 // Same FcArgs and packed layout as launch_fc1/launch_fc2 (cuda_kernels.h), with three differences
-// the host must honour: work items hold up to kSm90Chunk tokens (launch_group with that chunk), x is
+// the host must honour: work items hold up to sm90_width tokens (launch_group with that chunk), x is
 // the converted copy in mma order (launch_convert_input with mma_order), and fc1 writes `a` in mma
 // order, so fc1 and fc2 both run here or both on the SM80 kernels. fc2 writes one split (splits = 1).
 #pragma once
@@ -11,7 +11,12 @@
 
 namespace qmoe::cuda {
 
-constexpr int kSm90Chunk = 128;  // tokens per work item (the kernel's wgmma n)
+// Tokens per work item (the kernel's wgmma n, passed as FcArgs::nt = n / 8) for an average of `avg`
+// tokens per touched expert: the smallest of 8, 16, 32, 64, 128 with room for a third more tokens,
+// so most experts' tokens fit one item while few token columns go to waste.
+constexpr int sm90_width(int64_t avg) {
+  return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 24 ? 32 : avg <= 48 ? 64 : 128;
+}
 
 // True when `device` is a Hopper GPU and this build holds the sm_90a kernels.
 bool sm90_available(int device);
