@@ -419,17 +419,19 @@ bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
 
-// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
-// kernels (CudaGemm::automatic). Measured on an H100 at 7b71334 (`qmoe_cuda_bench --gemm sm80|sm90`,
-// docs/PERF-cuda.md, "Dispatch"): since the SM80-family kernels share activations per block they win
-// at 16 and at 32 tokens per expert on all four shapes, int4 by 1.2-2.1x and 8-bit by 1.1-1.5x, except
-// deepseek-v3-like 8-bit at 32 (0.91x); at 128 (mixtral T = 512, at 727f8b8) the wgmma kernels won by
-// 2.6x. Above 32 the wgmma kernels run (the range 33..127 is not measured yet). Re-measured at
-// 8..32 tokens per expert after the wgmma kernels got widths below 128 (sm90_width; H100, 2026-11-27,
-// docs/PERF-cuda.md, "Narrow wgmma widths"): 1.3-1.95x faster than at width 128, but the SM80-family
-// kernels still win for 4-bit weights (1.02-1.67x) and tie or win for 8-bit ones (0.98-1.20x), except
-// deepseek-v3-like 8-bit at 16 tokens per expert (0.90x), so the crossover stays.
-constexpr int64_t kWgmmaCrossover = 33;
+// When the wgmma kernels run instead of the SM80-family kernels (CudaGemm::automatic), by average
+// tokens per touched expert. Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, docs/PERF-cuda.md,
+// "Dispatch" and "Narrow wgmma widths"):
+//  - from 33 tokens per expert always (at 64 and 128 per expert, T = 512, the wgmma kernels win by
+//    1.01-1.38x);
+//  - from 16 where both matrices have K >= 2048 (since the wgmma kernels got narrow widths and two
+//    blocks per SM at widths <= 32): mixtral at 16 tokens per expert 1.07x (int4 b128), 1.19x (b32),
+//    1.05x (int8) faster; deepseek-v3-like at 16 1.09x, 1.20x, 1.15x. With shorter K (qwen3-30b-a3b,
+//    I = 768: a block's pipeline barely fills) the SM80 family still won at 32 by 1.02-1.13x. Below
+//    16 it won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32 and int8, 11% slower
+//    for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x slower, except
+//    deepseek-v3-like 8-bit, 2% faster).
+constexpr int64_t kWgmmaCrossover = 33, kWgmmaCrossoverLongK = 16, kLongK = 2048;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -440,7 +442,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
+      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover ||
+       (avg >= kWgmmaCrossoverLongK && s.hidden >= kLongK && s.inter >= kLongK))) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     c.nt = c.chunk / 8;

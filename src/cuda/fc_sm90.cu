@@ -66,15 +66,24 @@ template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 constexpr int kScaleArea = 2048;
 template <int SB, int N> constexpr int kScaleOff = kXBytes<N> + kTiles * kSpanBytes * kSpansPerStage<SB>;
 template <int SB, int N> constexpr int kStageBytes = kScaleOff<SB, N> + kScaleArea;
-// Stages in flight: as many as fit one block per SM, at most 16 (N = 128: 10 of 22 KB for 4-bit
-// weights, 8 of 26 KB for 8-bit).
-constexpr int kSmemLimit = 227 * 1024;
+// Blocks per SM: two at N <= 32, where the accumulators are small enough for the registers of two
+// (setmaxnreg below), so twice the consumer warps hide the dequantizer's latency.
+template <int N> constexpr int kBlocksPerSm = N <= 32 ? 2 : 1;
+// Shared memory a block may take: 227 KB alone, else its share of the SM's 228 KB less 1 KB per block.
+template <int N> constexpr int kSmemLimit = kBlocksPerSm<N> == 1 ? 227 * 1024 : 228 * 1024 / kBlocksPerSm<N> - 1024;
+// Stages in flight: as many as fit, at most 16 at one block per SM (N = 128: 10 of 22 KB for 4-bit
+// weights, 8 of 26 KB for 8-bit) and 8 at two. With up to 15 stages at two blocks per SM (30 stage
+// barriers per block), compute-sanitizer racecheck reported hazards between the consumers' weight
+// reads and the producer's refills that it does not report with 8 (nor at one block with 16; H100,
+// same build otherwise, 2026-11-27); 8 were also as fast, so 8 it is.
 template <int SB, int N>
-constexpr int kStages = std::min(16, (kSmemLimit - 1024 - N * 8) / (kStageBytes<SB, N> + 16));
+constexpr int kStages = std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N> + 16));
 // [stages][full barriers][empty barriers][N row offsets]; + 1 KB to align the base to a swizzle atom.
 template <int SB, int N> constexpr int smem_bytes() { return kStages<SB, N> * (kStageBytes<SB, N> + 16) + N * 8 + 1024; }
 static_assert(kStageBytes<4, 8> % 1024 == 0 && kStageBytes<8, 8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
-static_assert(kStages<4, 128> == 10 && kStages<8, 128> == 8 && smem_bytes<8, 128>() <= kSmemLimit, "one block per SM fits");
+static_assert(kStages<4, 128> == 10 && kStages<8, 128> == 8 && smem_bytes<8, 128>() <= kSmemLimit<128> &&
+                  smem_bytes<8, 32>() <= kSmemLimit<32> && kStages<8, 32> >= 4,
+              "the blocks of an SM fit");
 
 #ifdef QMOE_SM90_DEVICE
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -109,6 +118,14 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
 }
 // Per-warpgroup register budgets (PTX ISA "setmaxnreg"; every warp of the warpgroup executes it).
+// A block's warpgroups only trade among the registers it was launched with (the launch bound's
+// per-thread count, 168 at one block per SM, 80 at two, times 384 threads): asking for more makes
+// setmaxnreg.inc wait forever (measured: a hang).
+template <int BPS> constexpr int kProducerRegs = BPS == 1 ? 56 : 40;
+template <int BPS> constexpr int kConsumerRegs = BPS == 1 ? 224 : 96;
+static_assert(kProducerRegs<1> + kConsumers * kConsumerRegs<1> <= 3 * 168 &&
+                  kProducerRegs<2> + kConsumers * kConsumerRegs<2> <= 3 * 80,
+              "the warpgroups' budgets fit the block's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
@@ -180,7 +197,7 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
 template <class CT, int SB, bool FC1, int KB, int N>
-__global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
   // next group starts, so the blocks in flight share their activations (8 MB at K = 4096) and their
@@ -226,7 +243,8 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
     // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
     // cores consume them: 2.4x slower.)
-    setmaxnreg_dec<56>();
+    if constexpr (kBlocksPerSm<N> == 1) setmaxnreg_dec<kProducerRegs<1>>();
+    else setmaxnreg_dec<kProducerRegs<2>>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
@@ -309,7 +327,8 @@ __global__ void __launch_bounds__(kThreads, 1) fc_sm90_kernel(const FcArgs a) {
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  setmaxnreg_inc<224>();
+  if constexpr (kBlocksPerSm<N> == 1) setmaxnreg_inc<kConsumerRegs<1>>();
+  else setmaxnreg_inc<kConsumerRegs<2>>();
   const int wg = warp >> 2, q = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;
