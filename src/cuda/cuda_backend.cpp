@@ -421,17 +421,21 @@ bool input_direct(const MoeSpec& s) {
 
 // When the wgmma kernels run instead of the SM80-family kernels (CudaGemm::automatic), by average
 // tokens per touched expert. Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, docs/PERF-cuda.md,
-// "Dispatch" and "Narrow wgmma widths"):
-//  - from 33 tokens per expert always (at 64 and 128 per expert, T = 512, the wgmma kernels win by
+// "Dispatch" and "Two blocks per SM"), for int4 b128 / int4 b32 / int8:
+//  - from 33 tokens per expert (at 64 and 128 per expert, T = 512, the wgmma kernels win by
 //    1.01-1.38x);
-//  - from 16 where both matrices have K >= 2048 (since the wgmma kernels got narrow widths and two
-//    blocks per SM at widths <= 32): mixtral at 16 tokens per expert 1.07x (int4 b128), 1.19x (b32),
-//    1.05x (int8) faster; deepseek-v3-like at 16 1.09x, 1.20x, 1.15x. With shorter K (qwen3-30b-a3b,
-//    I = 768: a block's pipeline barely fills) the SM80 family still won at 32 by 1.02-1.13x. Below
-//    16 it won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32 and int8, 11% slower
-//    for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x slower, except
-//    deepseek-v3-like 8-bit, 2% faster).
-constexpr int64_t kWgmmaCrossover = 33, kWgmmaCrossoverLongK = 16, kLongK = 2048;
+//  - from 16 while the width is one that runs two blocks per SM (sm90_width <= 32, i.e. up to 24
+//    tokens per expert): at 16 they won on all four shapes and all three quantizations, 1.03-1.21x
+//    (mixtral T=64, qwen3-30b-a3b T=256, gpt-oss-20b T=128, deepseek-v3-like T=512);
+//  - at 25-32 (width 64, one block per SM) only where both matrices have K >= 2048: at 32 the wgmma
+//    kernels won 7 of the 9 long-K cases (mixtral T=128 1.02-1.11x, gpt-oss-20b T=256 and
+//    deepseek-v3-like T=1024 1.03-1.24x for int4 b32 and int8) and lost int4 b128 on gpt-oss-20b
+//    and deepseek-v3-like (1.06x, 1.03x); on qwen3-30b-a3b (I = 768, T=512) they lost all three
+//    (1.02-1.13x): a block's pipeline barely fills over 12 spans;
+//  - not below 16: the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4
+//    b32 and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3:
+//    1.03-1.19x slower, except deepseek-v3-like 8-bit, 2% faster).
+constexpr int64_t kWgmmaCrossover = 33, kWgmmaNarrowFrom = 16, kLongK = 2048;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -443,7 +447,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
       (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover ||
-       (avg >= kWgmmaCrossoverLongK && s.hidden >= kLongK && s.inter >= kLongK))) {
+       (avg >= kWgmmaNarrowFrom && (cuda::sm90_width(avg) <= cuda::kSm90TwoBlockMaxWidth ||
+                                    (s.hidden >= kLongK && s.inter >= kLongK))))) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     c.nt = c.chunk / 8;

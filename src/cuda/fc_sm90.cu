@@ -68,7 +68,7 @@ template <int SB, int N> constexpr int kScaleOff = kXBytes<N> + kTiles * kSpanBy
 template <int SB, int N> constexpr int kStageBytes = kScaleOff<SB, N> + kScaleArea;
 // Blocks per SM: two at N <= 32, where the accumulators are small enough for the registers of two
 // (setmaxnreg below), so twice the consumer warps hide the dequantizer's latency.
-template <int N> constexpr int kBlocksPerSm = N <= 32 ? 2 : 1;
+template <int N> constexpr int kBlocksPerSm = N <= kSm90TwoBlockMaxWidth ? 2 : 1;
 // Shared memory a block may take: 227 KB alone, else its share of the SM's 228 KB less 1 KB per block.
 template <int N> constexpr int kSmemLimit = kBlocksPerSm<N> == 1 ? 227 * 1024 : 228 * 1024 / kBlocksPerSm<N> - 1024;
 // Stages in flight: as many as fit, at most 16 at one block per SM (N = 128: 10 of 22 KB for 4-bit

@@ -17,6 +17,8 @@ namespace qmoe::cuda {
 constexpr int sm90_width(int64_t avg) {
   return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 24 ? 32 : avg <= 48 ? 64 : 128;
 }
+// Widths up to this one run two blocks per SM (their accumulators leave room for it).
+constexpr int kSm90TwoBlockMaxWidth = 32;
 
 // True when `device` is a Hopper GPU and this build holds the sm_90a kernels.
 bool sm90_available(int device);
