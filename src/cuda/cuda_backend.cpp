@@ -419,23 +419,16 @@ bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
 
-// When the wgmma kernels run instead of the SM80-family kernels (CudaGemm::automatic), by average
-// tokens per touched expert. Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, docs/PERF-cuda.md,
-// "Dispatch" and "Two blocks per SM"), for int4 b128 / int4 b32 / int8:
-//  - from 33 tokens per expert (at 64 and 128 per expert, T = 512, the wgmma kernels win by
-//    1.01-1.38x);
-//  - from 16 while the width is one that runs two blocks per SM (sm90_width <= 32, i.e. up to 24
-//    tokens per expert): at 16 they won on all four shapes and all three quantizations, 1.03-1.21x
-//    (mixtral T=64, qwen3-30b-a3b T=256, gpt-oss-20b T=128, deepseek-v3-like T=512);
-//  - at 25-32 (width 64, one block per SM) only where both matrices have K >= 2048: at 32 the wgmma
-//    kernels won 7 of the 9 long-K cases (mixtral T=128 1.02-1.11x, gpt-oss-20b T=256 and
-//    deepseek-v3-like T=1024 1.03-1.24x for int4 b32 and int8) and lost int4 b128 on gpt-oss-20b
-//    and deepseek-v3-like (1.06x, 1.03x); on qwen3-30b-a3b (I = 768, T=512) they lost all three
-//    (1.02-1.13x): a block's pipeline barely fills over 12 spans;
-//  - not below 16: the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4
-//    b32 and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3:
-//    1.03-1.19x slower, except deepseek-v3-like 8-bit, 2% faster).
-constexpr int64_t kWgmmaCrossover = 33, kWgmmaNarrowFrom = 16, kLongK = 2048;
+// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
+// kernels (CudaGemm::automatic). Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, graph us,
+// int4 b128 / int4 b32 / int8 on the four shapes of docs/performance.md; docs/PERF-cuda.md, "Dispatch"
+// and "Two blocks per SM"), since the wgmma kernels got narrow widths with two blocks per SM:
+//  - at 16 and at 32 tokens per expert (width 32) they won all 24 cases, 1.03-1.21x;
+//  - at 48 (width 64) and from 64 they win (gpt-oss-20b and mixtral at 48: 1.20-1.43x);
+//  - below 16 the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32
+//    and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x
+//    slower, except deepseek-v3-like 8-bit, 2% faster).
+constexpr int64_t kWgmmaCrossover = 16;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -446,9 +439,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover ||
-       (avg >= kWgmmaNarrowFrom && (cuda::sm90_width(avg) <= cuda::kSm90TwoBlockMaxWidth ||
-                                    (s.hidden >= kLongK && s.inter >= kLongK))))) {
+      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     c.nt = c.chunk / 8;

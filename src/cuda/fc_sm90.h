@@ -13,9 +13,12 @@ namespace qmoe::cuda {
 
 // Tokens per work item (the kernel's wgmma n, passed as FcArgs::nt = n / 8) for an average of `avg`
 // tokens per touched expert: the smallest of 8, 16, 32, 64, 128 with room for a third more tokens,
-// so most experts' tokens fit one item while few token columns go to waste.
+// so most experts' tokens fit one item while few token columns go to waste -- except that 32 serves
+// up to 32 tokens per expert: two blocks per SM there beat width 64's fuller items (H100, 32 tokens
+// per expert on four shapes: 10 of 12 cases 1.04-1.20x faster than width 64, the other two, 8-bit,
+// 2-3% slower; docs/PERF-cuda.md).
 constexpr int sm90_width(int64_t avg) {
-  return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 24 ? 32 : avg <= 48 ? 64 : 128;
+  return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 32 ? 32 : avg <= 48 ? 64 : 128;
 }
 // Widths up to this one run two blocks per SM (their accumulators leave room for it).
 constexpr int kSm90TwoBlockMaxWidth = 32;
