@@ -5,7 +5,7 @@
 // integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
 // the multiply, accumulation is fp32. What changes is the shape of the work:
 //
-//  * A block (one per SM) is warp-specialised: a producer warpgroup copies, two consumer warpgroups
+//  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two consumer warpgroups
 //    multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
 //    4w + q) x N tokens of one expert (one work item of the grouping with chunk N; N = 8, 16, 32, 64
 //    or 128 by the tokens per expert, sm90_width). Each consumer
@@ -144,35 +144,62 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
 
 // D[64 x N] (+)= A[64 x 16] (registers) * B[16 x N] (shared memory, K-major), N = 8 .. 128 tokens;
 // TYPES names the input types ("f16.f16" or "bf16.bf16"). A thread holds N / 2 accumulators.
-#define QMOE_WGMMA_N8(TYPES)                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPES " {%0, %1, %2, %3}, "      \
-               "{%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"           \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                         \
+#define QMOE_WGMMA_N8(TYPES)                                                              \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                \
+               "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPES " {"                    \
+               "%0, %1, %2, %3"                                                           \
+               "}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"                                \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                           \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-#define QMOE_WGMMA_N16(TYPES)                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7}, "      \
-               "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"           \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])                                                         \
+#define QMOE_WGMMA_N16(TYPES)                                                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                                      \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPES " {"                                          \
+               "%0, %1, %2, %3, %4, %5, %6, %7"                                                                  \
+               "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"                                                    \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])  \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-#define QMOE_WGMMA_N32(TYPES)                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "      \
-               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"           \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                                                         \
+#define QMOE_WGMMA_N32(TYPES)                                                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                            \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES " {"                                                \
+               "%0, %1, %2, %3, %4, %5, %6, %7, "                                                                      \
+               "%8, %9, %10, %11, %12, %13, %14, %15"                                                                  \
+               "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),       \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-#define QMOE_WGMMA_N64(TYPES)                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "      \
-               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"           \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                         \
+#define QMOE_WGMMA_N64(TYPES)                                                                                             \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " {"                                                   \
+               "%0, %1, %2, %3, %4, %5, %6, %7, "                                                                         \
+               "%8, %9, %10, %11, %12, %13, %14, %15, "                                                                   \
+               "%16, %17, %18, %19, %20, %21, %22, %23, "                                                                 \
+               "%24, %25, %26, %27, %28, %29, %30, %31"                                                                   \
+               "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-#define QMOE_WGMMA_N128(TYPES)                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "      \
-               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"           \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                         \
+#define QMOE_WGMMA_N128(TYPES)                                                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                               \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {"                                                  \
+               "%0, %1, %2, %3, %4, %5, %6, %7, "                                                                         \
+               "%8, %9, %10, %11, %12, %13, %14, %15, "                                                                   \
+               "%16, %17, %18, %19, %20, %21, %22, %23, "                                                                 \
+               "%24, %25, %26, %27, %28, %29, %30, %31, "                                                                 \
+               "%32, %33, %34, %35, %36, %37, %38, %39, "                                                                 \
+               "%40, %41, %42, %43, %44, %45, %46, %47, "                                                                 \
+               "%48, %49, %50, %51, %52, %53, %54, %55, "                                                                 \
+               "%56, %57, %58, %59, %60, %61, %62, %63"                                                                   \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 template <class CT, int N>
 __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
