@@ -370,17 +370,16 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
           const float* h = acc + i * kPairRows;
           if (swiglu) {
             const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
-            float gv[kTileRows], uv[kTileRows];
-            for (int l = 0; l < n; ++l) {
-              gv[l] = h[l], uv[l] = h[kTileRows + l];
-              if (ta.bias) gv[l] += ta.bias[l];
-              if (tb.bias) uv[l] += tb.bias[l];
-            }
             float* ar = a + p * kTileRows;
             if (vswiglu) {
-              vswiglu(gv, uv, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+              vswiglu(h, h + kTileRows, ta.bias, tb.bias, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
             } else {
-              for (int l = 0; l < n; ++l) ar[l] = swiglu_scalar(s, gv[l], uv[l]);
+              for (int l = 0; l < n; ++l) {
+                float g = h[l], u = h[kTileRows + l];  // no "+ 0.f" without a bias: it would turn -0 into +0
+                if (ta.bias) g += ta.bias[l];
+                if (tb.bias) u += tb.bias[l];
+                ar[l] = swiglu_scalar(s, g, u);
+              }
             }
             if (ab)
               for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);

@@ -62,10 +62,15 @@ struct PairJob {
 
 using PairKernel = void (*)(const PairJob&);
 
-// SwiGLU of n <= 16 (gate, linear) pairs, biases added: out[i] = swiglu_scalar's formula with the
-// spec's limit, alpha and beta, but with a vector e^x instead of one std::exp call per value (within
-// 8 ulp of swiglu_scalar, tested in cpu_swiglu_test.cpp).
-using SwigluFn = void (*)(const float* gate, const float* lin, float* out, int n, float limit, float alpha, float beta);
+// SwiGLU of n <= 16 (gate, linear) pairs: out[i] = swiglu_scalar's formula on gate[i] + gate_bias[i]
+// and lin[i] + lin_bias[i] (a null bias adds nothing) with the spec's limit, alpha and beta, but with a
+// vector e^x instead of one std::exp call per value (within 8 ulp of swiglu_scalar, tested in
+// cpu_swiglu_test.cpp). The biases are added here rather than by the caller, so that gate and lin can
+// be the pair kernel's own vector-stored sums: a 64-byte load of 16 values the caller had just stored
+// one by one waits for the stores to retire (no store forwarding), which was 2/3 of this function's
+// time (perf, int8 mode, mixtral T = 64).
+using SwigluFn = void (*)(const float* gate, const float* lin, const float* gate_bias, const float* lin_bias,
+                          float* out, int n, float limit, float alpha, float beta);
 
 struct KernelSet {
   const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni"

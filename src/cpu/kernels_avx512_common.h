@@ -88,14 +88,17 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// SwigluFn (cpu_kernels.h): swiglu_scalar's steps (reference.cpp), 16 lanes at a time: gate clamped
-// above at limit, linear clamped to [-limit, limit] (NaN stays NaN as with std::min / std::clamp),
-// then gate * 1 / (1 + e^(-alpha gate)) * (linear + beta).
-inline void swiglu16(const float* gate, const float* lin, float* out, int n, float limit, float alpha, float beta) {
+// SwigluFn (cpu_kernels.h): swiglu_scalar's steps (reference.cpp), 16 lanes at a time: biases added,
+// gate clamped above at limit, linear clamped to [-limit, limit] (NaN stays NaN as with std::min /
+// std::clamp), then gate * 1 / (1 + e^(-alpha gate)) * (linear + beta).
+inline void swiglu16(const float* gate, const float* lin, const float* gate_bias, const float* lin_bias, float* out,
+                     int n, float limit, float alpha, float beta) {
   const __mmask16 m = __mmask16((1u << n) - 1);
   const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit);
-  const __m512 g = _mm512_min_ps(lim, _mm512_maskz_loadu_ps(m, gate));  // (limit < g) ? limit : g
-  __m512 u = _mm512_maskz_loadu_ps(m, lin);
+  __m512 g = _mm512_maskz_loadu_ps(m, gate), u = _mm512_maskz_loadu_ps(m, lin);
+  if (gate_bias) g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, gate_bias));
+  if (lin_bias) u = _mm512_add_ps(u, _mm512_maskz_loadu_ps(m, lin_bias));
+  g = _mm512_min_ps(lim, g);  // (limit < g) ? limit : g
   u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, nlim, _CMP_LT_OQ), _mm512_min_ps(lim, u), nlim);
   const __m512 e = exp_ps(_mm512_mul_ps(_mm512_set1_ps(-alpha), g));
   const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));

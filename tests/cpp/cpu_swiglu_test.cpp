@@ -29,12 +29,19 @@ float ulp_of(float v) {
   return std::nextafter(a, std::numeric_limits<float>::infinity()) - a;
 }
 
-// Compares the kernel set's SwiGLU with swiglu_scalar on `g`, `u` (any length; 16 at a time).
-void expect_close(cpu::SwigluFn f, const MoeSpec& s, const std::vector<float>& g, const std::vector<float>& u) {
+// Compares the kernel set's SwiGLU with swiglu_scalar on `g` + `bg`, `u` + `bu` (any length, 16 at a
+// time; empty bias vectors: no bias).
+void expect_close(cpu::SwigluFn f, const MoeSpec& s, std::vector<float> g, std::vector<float> u,
+                  const std::vector<float>& bg = {}, const std::vector<float>& bu = {}) {
   std::vector<float> out(g.size(), -1.f);
   for (size_t i = 0; i < g.size(); i += 16) {
     const int n = int(std::min<size_t>(16, g.size() - i));
-    f(g.data() + i, u.data() + i, out.data() + i, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+    f(g.data() + i, u.data() + i, bg.empty() ? nullptr : bg.data() + i, bu.empty() ? nullptr : bu.data() + i,
+      out.data() + i, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+  }
+  for (size_t i = 0; i < g.size(); ++i) {  // the sums the kernel forms, for the scalar formula
+    if (!bg.empty()) g[i] += bg[i];
+    if (!bu.empty()) u[i] += bu[i];
   }
   for (size_t i = 0; i < g.size(); ++i) {
     const float want = swiglu_scalar(s, g[i], u[i]), got = out[i];
@@ -83,7 +90,13 @@ TEST(CpuSwiglu, VectorMatchesScalarOnRandomValues) {
       std::normal_distribution<float> d(0.f, scale);
       std::vector<float> g(1000), u(1000);
       for (size_t i = 0; i < g.size(); ++i) g[i] = d(rng), u[i] = d(rng);
-      for (cpu::SwigluFn f : fns) expect_close(f, s, g, u);
+      std::vector<float> bg(g.size()), bu(g.size());  // biases, added by the kernel before the formula
+      for (size_t i = 0; i < g.size(); ++i) bg[i] = d(rng), bu[i] = d(rng);
+      for (cpu::SwigluFn f : fns) {
+        expect_close(f, s, g, u);
+        expect_close(f, s, g, u, bg, bu);
+        expect_close(f, s, g, u, bg, {});
+      }
     }
   }
 }
