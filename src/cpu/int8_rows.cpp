@@ -30,7 +30,7 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
   for (int64_t c = 0; c < K; ++c) {
     const float a = std::fabs(x[c]);
     finite = finite && std::isfinite(x[c]);
-    m = a > m ? a : m;  // the max of the finite values; a row with Inf or NaN returns below
+    m = a > m ? a : m;  // fmax without a libm call: a NaN never wins; a row with Inf or NaN returns below
   }
   if (!finite) {
     *sx = std::nanf("");
