@@ -15,15 +15,15 @@
 //    ~2 ALU operations per 2 weights per N tokens. The width matters below 128 tokens per expert: at
 //    N = 128 an item of 16 tokens paid for 128 columns of tensor work and of activation copies
 //    (H100, --gemm sm90, N = 128 -> sm90_width: mixtral int4 b128 T = 64 869 -> 472 us; docs/PERF-cuda.md).
-//  * The activations are B, from shared memory through a wgmma descriptor: 128 token rows of 64 k
+//  * The activations are B, from shared memory through a wgmma descriptor: N token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
 //    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
 //    2t+9 are real k 4t..4t+3), B must be stored with the same renaming: fc1 reads x through the
 //    converted copy written in that order (launch_convert_input's mma_order), and fc1 here writes its
 //    activations `a` in that order for fc2 here. The two kernels are therefore dispatched together.
-//  * Pipeline: 10 (4-bit) or 8 (8-bit) shared-memory stages of (16 KB activations + the block's 4 or
-//    8 KB of packed weights + the scales and zero points of the stage's scale blocks), each with a
-//    full and an empty mbarrier. The producer refills a stage
+//  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 10 for 4-bit and 8 for 8-bit
+//    weights) of (N x 128 bytes of activations + the block's 4 or 8 KB of packed weights + the
+//    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier. The producer refills a stage
 //    once both consumers released it; its copies arrive on the full barrier as they land. The two
 //    consumers share each activation stage but otherwise run independently, so one dequantizes and
 //    folds scales while the other's wgmma run. A consumer drains its own wgmma before dequantizing
