@@ -5,8 +5,8 @@
 // integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
 // the multiply, accumulation is fp32. What changes is the shape of the work:
 //
-//  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two consumer warpgroups
-//    multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
+//  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two
+//    consumer warpgroups multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
 //    4w + q) x N tokens of one expert (one work item of the grouping with chunk N; N = 8, 16, 32, 64
 //    or 128 by the tokens per expert, sm90_width). Each consumer
 //    warpgroup issues wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span
@@ -23,8 +23,8 @@
 //    activations `a` in that order for fc2 here. The two kernels are therefore dispatched together.
 //  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 10 for 4-bit and 8 for 8-bit
 //    weights) of (N x 128 bytes of activations + the block's 4 or 8 KB of packed weights + the
-//    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier. The producer refills a stage
-//    once both consumers released it; its copies arrive on the full barrier as they land. The two
+//    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier.
+//    The producer refills a stage once both consumers released it; its copies arrive on the full barrier as they land. The two
 //    consumers share each activation stage but otherwise run independently, so one dequantizes and
 //    folds scales while the other's wgmma run. A consumer drains its own wgmma before dequantizing
 //    again (see the loop), two 64-k stages per drain where no scale block ends between them.
@@ -69,8 +69,8 @@ template <int SB, int N> constexpr int kStageBytes = kScaleOff<SB, N> + kScaleAr
 // Blocks per SM: two at N <= 32, where the accumulators are small enough for the registers of two
 // (setmaxnreg below), so twice the consumer warps hide the dequantizer's latency.
 template <int N> constexpr int kBlocksPerSm = N <= kSm90TwoBlockMaxWidth ? 2 : 1;
-// Shared memory a block may take: 227 KB alone, else its share of the SM's 228 KB less 1 KB per block.
-template <int N> constexpr int kSmemLimit = kBlocksPerSm<N> == 1 ? 227 * 1024 : 228 * 1024 / kBlocksPerSm<N> - 1024;
+// Shared memory a block may take: its share of the SM's 228 KB, less the 1 KB the driver reserves per block.
+template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // Stages in flight: as many as fit, at most 16 at one block per SM (N = 128: 10 of 22 KB for 4-bit
 // weights, 8 of 26 KB for 8-bit) and 8 at two. With up to 15 stages at two blocks per SM (30 stage
 // barriers per block), compute-sanitizer racecheck reported hazards between the consumers' weight
@@ -118,13 +118,14 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
 }
 // Per-warpgroup register budgets (PTX ISA "setmaxnreg"; every warp of the warpgroup executes it).
-// A block's warpgroups only trade among the registers it was launched with (the launch bound's
-// per-thread count, 168 at one block per SM, 80 at two, times 384 threads): asking for more makes
-// setmaxnreg.inc wait forever (measured: a hang).
+// A block's warpgroups only trade among the registers it was launched with (kLaunchRegs per thread:
+// 168 at one block per SM, 80 at two): asking for more makes setmaxnreg.inc wait forever (measured:
+// a hang).
+template <int BPS> constexpr int kLaunchRegs = 65536 / (kThreads * BPS) / 8 * 8;  // allocated in 8s
 template <int BPS> constexpr int kProducerRegs = BPS == 1 ? 56 : 40;
 template <int BPS> constexpr int kConsumerRegs = BPS == 1 ? 224 : 96;
-static_assert(kProducerRegs<1> + kConsumers * kConsumerRegs<1> <= 3 * 168 &&
-                  kProducerRegs<2> + kConsumers * kConsumerRegs<2> <= 3 * 80,
+static_assert(kProducerRegs<1> + kConsumers * kConsumerRegs<1> <= 3 * kLaunchRegs<1> &&
+                  kProducerRegs<2> + kConsumers * kConsumerRegs<2> <= 3 * kLaunchRegs<2>,
               "the warpgroups' budgets fit the block's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -270,8 +271,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
     // cores consume them: 2.4x slower.)
-    if constexpr (kBlocksPerSm<N> == 1) setmaxnreg_dec<kProducerRegs<1>>();
-    else setmaxnreg_dec<kProducerRegs<2>>();
+    setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>>>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
@@ -354,8 +354,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  if constexpr (kBlocksPerSm<N> == 1) setmaxnreg_inc<kConsumerRegs<1>>();
-  else setmaxnreg_inc<kConsumerRegs<2>>();
+  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>>>();
   const int wg = warp >> 2, q = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;

@@ -16,7 +16,8 @@ namespace qmoe::cuda {
 // so most experts' tokens fit one item while few token columns go to waste -- except that 32 serves
 // up to 32 tokens per expert: two blocks per SM there beat width 64's fuller items (H100, 32 tokens
 // per expert on four shapes: 10 of 12 cases 1.04-1.20x faster than width 64, the other two, 8-bit,
-// 2-3% slower; docs/PERF-cuda.md).
+// 2-3% slower; docs/PERF-cuda.md). The default dispatch runs these kernels from 16 tokens per expert
+// (kWgmmaCrossover, cuda_backend.cpp), so widths 8 and 16 serve only CudaGemm::sm90 (forced).
 constexpr int sm90_width(int64_t avg) {
   return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 32 ? 32 : avg <= 48 ? 64 : 128;
 }
