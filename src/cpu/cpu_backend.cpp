@@ -125,6 +125,7 @@ struct TileRef {
   const void* scales;
   const uint8_t* zero_points;
   const float* bias;
+  bool scales_finite = false;  // known: no scale of the tile's expert is +-Inf (PackedMat::finite)
 };
 
 // Per-task scratch for the prepack-off path: two packed tiles.
@@ -143,7 +144,8 @@ struct PackedSource {
     return {m.codes.data_as<uint8_t>() + e * g.codes_per_expert() + g.code_offset(t, 0, 0),
             static_cast<const uint8_t*>(m.scales.data()) + size_t(mo) * ssz,
             g.zero_points ? m.zero_points.data_as<uint8_t>() + mo : nullptr,
-            g.bias ? m.bias.data_as<float>() + e * g.rows() + t * kTileRows : nullptr};
+            g.bias ? m.bias.data_as<float>() + e * g.rows() + t * kTileRows : nullptr,
+            m.finite[size_t(e)] != 0};
   }
 };
 
@@ -202,6 +204,7 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
   jb.K = g.K;
   jb.bits = g.bits;
   jb.scale_dtype = g.scale_dtype;
+  jb.scales_finite = a.scales_finite && b.scales_finite;
   return jb;
 }
 

@@ -13,8 +13,9 @@
 // One exception: a block whose scale is +-Inf. There s * sum(...) and the reference's sum of s * (q - z)
 // * x differ in which outputs become NaN (Inf * 0 where q == z), so that block's term is
 // reference_block_term() (the reference's order, acc + term, no FMA). The portable kernel does this
-// per block; the SIMD kernels scan a pair's scales first and hand a pair with any infinite scale to
-// the portable kernel (rare input; keeps the check out of their block loop).
+// per block; the SIMD kernels scan a pair's scales first (unless PairJob::scales_finite says there is
+// none) and hand a pair with any infinite scale to the portable kernel (rare input; keeps the check out
+// of their block loop).
 // Bias, activation and route mixing happen outside the kernel (cpu_backend.cpp), in shared scalar code.
 //
 // The bf16 compute mode (CpuBackendOptions::compute = "bf16", kernels_avx512_bf16.cpp) is the one
@@ -47,6 +48,9 @@ struct PairJob {
   int64_t K = 0;                  // logical columns (codes past K are padding)
   int bits = 4;
   DType scale_dtype = DType::f32;
+  // The caller knows that no scale of the pair is +-Inf (PackedMat::finite), so the SIMD kernels skip
+  // their scan for infinite scales; false: they scan.
+  bool scales_finite = false;
   int tokens = 1;                 // 1..KernelSet::tokens_per_call(bits)
   const float* x[kMaxTokens];     // fp32 activation rows, readable and zero up to jbytes * (8/bits)
   // bf16 compute mode only: the same rows rounded to bf16 (nearest even), same length and padding, so

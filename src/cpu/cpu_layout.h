@@ -46,6 +46,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "qmoe/backend.h"
 #include "qmoe/raw_experts.h"
@@ -128,9 +129,12 @@ struct TileDst {
 void pack_tile(const MoeSpec& spec, const PartPlan& part, const RawMatrix& src, int64_t e, int64_t t,
                const TileDst& dst);
 
-// A packed matrix: the four tensors of the grid above.
+// A packed matrix: the four tensors of the grid above, and what the kernels want to know of its scales.
 struct PackedMat {
   Tensor codes, scales, zero_points, bias;  // zero_points/bias empty when absent
+  // Per expert: 1 where none of its scales is +-Inf (PairJob::scales_finite). Derived from `scales`
+  // when packed or loaded, never stored in files.
+  std::vector<uint8_t> finite;
   size_t nbytes() const;
 };
 

@@ -224,6 +224,40 @@ std::vector<const PartPlan*> parts_of(const LayerPlan& p) {
   return {&p.fc1, &p.fc2};
 }
 
+// Whether any of n values of a floating dtype is +-Inf: all exponent bits set, mantissa zero. On the
+// bit patterns, so the loops vectorize (a layer's scales are 1/8 of its weight bytes at int4 block 32
+// with fp32 scales).
+template <class U>
+bool any_inf_bits(const void* p, int64_t n, U abs_mask, U inf) {
+  const U* v = static_cast<const U*>(p);
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) any |= (v[i] & abs_mask) == inf;
+  return any;
+}
+bool any_inf(DType dt, const void* p, int64_t n) {
+  switch (dt) {
+    case DType::f32: return any_inf_bits<uint32_t>(p, n, 0x7fffffffu, 0x7f800000u);
+    case DType::f16: return any_inf_bits<uint16_t>(p, n, 0x7fff, 0x7c00);
+    case DType::bf16: return any_inf_bits<uint16_t>(p, n, 0x7fff, 0x7f80);
+    case DType::u8: break;
+  }
+  throw Error("packed weights: scales must be float32, float16 or bfloat16, got " + std::string(dtype_name(dt)));
+}
+
+// PackedMat::finite of a matrix whose scales are in place.
+void mark_finite(PackedMat& m, const MatGeom& g, ThreadPool* pool) {
+  m.finite.assign(size_t(g.experts), 0);
+  const int64_t n = g.meta_per_expert();
+  const uint8_t* s = static_cast<const uint8_t*>(m.scales.data());
+  auto task = [&](int64_t e) {
+    m.finite[size_t(e)] = !any_inf(g.scale_dtype, s + size_t(e * n) * dtype_size(g.scale_dtype), n);
+  };
+  if (pool)
+    pool->parallel_for(g.experts, task);
+  else
+    for (int64_t e = 0; e < g.experts; ++e) task(e);
+}
+
 }  // namespace
 
 std::vector<NamedTensor> CpuPackedExperts::to_blobs() const {
@@ -268,6 +302,7 @@ std::unique_ptr<CpuPackedExperts> pack_experts(const MoeSpec& s, RawExperts raw,
       pool->parallel_for(n, task);
     else
       for (int64_t i = 0; i < n; ++i) task(i);
+    mark_finite(m, g, pool);
     // Free the raw matrix once no later part reads it: the transient extra memory is one matrix.
     const bool later = pi + 1 < parts.size() && parts[pi + 1]->source == pp.source;
     if (!later) {
@@ -307,6 +342,7 @@ std::unique_ptr<CpuPackedExperts> packed_from_blobs(const MoeSpec& s, const std:
     m.scales = take(n + ".scales", g.scale_dtype, {g.experts, g.tiles, g.nb, kTileRows}, true);
     if (g.zero_points) m.zero_points = take(n + ".zero_points", DType::u8, {g.experts, g.tiles, g.nb, kTileRows}, true);
     if (g.bias) m.bias = take(n + ".bias", DType::f32, {g.experts, g.rows()}, true);
+    mark_finite(m, g, nullptr);
   }
   for (size_t i = 0; i < blobs.size(); ++i)
     if (!used[i]) throw Error("packed file: unexpected blob " + blobs[i].name + " for " + s.to_string());

@@ -477,6 +477,29 @@ TEST(CpuLayout, GridMatchesPacker) {
   EXPECT_EQ(packed->tag().to_string(), "cpu-t16-w4 v1 (target cpu)");
 }
 
+// PackedMat::finite marks exactly the experts without an infinite scale, for every scale dtype, both
+// when packed and when rebuilt from blobs (the kernels skip their Inf scan only where it says 1).
+TEST(CpuLayout, FiniteFlagsMarkExpertsWithoutInfiniteScales) {
+  for (DType sd : {DType::f32, DType::f16, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(sd));
+    MoeSpec s;
+    s.num_experts = 3, s.hidden = 64, s.inter = 32, s.block_size = 32, s.scale_dtype = sd;
+    std::mt19937_64 rng(base_seed() + 4500);
+    RawExperts raw = random_raw(rng, s);
+    // Expert 1's last fc2 scale is -Inf, expert 2's first fc1 scale is NaN (finite for this purpose:
+    // NaN propagates the same way on every path).
+    const int64_t n2 = raw.fc2.scales.numel() / 3, n1 = raw.fc1.scales.numel() / 3;
+    store_from_float(sd, raw.fc2.scales.data(), 2 * n2 - 1, -INFINITY);
+    store_from_float(sd, raw.fc1.scales.data(), 2 * n1, NAN);
+    auto packed = cpu::pack_experts(s, raw, nullptr);
+    auto again = cpu::packed_from_blobs(s, packed->to_blobs());
+    for (const cpu::CpuPackedExperts* p : {packed.get(), again.get()}) {
+      EXPECT_EQ(p->mat(cpu::Part::fc1).finite, (std::vector<uint8_t>{1, 1, 1}));
+      EXPECT_EQ(p->mat(cpu::Part::fc2).finite, (std::vector<uint8_t>{1, 0, 1}));
+    }
+  }
+}
+
 TEST(CpuBackend, PackedFileBlobsRoundTripAndAreChecked) {
   const uint64_t seed = base_seed() + 4000;
   SCOPED_TRACE("seed " + std::to_string(seed));
