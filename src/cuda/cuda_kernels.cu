@@ -282,12 +282,46 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_
   for (int e = lane; e < E; e += 32) lg[e] = load_elt(a.logits, t * E + e, a.elt);
   __syncwarp();
   const int64_t row = t * E;
-  for (int j = 0; j < k; ++j) {
-    // Sequential argmax semantics: best starts at the first non-excluded expert; a later one wins
-    // only with a strictly larger value (NaN never wins, a NaN first stays). Equivalent: if the first
-    // is NaN pick it, else the lowest index of the largest non-NaN value.
-    // Keys: fp32 mapped to an order-preserving uint32 (-0 folded into +0 so equal floats tie),
-    // then two warp reductions (redux.sync, sm_80+): the largest key, and the lowest index holding it.
+  // Sequential argmax semantics: best starts at the first non-excluded expert; a later one wins only
+  // with a strictly larger value (NaN never wins, a NaN first stays). Equivalent: if the first is NaN
+  // pick it, else the lowest index of the largest non-NaN value. Keys: fp32 mapped to an
+  // order-preserving uint32 (-0 folded into +0 so equal floats tie), 0 for experts taken or absent.
+  // Without NaN (and E <= 256) each round is two warp reductions over keys held in registers: the
+  // largest key, then the lowest expert holding it; the taken expert's key becomes 0.
+  constexpr int kPerLane = 8;
+  uint32_t keys[kPerLane];
+  float vals[kPerLane];  // this lane's logits, experts lane + 32 i
+  bool nan = false;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int e = lane + 32 * i;
+    keys[i] = 0, vals[i] = 0.f;
+    if (e < E) {
+      vals[i] = lg[e];
+      const float v = vals[i] + 0.0f;
+      nan |= v != v;
+      const uint32_t u = __float_as_uint(v);
+      keys[i] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    }
+  }
+  const bool fast = E <= 32 * kPerLane && !__any_sync(0xffffffffu, nan);
+  float mine = 0.f;  // fast path: lane j < 32 holds route j's logit (-0 read as +0)
+  for (int j = 0; fast && j < k; ++j) {
+    uint32_t bk = 0;
+    int bi = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (keys[i] > bk) bk = keys[i], bi = i;
+    const uint32_t mkey = __reduce_max_sync(0xffffffffu, bk);
+    const int sel = int(__reduce_min_sync(0xffffffffu, bk == mkey ? uint32_t(lane + 32 * bi) : 0xffffffffu));
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (lane + 32 * i == sel) keys[i] = 0;
+    if (lane == j) mine = __uint_as_float((mkey & 0x80000000u) ? (mkey & 0x7fffffffu) : ~mkey);
+    if (lane == 0) sel_sm[j] = sel;
+  }
+  for (int j = 0; !fast && j < k; ++j) {
+    // The general case: a mask of taken experts in shared memory, three reductions per round.
     int first = INT_MAX, bi = INT_MAX;
     uint32_t bk = 0;  // below every real key (ord(-inf) = 0x007fffff)
     for (int e = lane; e < E; e += 32) {
@@ -308,6 +342,7 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_
     if (lane == 0) mask[sel >> 5] |= 1u << (sel & 31), sel_sm[j] = sel;
     __syncwarp();
   }
+  __syncwarp();  // sel_sm, written by lane 0, is read by every lane below
   if (a.sparse_mixer) {  // k == 2
     const int e0 = sel_sm[0], e1 = sel_sm[1];
     const float w0 = sparse_mixer_weight_dev(a, lg, e0, -1);
@@ -315,6 +350,16 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_
     if (lane == 0) w_sm[0] = w0, w_sm[1] = w1;
   } else if (a.router_weights) {
     for (int j = lane; j < k; j += 32) w_sm[j] = load_elt(a.router_weights, row + sel_sm[j], a.elt);
+  } else if (fast && k <= 32) {
+    // The same softmax from registers: the largest logit is route 0's (no NaN here; exp(l - mx) is
+    // the same for mx = -0 or +0), each lane sums its own logits in the same order as below.
+    const float mx = __shfl_sync(0xffffffffu, mine, 0);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (lane + 32 * i < E) sum += expf(vals[i] - mx);
+    sum = warp_sum(sum);
+    if (lane < k) w_sm[lane] = expf(mine - mx) / sum;
   } else {
     float mx = -INFINITY;
     for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
@@ -410,7 +455,7 @@ __global__ void group_kernel(GroupArgs a) {
 // Few tokens: routing and grouping in one block (one launch instead of two). The counts live in
 // shared memory, so the global counters are neither touched nor reset (they stay 0). Route results
 // written to global memory by one warp are read by others after __syncthreads (block-scope visibility).
-__global__ void route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) {
+__global__ void __launch_bounds__(1024, 1) route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) {
   extern __shared__ int rgsm[];
   pdl_launch_dependents();  // the next kernel's blocks may be scheduled now; they wait for this one
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

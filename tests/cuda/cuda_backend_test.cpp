@@ -50,6 +50,10 @@ struct Case {
   int64_t T = 1;
   bool one_expert = false;  // all tokens routed to the same expert(s)
   bool router_weights = false;
+  // Logits drawn from {-inf, -1, -0, +0, 1, +inf, NaN}: ties, signed zeros, infinities and NaN, first
+  // or later, in every token (the routing's NaN and tie rules; use with router_weights, so outputs
+  // stay finite).
+  bool special_logits = false;
   uint64_t seed = 0;
 };
 
@@ -320,6 +324,11 @@ std::vector<Case> all_cases() {
     c.spec.use_sparse_mixer = true, c.T = 33;
     cs.push_back(c);
   }
+  for (int64_t E : {64, 300}) {  // special logits; E = 300 takes the routing's general path (E > 256)
+    Case c = base(E, 8, 64, 32, 4, 32, Activation::silu, DType::bf16);
+    c.T = 37, c.router_weights = true, c.special_logits = true;
+    cs.push_back(c);
+  }
   {
     Case c = base(1, 1, 20, 12, 4, 0, Activation::relu, DType::bf16);  // E = 1, tiny odd sizes
     c.T = 4096;
@@ -369,6 +378,10 @@ MoeInputs make_inputs(const Case& c, std::mt19937_64& r, Tensor& x, Tensor& logi
   const MoeSpec& s = c.spec;
   x = rand_float(r, s.act_dtype, {c.T, s.hidden}, -1.f, 1.f);
   logits = rand_float(r, s.act_dtype, {c.T, s.num_experts}, -3.f, 3.f);
+  if (c.special_logits) {
+    const float v[7] = {-INFINITY, -1.f, -0.f, 0.f, 1.f, INFINITY, NAN};
+    for (int64_t i = 0; i < logits.numel(); ++i) store_from_float(s.act_dtype, logits.data(), i, v[r() % 7]);
+  }
   if (c.one_expert)
     for (int64_t t = 0; t < c.T; ++t)
       for (int64_t j = 0; j < s.k; ++j) {
@@ -452,7 +465,7 @@ bool run_case(Backend& be, const Case& c, bool graph) {
   }
   std::printf("%s seed=%llu T=%lld %s%s%s%s | rel %.2e max %.2e%s%s\n", ok ? "PASS" : "FAIL",
               (unsigned long long)c.seed, (long long)c.T, s.to_string().c_str(), c.one_expert ? " one-expert" : "",
-              c.router_weights ? " router_weights" : "", graph ? " +graph" : "", res.rel, res.maxerr,
+              c.router_weights ? (c.special_logits ? " router_weights special-logits" : " router_weights") : "", graph ? " +graph" : "", res.rel, res.maxerr,
               ok ? "" : " :: ", ok ? "" : why.c_str());
   std::fflush(stdout);
   return ok;
