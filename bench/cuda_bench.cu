@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/timeline.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/routing.h"
@@ -275,6 +276,23 @@ int main(int argc, char** argv) {
           return median(ts);
         };
         const double us_graph = time_it([&](int i) { CU(cudaGraphLaunch(graphs[i], st)); });
+        if (qmoe::cuda::timeline_enabled())  // built with QMOE_CUDA_TIMELINE (src/cuda/timeline.h)
+          for (int rep = 0; rep < 3; ++rep) {  // single replays after an idle stream; µs from the first mark
+            CU(cudaStreamSynchronize(st));
+            qmoe::cuda::timeline_reset();
+            CU(cudaGraphLaunch(graphs[rep % R], st));
+            CU(cudaStreamSynchronize(st));
+            uint64_t v[qmoe::cuda::kTlPoints][2];
+            qmoe::cuda::timeline_read(v);
+            uint64_t t0 = UINT64_MAX;
+            for (auto& p : v) t0 = std::min(t0, p[0]);
+            std::printf("timeline %s %s T=%lld:", sh.name, q.name, (long long)T);
+            for (int p = 0; p < qmoe::cuda::kTlPoints; ++p)
+              if (v[p][1] != 0)
+                std::printf(" %s %.2f..%.2f", qmoe::cuda::timeline_point_name(p), double(v[p][0] - t0) * 1e-3,
+                            double(v[p][1] - t0) * 1e-3);
+            std::printf("\n");
+          }
         const double us_plain =
             time_it([&](int i) { cuda_run_device(*be, *packed, CudaRunArgs{dx[i], dl[i], nullptr, dout, T, st}); });
         CU(cudaGetLastError());

@@ -11,7 +11,8 @@
 #   mkdir -p ab/base/src/cuda && git show HEAD:src/cuda/fc_sm90.cu > ab/base/src/cuda/fc_sm90.cu
 # (untracked, so they travel with the working tree). Without AB_FILES only "new" is built.
 # Environment: AB_TESTS=0 skips the tests; AB_SAN_ARGS goes to the sanitizer runs (e.g. "--gemm sm90");
-# AB_ENVS adds runs of the new build under environment variables, e.g. "QMOE_CUDA_PDL=0".
+# AB_ENVS adds runs of the new build under environment variables, e.g. "QMOE_CUDA_PDL=0"; AB_CMAKE
+# adds CMake options to every build, e.g. "-DQMOE_CUDA_TIMELINE=ON" (per-kernel timelines, timeline.h).
 # Logs go to $OUT (or /tmp/qmoe-out).
 set -uo pipefail
 OUT=${OUT:-/tmp/qmoe-out}
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 # The GPU image has no libonnx-dev; the onnx Python package ships the same onnx.proto.
 cfg=(-DQMOE_ONNX_PROTO="$(python3 -c 'import onnx,os;print(os.path.join(os.path.dirname(onnx.__file__),"onnx.proto"))')"
      -DCMAKE_PREFIX_PATH="$PWD/build-devdeps" -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF
-     -DQMOE_CUDA_GENCODE="${QMOE_CUDA_GENCODE:--gencode=arch=compute_90a,code=sm_90a}")
+     -DQMOE_CUDA_GENCODE="${QMOE_CUDA_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" ${AB_CMAKE:-})
 build() {  # folder
   local log
   log="$OUT/build_$(basename "$1").log"

@@ -31,6 +31,7 @@
 #include <utility>
 
 #include "cuda_kernels.h"
+#include "timeline.h"
 #include "fc_common.cuh"
 
 namespace qmoe::cuda {
@@ -63,6 +64,20 @@ __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// Timeline marks (timeline.h): thread 0 of the block records when it reached `point`.
+#ifdef QMOE_CUDA_TIMELINE
+__device__ unsigned long long g_timeline[kTlPoints][2];
+__device__ __forceinline__ void tl_mark(int point) {
+  if (threadIdx.x != 0) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  atomicMin(&g_timeline[point][0], t);
+  atomicMax(&g_timeline[point][1], t);
+}
+#else
+__device__ __forceinline__ void tl_mark(int) {}
+#endif
 
 // Launches `kernel`; with pdl, with the programmatic-serialization attribute (see pdl_wait above).
 template <class... P, class... A>
@@ -343,6 +358,7 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_
     __syncwarp();
   }
   __syncwarp();  // sel_sm, written by lane 0, is read by every lane below
+  tl_mark(kTlRouteSelected);
   if (a.sparse_mixer) {  // k == 2
     const int e0 = sel_sm[0], e1 = sel_sm[1];
     const float w0 = sparse_mixer_weight_dev(a, lg, e0, -1);
@@ -457,6 +473,7 @@ __global__ void group_kernel(GroupArgs a) {
 // written to global memory by one warp are read by others after __syncthreads (block-scope visibility).
 __global__ void __launch_bounds__(1024, 1) route_group_kernel(RouteArgs ra, GroupArgs ga, int route_warps) {
   extern __shared__ int rgsm[];
+  tl_mark(kTlRouteStart);
   pdl_launch_dependents();  // the next kernel's blocks may be scheduled now; they wait for this one
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int E = ra.E, per_warp = route_words_per_warp(E, ra.k);
@@ -467,7 +484,9 @@ __global__ void __launch_bounds__(1024, 1) route_group_kernel(RouteArgs ra, Grou
     for (int64_t t = warp; t < ra.T; t += route_warps) route_token_dev(ra, t, lane, wsm, rgsm);
   }
   __syncthreads();
+  tl_mark(kTlRouteRouted);
   group_body(ga, rgsm);
+  tl_mark(kTlRouteEnd);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -541,9 +560,11 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   constexpr bool BX = SL::kBlockX;     // the block shares its activation stages (one K range, kw = 1)
   // TPW: 16-row tiles per warp, sharing the B fragments (see FcArgs::tpw).
   const int item = blockIdx.x;
+  constexpr int tl = FC1 ? kTlFc1Start : kTlFc2Start;  // + 1 waited, + 2 staged, + 3 looped, + 4 reduced
+  tl_mark(tl);
   // fc1 reads the routing kernel's output from here on; fc2 only the work items until its wait below
   // (they come from the routing kernel, finished before fc1's blocks passed their wait).
-  if constexpr (FC1) pdl_wait(), pdl_launch_dependents();
+  if constexpr (FC1) pdl_wait(), pdl_launch_dependents(), tl_mark(tl + 1);
   if (item >= *a.n_items) {  // whole block: no barrier is skipped by part of it
     pdl_wait();
     return;
@@ -669,7 +690,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   // The activations are fc1's output. With the block's token staged apart (kBlockToken), fc2 first
   // starts its weight and scale loads (they depend only on the work items, see fc_kernel's top), so
   // their latency overlaps fc1's last blocks; it waits just before copying the token.
-  if constexpr (!FC1 && !SL::kBlockToken) pdl_wait(), pdl_launch_dependents();
+  if constexpr (!FC1 && !SL::kBlockToken) pdl_wait(), pdl_launch_dependents(), tl_mark(tl + 1);
   // Loop-carried copy state: source pointers advance by one span per issue, the stage address
   // cycles through the ring (span s_begin + i uses stage i % STAGES). Being loop-carried, these stay
   // in registers instead of being recomputed from the kernel parameters every span (ptxas did that
@@ -720,7 +741,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
   if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
   if constexpr (SL::kBlockToken) {
-    if constexpr (!FC1) pdl_wait(), pdl_launch_dependents();
+    if constexpr (!FC1) pdl_wait(), pdl_launch_dependents(), tl_mark(tl + 1);
     const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
     const uint32_t xs_sa = xring_sa;  // the token stage (no activation ring at XR = 1)
     constexpr int kGroups = SL::kTokenBytes / 8;  // per span
@@ -733,6 +754,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
     cp_async_wait<0>();  // this thread's share of the token (and the first stages) have landed
     __syncthreads();     // ... and every thread's; all warps of the block get here
+    tl_mark(tl + 2);
   }
   uint32_t st_r = 0;  // byte offset in the ring of the stage of the span being computed
 
@@ -813,6 +835,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     kc = 0;
   }
   if (kc != 0) flush();
+  tl_mark(tl + 3);
 
   if (KW > 1) {
     // Each warp's partial sums go to the start of its own ring, idle now (its copies have landed:
@@ -844,6 +867,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
           acc[u][nt][r] = v;
         }
   }
+  tl_mark(tl + 4);
   if (!active) return;
 
 #pragma unroll
@@ -972,7 +996,9 @@ void launch_fc(const FcArgs& a, cudaStream_t st) {
 }
 
 __global__ void combine_kernel(CombineArgs a) {
+  tl_mark(kTlCombineStart);
   pdl_wait();
+  tl_mark(kTlCombineWaited);
   const int64_t h = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (h >= a.H) return;
   for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
@@ -1005,6 +1031,7 @@ __global__ void combine_kernel(CombineArgs a) {
     }
     store_elt(a.out, t * a.H + h, a.out_elt, out);
   }
+  tl_mark(kTlCombineEnd);
 }
 
 int grid_for(int64_t n, int threads) {
@@ -1069,6 +1096,31 @@ cudaError_t init_kernels() {
 
 void launch_fc1(const FcArgs& a, cudaStream_t st) { launch_fc<true>(a, st); }
 void launch_fc2(const FcArgs& a, cudaStream_t st) { launch_fc<false>(a, st); }
+
+const char* timeline_point_name(int point) {
+  static const char* const names[kTlPoints] = {
+      "route.start", "route.selected", "route.routed", "route.end", "fc1.start", "fc1.waited", "fc1.staged",
+      "fc1.looped", "fc1.reduced", "fc2.start", "fc2.waited", "fc2.staged", "fc2.looped", "fc2.reduced",
+      "combine.start", "combine.waited", "combine.end"};
+  return point >= 0 && point < kTlPoints ? names[point] : "?";
+}
+#ifdef QMOE_CUDA_TIMELINE
+bool timeline_enabled() { return true; }
+void timeline_reset() {
+  uint64_t v[kTlPoints][2];
+  for (auto& p : v) p[0] = UINT64_MAX, p[1] = 0;
+  cudaMemcpyToSymbol(g_timeline, v, sizeof v);
+}
+void timeline_read(uint64_t (*first_last)[2]) {
+  cudaMemcpyFromSymbol(first_last, g_timeline, sizeof(uint64_t) * 2 * kTlPoints);
+}
+#else
+bool timeline_enabled() { return false; }
+void timeline_reset() {}
+void timeline_read(uint64_t (*first_last)[2]) {
+  for (int p = 0; p < kTlPoints; ++p) first_last[p][0] = UINT64_MAX, first_last[p][1] = 0;
+}
+#endif
 
 void launch_combine(const CombineArgs& a, cudaStream_t st) {
   if (a.T == 0) return;
