@@ -37,6 +37,17 @@ inline __m512 load_scales16(DType t, const void* p, int64_t i) {
   }
 }
 
+// The scales of both tiles kScaleBlocksAhead blocks ahead of block b, into L1: a stream of its own
+// that the code stream's prefetch does not cover (perf: the scale loads of blocks of 32 were the
+// exact T = 1 kernel's second stall). Three interleaved runs, 2 threads, int4 block 32 T = 1: qwen3
+// 600/654/635 -> 600/597/591 us, mixtral 4.996/4.953 -> 4.600/4.503/4.468 ms.
+inline constexpr int kScaleBlocksAhead = 16;
+inline void prefetch_scales(const PairJob& jb, int64_t b) {
+  const size_t at = size_t((b + kScaleBlocksAhead) * kTileRows) * dtype_size(jb.scale_dtype);
+  _mm_prefetch(static_cast<const char*>(jb.scales[0]) + at, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(jb.scales[1]) + at, _MM_HINT_T0);
+}
+
 // 16 bytes (one code byte or zero point of each of a tile's 16 rows) widened to dwords.
 inline __m512i load_codes16(const uint8_t* p) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -59,6 +70,7 @@ inline bool any_inf_scale(const PairJob& jb) {
 // Accumulates block results: acc[t][tile] = fma(scale, ev + od, acc[t][tile]) (cpu_kernels.h).
 template <int MT>
 inline void finish_block(const PairJob& jb, int64_t b, __m512 ev[MT][2], __m512 od[MT][2], __m512 acc[MT][2]) {
+  prefetch_scales(jb, b);
   for (int tile = 0; tile < 2; ++tile) {
     const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
     for (int t = 0; t < MT; ++t) acc[t][tile] = _mm512_fmadd_ps(s, _mm512_add_ps(ev[t][tile], od[t][tile]), acc[t][tile]);

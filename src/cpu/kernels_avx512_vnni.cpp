@@ -90,6 +90,7 @@ void pair_vnni(const PairJob& jb) {
     for (int tile = 0; tile < 2; ++tile)
       z[tile] = ZP && jb.zero_points[tile] ? load_codes16(jb.zero_points[tile] + b * kTileRows)
                                            : _mm512_set1_epi32(1 << (BITS - 1));
+    prefetch_scales(jb, b);
     __m512 s[2];
     for (int tile = 0; tile < 2; ++tile) s[tile] = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
     for (int64_t jg = jb0; jg < jb1; jg += gbytes) {
