@@ -476,12 +476,14 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const bool one_token = rows == 1 && c.nt == 1 && c.tpw == 1;
   auto plan = [&](bool xr1) {
     c.xr = xr1 ? 1 : 8;
-    // fc1 with 4-bit weights: two warps per tile whatever pick_kw says (H100, T = 1, three runs: every
+    // 4-bit weights: two warps per fc1 tile whatever pick_kw says (H100, T = 1, three runs: every
     // 4-bit case whose split changed was 1-9% faster, e.g. mixtral int4 b128 94.2 -> 85.8 us, gpt-oss-20b
-    // 45.1 -> 42.4, qwen3-30b-a3b 28.9 -> 28.3; with 8-bit weights gpt-oss-20b was 5% slower).
-    const bool kw1_fixed = p.geom.fc1.sbits == 4 && p.geom.fc1.S >= 6;
-    c.kw1 = xr1 ? (kw1_fixed ? 2 : pick_kw(items * w1, p.geom.fc1.S)) : 1;
-    c.kw2 = xr1 ? pick_kw(items * w2, p.geom.fc2.S) : 1;
+    // 45.1 -> 42.4, qwen3-30b-a3b 28.9 -> 28.3; with 8-bit weights gpt-oss-20b was 5% slower), and fc2
+    // split across blocks only (kw2 = 1, so more splits below; H100, two runs: qwen3-30b-a3b int4 b128
+    // 26.5, 27.4 -> 25.2, 25.3 us, b32 -1.9 us, gpt-oss-20b -0.5..-1.1 us, mixtral within the spread).
+    const bool w4 = p.geom.fc1.sbits == 4;
+    c.kw1 = xr1 ? (w4 && p.geom.fc1.S >= 6 ? 2 : pick_kw(items * w1, p.geom.fc1.S)) : 1;
+    c.kw2 = xr1 && !w4 ? pick_kw(items * w2, p.geom.fc2.S) : 1;
     const int64_t warps = items * w2 * c.kw2;
     int64_t splits = std::clamp<int64_t>((target + warps - 1) / warps, 1, 16);
     splits = std::min<int64_t>(splits, std::max<int64_t>(1, p.geom.fc2.S / (4 * c.kw2)));

@@ -283,9 +283,13 @@ __device__ float sparse_mixer_weight_dev(const RouteArgs& a, const float* lg, in
 // memory one dependent load at a time on one lane, took qwen3-30b-a3b (E 128, k 8) at T = 64 from
 // 231.6 to 217.0 us per layer on an H100 (docs/PERF-cuda.md).
 __host__ __device__ constexpr int route_words_per_warp(int E, int k) { return E + ((E + 31) >> 5) + 2 * k; }
+__device__ __forceinline__ const int* route_choices(const uint32_t* wsm, int E) {
+  return reinterpret_cast<const int*>(wsm + E + ((E + 31) >> 5));
+}
 
 // One warp routes token t in `wsm` (route_words_per_warp words of this warp's shared memory).
-// counts: per-expert counters (global for route_kernel, shared for route_group_kernel).
+// counts: per-expert counters (global for route_kernel, shared for route_group_kernel; null: none).
+// On return the k choices stay in wsm, at route_choices(wsm, E), in route order.
 __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_t* wsm, int* counts) {
   const int E = a.E, k = a.k, words = (E + 31) >> 5;
   float* lg = reinterpret_cast<float*>(wsm);
@@ -399,7 +403,7 @@ __device__ void route_token_dev(const RouteArgs& a, int64_t t, int lane, uint32_
     const int e = sel_sm[j];
     a.route_e[t * k + j] = e;
     a.route_w[t * k + j] = normalize ? w_sm[j] / norm : w_sm[j];
-    atomicAdd(&counts[e], 1);
+    if (counts) atomicAdd(&counts[e], 1);
   }
 }
 
@@ -486,6 +490,35 @@ __global__ void __launch_bounds__(1024, 1) route_group_kernel(RouteArgs ra, Grou
   __syncthreads();
   tl_mark(kTlRouteRouted);
   group_body(ga, rgsm);
+  tl_mark(kTlRouteEnd);
+}
+
+// One token: routing and grouping by one warp. The k chosen experts are distinct, so each one in
+// [e_first, e_first + e_count) is a work item of one slot, placed at its rank among them (ascending
+// expert order, as group_body places them). At T = 1 the 1024-thread kernel above spent 1.3 us of
+// qwen3-30b-a3b's 4.5 us of routing on the grouping's scans and barriers.
+__global__ void route_one_kernel(RouteArgs ra, GroupArgs ga) {
+  extern __shared__ uint32_t r1sm[];
+  tl_mark(kTlRouteStart);
+  pdl_launch_dependents();  // the next kernel's blocks may be scheduled now; they wait for this one
+  const int lane = threadIdx.x, k = ra.k;
+  route_token_dev(ra, 0, lane, r1sm, nullptr);
+  __syncwarp();  // the choices, written by lane 0, are read by every lane
+  tl_mark(kTlRouteRouted);
+  const int* sel = route_choices(r1sm, ra.E);  // route order: slot j is route j of token 0
+  const int lo = ga.e_first, hi = ga.e_count < 0 ? ra.E : ga.e_first + ga.e_count;
+  int mine = 0;
+  for (int j = lane; j < k; j += 32) {
+    const int e = sel[j];
+    if (e < lo || e >= hi) continue;
+    int p = 0;
+    for (int m = 0; m < k; ++m) p += sel[m] >= lo && sel[m] < e;
+    ga.items[p] = make_int4(e - lo, p, 1, 0);
+    ga.sorted_slot[p] = j;
+    ++mine;
+  }
+  mine = __reduce_add_sync(0xffffffffu, mine);
+  if (lane == 0) *ga.n_items = mine;
   tl_mark(kTlRouteEnd);
 }
 
@@ -1060,6 +1093,10 @@ void launch_group(const GroupArgs& a, cudaStream_t st) {
 
 void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st) {
   if (ra.T == 0) return;
+  if (ra.T == 1) {
+    route_one_kernel<<<1, 32, size_t(route_words_per_warp(ra.E, ra.k)) * 4, st>>>(ra, ga);
+    return;
+  }
   const int route_warps = int(std::min<int64_t>(32, ra.T));
   const size_t smem = (size_t(3) * ra.E + size_t(route_warps) * route_words_per_warp(ra.E, ra.k)) * 4;
   if (ra.T > 64 || smem > 48 * 1024) {
