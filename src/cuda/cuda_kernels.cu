@@ -770,13 +770,9 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     if constexpr (XR == 1 && !SL::kBlockToken) xnext += SL::kTokenBytes;
     st_w = st_w + SL::kBytes == ring_end ? ring_sa : st_w + SL::kBytes;
   };
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
-  if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
-  if constexpr (SL::kBlockToken) {
-    if constexpr (!FC1) pdl_wait(), pdl_launch_dependents(), tl_mark(tl + 1);
-    const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
-    const uint32_t xs_sa = xring_sa;  // the token stage (no activation ring at XR = 1)
+  const int s_lo = int(blockIdx.z * a.spans_per_split), s_hi = int(min(G.S, int64_t(s_lo) + a.spans_per_split));
+  const uint32_t xs_sa = xring_sa;  // kBlockToken: the token stage (no activation ring at XR = 1)
+  auto copy_token = [&]() {
     constexpr int kGroups = SL::kTokenBytes / 8;  // per span
     for (int i = threadIdx.x; i < (s_hi - s_lo) * kGroups; i += kWarps * 32) {
       const int sp = i / kGroups, b = i % kGroups;
@@ -784,6 +780,15 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
                    xrow[0] + int64_t(s_lo + sp) * SL::kTokenBytes + 8 * b);
     }
     cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(s_begin + i);
+  // fc1 may copy its token now (past its wait at the top), so that the copy's latency overlaps the
+  // scales' loads below; fc2 first waits for fc1.
+  if constexpr (SL::kBlockToken && FC1) copy_token();
+  if (s_begin < s_end) load_block(blk);  // after the first stages are in flight
+  if constexpr (SL::kBlockToken) {
+    if constexpr (!FC1) pdl_wait(), pdl_launch_dependents(), tl_mark(tl + 1), copy_token();
     xrd1 = xs_sa + (s_begin - s_lo) * SL::kTokenBytes + 8 * KSTEPS * t;
     cp_async_wait<0>();  // this thread's share of the token (and the first stages) have landed
     __syncthreads();     // ... and every thread's; all warps of the block get here
