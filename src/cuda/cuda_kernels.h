@@ -68,7 +68,8 @@ struct GroupArgs {
   int e_count = -1;
 };
 void launch_group(const GroupArgs& a, cudaStream_t st);
-// Both: for T <= 64 (and small enough E) one single-block kernel, else launch_route + launch_group.
+// Both: one warp at T = 1; for T <= 64 (and small enough E) one single-block kernel; else
+// launch_route + launch_group.
 // ra.counts must be zero on entry either way and is zero afterwards.
 void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st);
 
