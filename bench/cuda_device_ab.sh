@@ -72,4 +72,9 @@ for v in "${variants[@]}"; do run "$v" "$W/$v/b/src/cuda/qmoe_cuda_bench" "${ARG
 run new "$N/qmoe_cuda_bench" "${ARGS[@]}"
 for e in ${AB_ENVS:-}; do run "new $e" env "$e" "$N/qmoe_cuda_bench" "${ARGS[@]}"; done
 "$(dirname "$0")/ab_compare.sh" "${logs[@]}"  # graph us side by side
+if [ "${AB_TESTS:-1}" != 0 ]; then  # again at the end, where a tail of the output keeps it
+  for f in tests tests_sm90 memcheck racecheck synccheck; do
+    echo "$f: $(grep -E "configurations passed|SUMMARY" "$OUT/$f.log" | tr '\n' ' ')"
+  done
+fi
 echo "total: ${SECONDS}s"
