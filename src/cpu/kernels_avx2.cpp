@@ -109,7 +109,8 @@ bool any_inf_scale(const PairJob& jb) {
 
 template <int BITS>
 void avx2_pair(const PairJob& jb) {
-  if (!jb.scales_finite && __builtin_expect(any_inf_scale(jb), 0)) return BITS == 4 ? portable_kernels().w4(jb) : portable_kernels().w8(jb);
+  if (!jb.scales_finite && __builtin_expect(any_inf_scale(jb), 0))
+    return BITS == 4 ? portable_kernels().w4(jb) : portable_kernels().w8(jb);
   switch (jb.tokens) {
     case 1: return pair<1, BITS>(jb);
     case 2: return pair<2, BITS>(jb);

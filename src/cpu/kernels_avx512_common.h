@@ -39,9 +39,9 @@ inline __m512 load_scales16(DType t, const void* p, int64_t i) {
 
 // The scales of both tiles kScaleBlocksAhead blocks ahead of block b, into L1 (none past the tile's
 // last block: the address would leave the array): a stream of its own that the code stream's prefetch
-// does not cover (perf: the scale loads of blocks of 32 were the
-// exact T = 1 kernel's second stall). Three interleaved runs, 2 threads, int4 block 32 T = 1: qwen3
-// 600/654/635 -> 600/597/591 us, mixtral 4.996/4.953 -> 4.600/4.503/4.468 ms.
+// does not cover (perf: the scale loads of blocks of 32 were the exact T = 1 kernel's second stall).
+// Three interleaved runs, 2 threads, int4 block 32 T = 1: qwen3 600/573/592 -> 559/560/588 us, mixtral
+// 3.53/3.56/3.62 -> 3.29/3.39/3.38 ms (docs/PERF.md, run 9's notes).
 inline constexpr int kScaleBlocksAhead = 16;
 inline void prefetch_scales(const PairJob& jb, int64_t b) {
   if (b + kScaleBlocksAhead >= jb.nb) return;
