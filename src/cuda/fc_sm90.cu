@@ -6,14 +6,14 @@
 // the multiply, accumulation is fp32. What changes is the shape of the work:
 //
 //  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two
-//    consumer warpgroups multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of warpgroup w owns tile
-//    4w + q) x N tokens of one expert (one work item of the grouping with chunk N; N = 8, 16, 32, 64
-//    or 128 by the tokens per expert, sm90_width). Each consumer
-//    warpgroup issues wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span
-//    vector is, after the magic-number dequantization, exactly its A fragment (the per-warp register
-//    layout of wgmma's m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs
-//    ~2 ALU operations per 2 weights per N tokens. The width matters below 128 tokens per expert: at
-//    N = 128 an item of 16 tokens paid for 128 columns of tensor work and of activation copies
+//    consumer warpgroups multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of
+//    warpgroup w owns tile 4w + q) x N tokens of one expert (one work item of the grouping with chunk
+//    N; N = 8, 16, 32, 64 or 128 by the tokens per expert, sm90_width). Each consumer warpgroup issues
+//    wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span vector is, after the
+//    magic-number dequantization, exactly its A fragment (the per-warp register layout of wgmma's
+//    m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs ~2 ALU operations
+//    per 2 weights per N tokens. The width matters below 128 tokens per expert: at N = 128 an item of
+//    16 tokens paid for 128 columns of tensor work and of activation copies
 //    (H100, --gemm sm90, N = 128 -> sm90_width: mixtral int4 b128 T = 64 869 -> 472 us; docs/PERF-cuda.md).
 //  * The activations are B, from shared memory through a wgmma descriptor: N token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
@@ -24,10 +24,11 @@
 //  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 10 for 4-bit and 8 for 8-bit
 //    weights) of (N x 128 bytes of activations + the block's 4 or 8 KB of packed weights + the
 //    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier.
-//    The producer refills a stage once both consumers released it; its copies arrive on the full barrier as they land. The two
-//    consumers share each activation stage but otherwise run independently, so one dequantizes and
-//    folds scales while the other's wgmma run. A consumer drains its own wgmma before dequantizing
-//    again (see the loop), two 64-k stages per drain where no scale block ends between them.
+//    The producer refills a stage once both consumers released it; its copies arrive on the full
+//    barrier as they land. The two consumers share each activation stage but otherwise run
+//    independently, so one dequantizes and folds scales while the other's wgmma run. A consumer
+//    drains its own wgmma before dequantizing again (see the loop), two 64-k stages per drain where
+//    no scale block ends between them.
 //  * Block order: groups of 8 work items sweep all row blocks (activations stay in L2).
 //  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
 //    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage.

@@ -11,7 +11,7 @@
 namespace qmoe::cuda {
 
 enum TimelinePoint : int {
-  kTlRouteStart,     // routing kernel (route_group_kernel) entered
+  kTlRouteStart,     // routing kernel (route_group_kernel, or route_one_kernel at T = 1) entered
   kTlRouteSelected,  // the routing warp has chosen the token's experts (the last token's, T > 1)
   kTlRouteRouted,    // every token routed (before the grouping)
   kTlRouteEnd,       // grouping done

@@ -463,10 +463,10 @@ bool run_case(Backend& be, const Case& c, bool graph) {
     cudaFree(dx), cudaFree(dl), cudaFree(dout);
     if (dr) cudaFree(dr);
   }
-  std::printf("%s seed=%llu T=%lld %s%s%s%s | rel %.2e max %.2e%s%s\n", ok ? "PASS" : "FAIL",
+  std::printf("%s seed=%llu T=%lld %s%s%s%s%s | rel %.2e max %.2e%s%s\n", ok ? "PASS" : "FAIL",
               (unsigned long long)c.seed, (long long)c.T, s.to_string().c_str(), c.one_expert ? " one-expert" : "",
-              c.router_weights ? (c.special_logits ? " router_weights special-logits" : " router_weights") : "", graph ? " +graph" : "", res.rel, res.maxerr,
-              ok ? "" : " :: ", ok ? "" : why.c_str());
+              c.router_weights ? " router_weights" : "", c.special_logits ? " special-logits" : "",
+              graph ? " +graph" : "", res.rel, res.maxerr, ok ? "" : " :: ", ok ? "" : why.c_str());
   std::fflush(stdout);
   return ok;
 }
