@@ -1,12 +1,49 @@
 #include "qmoe/tensor.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "qmoe/error.h"
 
 namespace qmoe {
+
+namespace {
+
+// Buffers of at least this size come from alloc_huge (a layer's raw weights: hundreds of MB).
+constexpr size_t kHugeAllocMin = size_t(32) << 20;
+
+// A zero-filled buffer of `bytes` straight from mmap, 2 MiB aligned and advised for transparent huge
+// pages; null when that is unavailable. The kernel hands out zeroed pages (no memset pass), and
+// faulting in and releasing hundreds of MB goes in 2 MiB pages instead of 4 KiB ones: freeing a
+// 768 MB buffer of 4 KiB pages took 42 ms on the H100 host, most of a mixtral layer's prepack
+// spread (docs/PERF-cuda.md, "Prepack").
+std::shared_ptr<void> alloc_huge(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t huge = size_t(2) << 20;
+  const size_t len = (bytes + huge - 1) / huge * huge;
+  void* base = ::mmap(nullptr, len + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  // Trim the mapping to a 2 MiB aligned span of len bytes.
+  const uintptr_t b = reinterpret_cast<uintptr_t>(base), a = (b + huge - 1) & ~(huge - 1);
+  if (a > b) ::munmap(base, a - b);
+  ::munmap(reinterpret_cast<void*>(a + len), b + huge - a);
+  void* p = reinterpret_cast<void*>(a);
+  ::madvise(p, len, MADV_HUGEPAGE);  // advice only: without it the pages are 4 KiB, still correct
+  return std::shared_ptr<void>(p, [len](void* q) { ::munmap(q, len); });
+#else
+  (void)bytes;
+  return nullptr;
+#endif
+}
+
+}  // namespace
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -33,6 +70,7 @@ Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape
   // Round up to the alignment so aligned_alloc's size rule holds; keep at least one byte so an
   // empty tensor still has a non-null buffer (empty() means "absent", not "zero elements").
   const size_t bytes = (std::max<size_t>(size_t(n) * elem, 1) + 63) / 64 * 64;
+  if (bytes >= kHugeAllocMin && (data_ = alloc_huge(bytes))) return;
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes for tensor " + shape_str(shape_));
   std::memset(p, 0, bytes);
