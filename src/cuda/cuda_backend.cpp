@@ -232,6 +232,7 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     ws_ = Workspace{};
+    uploader_.reset();
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -264,6 +265,7 @@ class CudaBackend final : public Backend {
   int sm90_n_ = 0;     // their token width when fixed by QMOE_CUDA_SM90_N, else 0 (sm90_width)
   bool pdl_ = false;   // kernels after a run's first overlap their predecessor (cuda::pdl_supported)
   cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::HostUploader> uploader_;  // prepack's staging, made by the first prepack
   Workspace ws_;
   std::mutex mu_;
 };
@@ -317,7 +319,8 @@ std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExpe
   DevBuf stage(stage_bytes);
   // Uploads and packs run in order on the backend's stream: an expert's upload into the staging
   // buffer starts after the previous expert's pack kernels have read it, so one buffer suffices.
-  cuda::HostUploader up(stream_);
+  if (!uploader_) uploader_ = std::make_unique<cuda::HostUploader>(stream_);
+  cuda::HostUploader& up = *uploader_;
   for (const Src& s : srcs) {
     const int64_t N = fc_rows(spec, s.fc), K = fc_cols(spec, s.fc), nb = spec.blocks(K);
     const size_t wb = size_t(N * (K / pack)), sb = size_t(N * nb) * dtype_size(spec.scale_dtype);

@@ -1,18 +1,23 @@
 // Host-to-device upload of pageable memory (prepack's raw weights) through two pinned chunks: the
-// host copy into one chunk, split over a few threads, overlaps the DMA of the other. A plain
+// host copy into one chunk, split over a few worker threads, overlaps the DMA of the other. A plain
 // cudaMemcpy from pageable memory stages through the driver's buffers with one thread: measured
-// 5-6 GB/s on the H100 host here, most of a mixtral layer's prepack time (docs/PERF-cuda.md).
+// 7 GB/s on the H100 host here, against 45 GB/s through this uploader (docs/PERF-cuda.md, "Prepack").
+//
+// The pinned chunks and the workers are costly to set up (cudaHostAlloc of 2 x 16 MB took 12-20 ms
+// there), so the cuda backend keeps one uploader for its lifetime and reuses it for every prepack.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <memory>
 
 namespace qmoe::cuda {
 
 class HostUploader {
  public:
-  // Allocates the two pinned chunks (chunk_bytes each) and their events; copies run on `stream`.
+  // Allocates the two pinned chunks (chunk_bytes each) and their events and starts the copy workers;
+  // copies run on `stream`.
   HostUploader(cudaStream_t stream, size_t chunk_bytes = size_t(16) << 20);
   ~HostUploader();
   HostUploader(const HostUploader&) = delete;
@@ -23,6 +28,7 @@ class HostUploader {
   void copy(void* dst, const void* src, size_t n);
 
  private:
+  class Workers;
   void release();
 
   cudaStream_t stream_;
@@ -30,7 +36,7 @@ class HostUploader {
   void* pinned_[2] = {nullptr, nullptr};
   cudaEvent_t done_[2] = {nullptr, nullptr};  // the DMA out of pinned_[i] has finished
   int next_ = 0;
-  unsigned threads_ = 1;
+  std::unique_ptr<Workers> workers_;
 };
 
 }  // namespace qmoe::cuda
