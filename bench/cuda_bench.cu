@@ -252,6 +252,7 @@ int main(int argc, char** argv) {
           CU(cudaMemcpy(dl[i], l.data(), l.size() * 2, cudaMemcpyHostToDevice));
         }
         CU(cudaMalloc(&dout, size_t(T * s.hidden) * 2));
+        CU(cudaDeviceSynchronize());  // the pageable copies above may return before their DMA; st is non-blocking
         cuda_reserve_workspace(*be, *packed, T);
         std::vector<cudaGraphExec_t> graphs(R);
         for (int i = 0; i < R; ++i) {

@@ -173,6 +173,7 @@ int main(int argc, char** argv) {
       CU(cudaMalloc(&dl[i], lg.nbytes()));
       CU(cudaMemcpy(dl[i], lg.data(), lg.nbytes(), cudaMemcpyHostToDevice));
     }
+    CU(cudaDeviceSynchronize());  // pageable copies may return before their DMA; st is non-blocking
     auto time_runs = [&](auto&& run) {
       for (int i = 0; i < 3; ++i) run(i);
       std::vector<double> ts;

@@ -296,9 +296,13 @@ std::unique_ptr<PackedExperts> CudaBackend::prepack(const MoeSpec& spec, RawExpe
     throw Error("cuda backend: inter/hidden size too large for the launch grid");
   const auto sizes = expected_sizes(spec);
   DevBuf* dst[] = {&p->fc1.w, &p->fc1.s, &p->fc1.z, &p->fc2.w, &p->fc2.s, &p->fc2.z, &p->bias_g, &p->bias_l, &p->bias2};
+  // The zero fill runs on the backend's stream, ahead of the pack kernels there. (A plain cudaMemset
+  // runs on the legacy default stream, which a non-blocking stream does not wait for: the fill could
+  // land after the packed weights. That happened once the uploader stopped being made per prepack,
+  // whose pinned allocation had been holding the first pack kernel back.)
   for (size_t i = 0; i < sizes.size(); ++i) {
     *dst[i] = DevBuf(sizes[i]);
-    if (sizes[i]) QMOE_CU(cudaMemset(dst[i]->get(), 0, sizes[i]));
+    if (sizes[i]) QMOE_CU(cudaMemsetAsync(dst[i]->get(), 0, sizes[i], stream_));
   }
 
   // One staging buffer, sized for one expert of the largest matrix (weights + scales + zero points).
@@ -408,6 +412,9 @@ std::unique_ptr<PackedExperts> CudaBackend::from_blobs(const MoeSpec& spec, std:
     *dst[i] = DevBuf(sizes[i]);
     QMOE_CU(cudaMemcpy(dst[i]->get(), b->tensor.data(), sizes[i], cudaMemcpyHostToDevice));
   }
+  // cudaMemcpy from pageable memory may return before its DMA lands, and the runs' non-blocking
+  // streams do not wait for the legacy stream it used.
+  QMOE_CU(cudaDeviceSynchronize());
   return p;
 }
 
@@ -530,7 +537,9 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   w.rows = R;
   w.key = ws_key(p);
   w.counts = DevBuf(size_t(Eg) * 4);
-  QMOE_CU(cudaMemset(w.counts.get(), 0, w.counts.bytes()));
+  // Zeroed before any run's stream can use it (the routing kernels return the counters to zero).
+  QMOE_CU(cudaMemsetAsync(w.counts.get(), 0, w.counts.bytes(), stream_));
+  QMOE_CU(cudaStreamSynchronize(stream_));
   w.route_e = DevBuf(size_t(slots) * 4);
   w.route_w = DevBuf(size_t(slots) * 4);
   w.sorted = DevBuf(size_t(slots) * 4);

@@ -131,7 +131,7 @@ struct ExpertParallelLayer::Impl {
     partial.ensure(size_t(R * H) * 4);
     if (!counts.bytes()) {
       counts.ensure(size_t(E) * 4);
-      EP_CU(cudaMemset(counts.as(), 0, counts.bytes()));
+      EP_CU(cudaMemsetAsync(counts.as(), 0, counts.bytes(), st));  // in order with the routing on st
     }
     route_counts.ensure(size_t(E) * 4);
     r_e.ensure(size_t(S * k) * 4);
@@ -382,6 +382,7 @@ std::vector<ExpertParallelLayer::TuneResult> ExpertParallelLayer::tune(const std
   dt.ensure(2 * sizeof(float));
   EP_CU(cudaMemcpy(dx.as(), x.data(), x.nbytes(), cudaMemcpyHostToDevice));
   EP_CU(cudaMemcpy(dl.as(), lg.data(), lg.nbytes(), cudaMemcpyHostToDevice));
+  EP_CU(cudaDeviceSynchronize());  // pageable copies may return before their DMA; runs use a non-blocking stream
   cudaEvent_t e0, e1;
   EP_CU(cudaEventCreate(&e0));
   EP_CU(cudaEventCreate(&e1));

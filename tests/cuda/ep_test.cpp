@@ -183,6 +183,7 @@ struct DevIn {
 void upload(void*& d, const Tensor& t) {
   CU(cudaMalloc(&d, t.nbytes()));
   CU(cudaMemcpy(d, t.data(), t.nbytes(), cudaMemcpyHostToDevice));
+  CU(cudaDeviceSynchronize());  // pageable copies may return before their DMA; the runs' stream is non-blocking
 }
 
 bool run_case(size_t idx, const Case& c, Backend& single_be, void* comm, cudaStream_t st) {
