@@ -50,12 +50,21 @@ struct Case {
   int64_t T = 1;
   bool one_expert = false;  // all tokens routed to the same expert(s)
   bool router_weights = false;
-  // Logits drawn from {-inf, -1, -0, +0, 1, +inf, NaN}: ties, signed zeros, infinities and NaN, first
-  // or later, in every token (the routing's NaN and tie rules; use with router_weights, so outputs
-  // stay finite).
-  bool special_logits = false;
+  // mixed: logits drawn from {-inf, -1, -0, +0, 1, +inf, NaN}: ties, signed zeros, infinities and
+  // NaN, first or later, in every token; all_nan, all_neg_inf: every logit that value (the routing's
+  // NaN and tie rules; use with router_weights, so outputs stay finite).
+  enum class Special { none, mixed, all_nan, all_neg_inf } special_logits = Special::none;
   uint64_t seed = 0;
 };
+
+const char* special_name(Case::Special s) {
+  switch (s) {
+    case Case::Special::mixed: return " special-logits";
+    case Case::Special::all_nan: return " logits-all-nan";
+    case Case::Special::all_neg_inf: return " logits-all-neg-inf";
+    default: return "";
+  }
+}
 
 float urand(std::mt19937_64& r, float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(r); }
 int64_t irand(std::mt19937_64& r, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(r); }
@@ -326,8 +335,15 @@ std::vector<Case> all_cases() {
   }
   for (int64_t E : {64, 300}) {  // special logits; E = 300 takes the routing's general path (E > 256)
     Case c = base(E, 8, 64, 32, 4, 32, Activation::silu, DType::bf16);
-    c.T = 37, c.router_weights = true, c.special_logits = true;
+    c.T = 37, c.router_weights = true, c.special_logits = Case::Special::mixed;
     cs.push_back(c);
+    // One token: the one-warp routing kernel, which places the k choices by rank, so they must be
+    // distinct whatever the logits hold.
+    c.T = 1;
+    for (auto sp : {Case::Special::mixed, Case::Special::mixed, Case::Special::all_nan, Case::Special::all_neg_inf}) {
+      c.special_logits = sp;
+      cs.push_back(c);
+    }
   }
   {
     Case c = base(1, 1, 20, 12, 4, 0, Activation::relu, DType::bf16);  // E = 1, tiny odd sizes
@@ -378,9 +394,12 @@ MoeInputs make_inputs(const Case& c, std::mt19937_64& r, Tensor& x, Tensor& logi
   const MoeSpec& s = c.spec;
   x = rand_float(r, s.act_dtype, {c.T, s.hidden}, -1.f, 1.f);
   logits = rand_float(r, s.act_dtype, {c.T, s.num_experts}, -3.f, 3.f);
-  if (c.special_logits) {
+  if (c.special_logits == Case::Special::mixed) {
     const float v[7] = {-INFINITY, -1.f, -0.f, 0.f, 1.f, INFINITY, NAN};
     for (int64_t i = 0; i < logits.numel(); ++i) store_from_float(s.act_dtype, logits.data(), i, v[r() % 7]);
+  } else if (c.special_logits != Case::Special::none) {
+    const float v = c.special_logits == Case::Special::all_nan ? NAN : -INFINITY;
+    for (int64_t i = 0; i < logits.numel(); ++i) store_from_float(s.act_dtype, logits.data(), i, v);
   }
   if (c.one_expert)
     for (int64_t t = 0; t < c.T; ++t)
@@ -440,6 +459,9 @@ bool run_case(Backend& be, const Case& c, bool graph) {
       CU(cudaMemcpy(dr, rw.data(), rw.nbytes(), cudaMemcpyHostToDevice));
     }
     CU(cudaMemset(dout, 0xff, out.nbytes()));
+    // The copies and the poison ran on the legacy stream (a pageable copy may return before its DMA);
+    // st below does not wait for that stream.
+    CU(cudaDeviceSynchronize());
     cudaStream_t st;
     CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cuda_reserve_workspace(be, *packed, c.T);
@@ -465,7 +487,7 @@ bool run_case(Backend& be, const Case& c, bool graph) {
   }
   std::printf("%s seed=%llu T=%lld %s%s%s%s%s | rel %.2e max %.2e%s%s\n", ok ? "PASS" : "FAIL",
               (unsigned long long)c.seed, (long long)c.T, s.to_string().c_str(), c.one_expert ? " one-expert" : "",
-              c.router_weights ? " router_weights" : "", c.special_logits ? " special-logits" : "",
+              c.router_weights ? " router_weights" : "", special_name(c.special_logits),
               graph ? " +graph" : "", res.rel, res.maxerr, ok ? "" : " :: ", ok ? "" : why.c_str());
   std::fflush(stdout);
   return ok;
