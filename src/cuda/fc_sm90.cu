@@ -123,10 +123,14 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
 // 168 at one block per SM, 80 at two): asking for more makes setmaxnreg.inc wait forever (measured:
 // a hang).
 template <int BPS> constexpr int kLaunchRegs = 65536 / (kThreads * BPS) / 8 * 8;  // allocated in 8s
-template <int BPS> constexpr int kProducerRegs = BPS == 1 ? 56 : 40;
-template <int BPS> constexpr int kConsumerRegs = BPS == 1 ? 224 : 96;
-static_assert(kProducerRegs<1> + kConsumers * kConsumerRegs<1> <= 3 * kLaunchRegs<1> &&
-                  kProducerRegs<2> + kConsumers * kConsumerRegs<2> <= 3 * kLaunchRegs<2>,
+// WIDE: 8-bit weights in blocks of 32, whose fc1 consumers spilled a little with the second
+// partial-sum set of the block-32 loop at 224 registers. Elsewhere the producer keeps 56: at 40 its
+// N = 128 copies were slower (H100, mixtral int4 b32 T = 2048: 4.78 ms at 56/224, 4.96-5.02 at 40/232).
+template <int BPS, bool WIDE> constexpr int kProducerRegs = BPS == 2 || WIDE ? 40 : 56;
+template <int BPS, bool WIDE> constexpr int kConsumerRegs = BPS == 2 ? 96 : WIDE ? 232 : 224;
+static_assert(kProducerRegs<1, false> + kConsumers * kConsumerRegs<1, false> <= 3 * kLaunchRegs<1> &&
+                  kProducerRegs<1, true> + kConsumers * kConsumerRegs<1, true> <= 3 * kLaunchRegs<1> &&
+                  kProducerRegs<2, false> + kConsumers * kConsumerRegs<2, false> <= 3 * kLaunchRegs<2>,
               "the warpgroups' budgets fit the block's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -272,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
     // cores consume them: 2.4x slower.)
-    setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>>>();
+    setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2>>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
@@ -355,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>>>();
+  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2>>();
   const int wg = warp >> 2, q = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;
@@ -394,16 +398,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
 
   constexpr int R = N / 2;  // accumulators per thread
   float acc[R], part[R];
+  float part2[KB == 2 ? R : 1];  // block 32: the stage's second block (see the loop)
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i] = 0.f;
-  auto fold = [&](uint32_t stage, int h) {  // acc += the block's scales * part
+  // acc += the block's scales * p, once the wgmma groups but the newest `PENDING` have completed.
+  auto fold_into = [&]<int PENDING, int RP>(float(&p)[RP], uint32_t stage, int h) {
     const float s0 = stage_scale(stage, h, srow), s1 = stage_scale(stage, h, srow + 8);
-    wg_wait<0>();
-    fence_regs(part);
+    wg_wait<PENDING>();
+    fence_regs(p);
     fence_regs(acc);
 #pragma unroll
-    for (int i = 0; i < R; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, part[i], acc[i]);
+    for (int i = 0; i < R; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, p[i], acc[i]);
   };
+  auto fold = [&](uint32_t stage, int h) { fold_into.template operator()<0>(part, stage, h); };
 
   // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
   // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
@@ -425,13 +432,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     uint32_t st[2];
 #pragma unroll
     for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
-    constexpr int BATCH = KB == 0 ? 4 : KB;
+    if constexpr (KB == 2) {
+      // Block 32, two blocks per stage: both blocks' A first, then both blocks' wgmma as two commit
+      // groups into part and part2; block 0 is folded while block 1's wgmma still run (H100, T = 2048,
+      // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
+      uint4 v[SPANS];
 #pragma unroll
-    for (int j0 = 0; j0 < 4; j0 += BATCH) {
-      // A scale block starts: block j0 / 2 of this stage (KB = 2), or a new block (KB = 4).
-      if constexpr (KB == 2) stage_zeros(st[0], j0 / 2);
+      for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[0] + wdst + h * kSpanBytes);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j % 2 == 0) stage_zeros(st[0], j / 2);
+        dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[j]);
+      }
+      wg_fence();
+      fence_regs(part);
+      fence_regs(part2);
+      wgmma<CT, N>(part, af[0], desc_sw128(st[0]), 0);
+      wgmma<CT, N>(part, af[1], desc_sw128(st[0] + 32), 1);
+      wg_commit();
+      wgmma<CT, N>(part2, af[2], desc_sw128(st[0] + 64), 0);
+      wgmma<CT, N>(part2, af[3], desc_sw128(st[0] + 96), 1);
+      wg_commit();
+      fence_regs(part);
+      fence_regs(part2);
+      fold_into.template operator()<1>(part, st[0], 0);
+      fold_into.template operator()<0>(part2, st[0], 1);
+    } else {
       if constexpr (KB == 4) {
-        if (kc == 0) stage_zeros(st[0], 0);
+        if (kc == 0) stage_zeros(st[0], 0);  // a scale block starts
       }
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
@@ -440,47 +468,31 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
 #pragma unroll
         for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
 #pragma unroll
-        for (int j = j0; j < j0 + BATCH; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[4 * u + j]);
+        for (int j = 0; j < 4; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[4 * u + j]);
       }
       wg_fence();
-      if constexpr (KB == 0) {
-        fence_regs(acc);
+      // Row-wise scales accumulate into acc, blocks of >= 64 k into part.
+      float(&d)[R] = KB == 0 ? acc : part;
+      fence_regs(d);
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          if (u == 1 && step == 1) break;
+      for (int u = 0; u < 2; ++u) {
+        if (u == 1 && step == 1) break;
 #pragma unroll
-          for (int j = j0; j < j0 + BATCH; ++j)
-            wgmma<CT, N>(acc, af[4 * u + j], desc_sw128(st[u] + 32 * j), ks + u > 0 || j > 0);
-          wg_commit();
-        }
-        fence_regs(acc);
-      } else {
-        fence_regs(part);
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          if (u == 1 && step == 1) break;
-#pragma unroll
-          for (int j = j0; j < j0 + BATCH; ++j)
-            wgmma<CT, N>(part, af[4 * u + j], desc_sw128(st[u] + 32 * j),
-                           (KB == 4 ? kc > 0 || u > 0 : false) || j > j0);
-          wg_commit();
-        }
-        fence_regs(part);
+        for (int j = 0; j < 4; ++j)
+          wgmma<CT, N>(d, af[4 * u + j], desc_sw128(st[u] + 32 * j), (KB == 0 ? ks > 0 : kc > 0) || u > 0 || j > 0);
+        wg_commit();
       }
+      fence_regs(d);
       // Two stages: one commit group each; once the first group is done its stage goes back to the
       // producer while the second's wgmma still run.
       if (step == 2) {
         wg_wait<1>();
         mbar_arrive(empty0 + 8 * (ks % S));
       }
-      if constexpr (KB != 0) {
-        if constexpr (KB == 2) {
-          fold(st[0], j0 / 2);
-        } else {
-          kc += 4 * step;
-          // Scales from the iteration's last stage: with two, the first may be released already.
-          if (kc == G.kpb || ks + step == nk) fold(step == 2 ? st[1] : st[0], 0), kc = 0;
-        }
+      if constexpr (KB == 4) {
+        kc += 4 * step;
+        // Scales from the iteration's last stage: with two, the first may be released already.
+        if (kc == G.kpb || ks + step == nk) fold(step == 2 ? st[1] : st[0], 0), kc = 0;
       }
     }
     // Where this iteration ended in a fold, its wgmma are drained already: release its stages now
