@@ -31,7 +31,8 @@
 //    no scale block ends between them.
 //  * Block order: groups of 8 work items sweep all row blocks (activations stay in L2).
 //  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
-//    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage.
+//    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage,
+//    the second into `part2`, so the first block's fold overlaps the second block's wgmma.
 //    Row-wise scales: wgmma accumulates into acc directly and the scale is applied once at the end.
 //    Block size 16 is not served here (the host keeps such layers on the SM80 kernel).
 //
@@ -435,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     if constexpr (KB == 2) {
       // Block 32, two blocks per stage: both blocks' A first, then both blocks' wgmma as two commit
       // groups into part and part2; block 0 is folded while block 1's wgmma still run (H100, T = 2048,
-      // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
+      // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78-4.81 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
       uint4 v[SPANS];
 #pragma unroll
       for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[0] + wdst + h * kSpanBytes);
