@@ -101,14 +101,25 @@ class HostUploader::Workers {
 };
 
 HostUploader::HostUploader(cudaStream_t stream, size_t chunk_bytes) : stream_(stream), chunk_(chunk_bytes) {
-  try {
-    for (int i = 0; i < 2; ++i) {
-      check(cudaHostAlloc(&pinned_[i], chunk_, cudaHostAllocDefault), "pinned staging buffer");
-      check(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), "staging event");
-    }
-  } catch (...) {
+  if (!chunk_) return;
+  // Any failure here leaves the uploader unstaged (copy() then copies directly); the error is cleared.
+  auto give_up = [&] {
+    cudaGetLastError();
     release();
-    throw;
+  };
+  for (int i = 0; i < 2; ++i) {
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, chunk_, cudaHostAllocDefault) != cudaSuccess) {
+      give_up();
+      return;
+    }
+    pinned_[i] = p;
+    cudaEvent_t ev = nullptr;
+    if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) {
+      give_up();
+      return;
+    }
+    done_[i] = ev;
   }
   workers_ = std::make_unique<Workers>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u));
 }
@@ -124,6 +135,10 @@ void HostUploader::release() {
 }
 
 void HostUploader::copy(void* dst, const void* src, size_t n) {
+  if (!staged()) {  // the runtime stages pageable memory itself and returns once src has been read
+    if (n) check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream_), "upload to the device");
+    return;
+  }
   for (size_t off = 0; off < n; off += chunk_) {
     const size_t len = std::min(chunk_, n - off);
     const int b = next_;

@@ -5,6 +5,8 @@
 //
 // The pinned chunks and the workers are costly to set up (cudaHostAlloc of 2 x 16 MB took 12-20 ms
 // there), so the cuda backend keeps one uploader for its lifetime and reuses it for every prepack.
+// Where pinned memory cannot be had, the uploader copies from pageable memory directly (slower, same
+// results).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,7 +19,8 @@ namespace qmoe::cuda {
 class HostUploader {
  public:
   // Allocates the two pinned chunks (chunk_bytes each) and their events and starts the copy workers;
-  // copies run on `stream`.
+  // copies run on `stream`. chunk_bytes = 0, or a failed pinned allocation, selects direct copies
+  // from pageable memory.
   HostUploader(cudaStream_t stream, size_t chunk_bytes = size_t(16) << 20);
   ~HostUploader();
   HostUploader(const HostUploader&) = delete;
@@ -26,6 +29,9 @@ class HostUploader {
   // Enqueues dst[0, n) = src[0, n) on the stream. `src` has been read when this returns; `dst` is
   // written in stream order (later work on the stream sees it). Throws qmoe::Error on CUDA errors.
   void copy(void* dst, const void* src, size_t n);
+
+  // Whether copies go through the pinned chunks (false: direct pageable copies).
+  bool staged() const { return pinned_[0] != nullptr; }
 
  private:
   class Workers;

@@ -2,7 +2,7 @@
 //
 // Built only with QMOE_CUDA=ON, as its own executable (qmoe_cuda_tests). Exits 0 with a message when
 // no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N] [--gemm G]
-//   --quick   the first 12 configurations (for compute-sanitizer runs)
+//   --quick   the uploader check and the first 12 configurations (for compute-sanitizer runs)
 //   --gemm    auto (default) | sm80 | sm90: sm90 forces the Hopper wgmma kernels on every
 //             configuration they serve (all but block size 16), whatever the batch
 //
@@ -21,16 +21,20 @@
 //  * a second run is bitwise identical;
 //  * for every 3rd configuration: the device-pointer core captured in a CUDA graph and replayed
 //    gives bitwise the same output as the host-tensor run.
+// Before the configurations (counted as one more): prepack's host-to-device uploader on its own
+// (check_uploader).
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/cuda_sm80_layout.h"
+#include "cuda/host_upload.h"
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
@@ -355,6 +359,12 @@ std::vector<Case> all_cases() {
     c.spec.swiglu_fusion = SwigluFusion::interleaved, c.T = 4096, c.spec.fc1_bias = true;
     cs.push_back(c);
   }
+  {
+    // 4 MiB of raw codes per expert matrix: prepack's upload splits each copy over its worker threads.
+    Case c = base(2, 1, 2048, 2048, 8, 0, Activation::identity, DType::f16);
+    c.T = 3;
+    cs.push_back(c);
+  }
   for (size_t i = 0; i < cs.size(); ++i) cs[i].seed = 1000 + i;
   for (int i = 0; i < 64; ++i) cs.push_back(random_case(i, 0x5eed0000ull + uint64_t(i)));
   // Prefill sizes for the wgmma kernels (several 128-token items per expert, a partial last item,
@@ -415,6 +425,50 @@ MoeInputs make_inputs(const Case& c, std::mt19937_64& r, Tensor& x, Tensor& logi
     in.router_weights = rw.view();
   }
   return in;
+}
+
+// The prepack uploader (cuda/host_upload.h) on its own: copies through the pinned chunks (pieces of
+// >= 1 MiB split over the worker threads, copies across chunk boundaries, back-to-back copies reusing
+// the chunks) and direct pageable copies. The source range is overwritten as soon as each copy
+// returns (the uploader's contract: the source has been read by then); the device must hold the
+// original bytes.
+bool check_uploader() {
+  const size_t sizes[] = {0, 1, 4097, (size_t(1) << 20) + 3, (size_t(5) << 20) + 7, (size_t(40) << 20) + 13};
+  size_t total = 0;
+  for (size_t n : sizes) total += n;
+  std::vector<uint8_t> want(total), src(total), got(total);
+  std::mt19937_64 r(0x0b10ad);
+  for (auto& b : want) b = uint8_t(r() >> 56);
+  void* d = nullptr;
+  CU(cudaMalloc(&d, total));
+  cudaStream_t st;
+  CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  bool ok = true;
+  for (const size_t chunk : {size_t(16) << 20, (size_t(3) << 20) + 5, size_t(0)}) {
+    src = want;
+    CU(cudaMemset(d, 0, total));
+    CU(cudaDeviceSynchronize());
+    bool staged = false;
+    {
+      cuda::HostUploader up(st, chunk);
+      staged = up.staged();
+      size_t off = 0;
+      for (size_t n : sizes) {
+        up.copy(static_cast<uint8_t*>(d) + off, src.data() + off, n);
+        std::memset(src.data() + off, 0xa5, n);
+        off += n;
+      }
+      CU(cudaStreamSynchronize(st));
+    }
+    CU(cudaMemcpy(got.data(), d, total, cudaMemcpyDeviceToHost));
+    const bool same = got == want;
+    std::printf("%s uploader: chunk %zu bytes, %s, %zu bytes in %zu copies\n", same ? "PASS" : "FAIL", chunk,
+                staged ? "pinned chunks" : "direct", total, std::size(sizes));
+    ok = ok && same && staged == (chunk != 0);
+  }
+  CU(cudaStreamDestroy(st));
+  CU(cudaFree(d));
+  return ok;
 }
 
 void poison(Tensor& t) { std::memset(t.data(), 0xff, t.nbytes()); }  // NaN in f32/f16/bf16
@@ -517,6 +571,10 @@ int main(int argc, char** argv) {
   auto be = make_cuda_backend(opt);
   const auto cases = all_cases();
   int fails = 0, runs = 0;
+  if (only < 0) {
+    ++runs;
+    if (!check_uploader()) ++fails;
+  }
   for (size_t i = 0; i < cases.size(); ++i) {
     if (quick && i >= 12) break;
     if (only >= 0 && int(i) != only) continue;
