@@ -2,7 +2,7 @@
 // (docs/FORMAT-cuda.md) and runs the whole layer there: routing, grouping by expert, FC1 + bias +
 // activation, FC2, and the weighted combine, all on the device and capturable in a CUDA graph.
 // Prepack needs one expert's raw matrix of transient device memory; from the first prepack on, the
-// backend also holds 32 MB of pinned host memory and a few idle copy threads for its uploads.
+// backend also holds up to 32 MB of pinned host memory and a few idle copy threads for its uploads.
 //
 // This header is plain C++ (no CUDA types) so that src/core/layer.cpp and the CLI can include it.
 #pragma once

@@ -23,7 +23,7 @@ constexpr size_t kHugeAllocMin = size_t(32) << 20;
 // pages; null when that is unavailable. The kernel hands out zeroed pages (no memset pass), and
 // faulting in and releasing hundreds of MB goes in 2 MiB pages instead of 4 KiB ones: freeing a
 // 768 MB buffer of 4 KiB pages took 42 ms on the H100 host, most of a mixtral layer's prepack
-// spread (docs/PERF-cuda.md, "Prepack").
+// spread (docs/PERF-cuda.md, "Prepack spread").
 std::shared_ptr<void> alloc_huge(size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t huge = size_t(2) << 20;
