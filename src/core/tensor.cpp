@@ -16,8 +16,13 @@ namespace qmoe {
 
 namespace {
 
-// Buffers of at least this size come from alloc_huge (a layer's raw weights: hundreds of MB).
+// Buffers of at least this size come from alloc_huge (a layer's raw weights: hundreds of MB), except
+// under AddressSanitizer, which watches the bounds of heap blocks but not of mmap'd ones.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kHugeAllocMin = SIZE_MAX;
+#else
 constexpr size_t kHugeAllocMin = size_t(32) << 20;
+#endif
 
 // A zero-filled buffer of `bytes` straight from mmap, 2 MiB aligned and advised for transparent huge
 // pages; null when that is unavailable. The kernel hands out zeroed pages (no memset pass), and

@@ -1,5 +1,5 @@
 // Tensor allocation: every owning tensor starts zero-filled and 64-byte aligned, whichever allocator
-// its size picks (large ones come from mmap with huge-page advice).
+// its size picks (large ones come from mmap with huge-page advice, except under AddressSanitizer).
 #include <gtest/gtest.h>
 
 #include <algorithm>
