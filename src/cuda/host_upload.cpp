@@ -25,8 +25,8 @@ void check(cudaError_t e, const char* what) {
 }  // namespace
 
 // memcpy split over the calling thread and a fixed set of workers that wait between copies.
-// Starting threads for every 16 MB chunk instead cost half the copy rate and most of its spread
-// (8 threads: 19-34 GB/s started per chunk, 46 GB/s kept; docs/PERF-cuda.md, "Prepack").
+// Starting threads for every chunk instead cost a quarter to half of the copy rate (H100 host, 8
+// threads, 16 MB chunks: 34 GB/s started per chunk, 46 GB/s kept; docs/PERF-cuda.md, "Prepack spread").
 class HostUploader::Workers {
  public:
   explicit Workers(unsigned threads) {
