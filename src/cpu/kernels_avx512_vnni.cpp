@@ -131,6 +131,12 @@ void pair_vnni(const PairJob& jb) {
         step(j, true);
       }
       if (j < je) step(j, false);  // 2 bytes left: only at the end of a row
+      // A compiler barrier before the fold: without it GCC 12 forwards each sum it stored into
+      // jb.acc to the next group's fold through a stack slot, so every fold stored twice (jb.acc
+      // and the slot) and block-32 weights, folding every 32 columns, stalled on stores (perf: 13%
+      // of the kernel's samples on the instruction after a fold's last store). 2 threads, mixtral
+      // int4 block 32 T=64, four alternating runs: 50.6-52.0 -> 42.2-44.9 ms (docs/PERF.md).
+      asm volatile("" ::: "memory");
       const int64_t g = jg * kPack / gcols;
       for (int t = 0; t < MT; ++t) {
         const __m512i ns = _mm512_set1_epi32(jb.xneg_sum[t][g]);
