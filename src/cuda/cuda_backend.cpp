@@ -537,9 +537,9 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   w.rows = R;
   w.key = ws_key(p);
   w.counts = DevBuf(size_t(Eg) * 4);
-  // Zeroed before any run's stream can use it (the routing kernels return the counters to zero).
+  // Zeroed before any run's stream can use it (the device synchronisation below; the routing kernels
+  // return the counters to zero).
   QMOE_CU(cudaMemsetAsync(w.counts.get(), 0, w.counts.bytes(), stream_));
-  QMOE_CU(cudaStreamSynchronize(stream_));
   w.route_e = DevBuf(size_t(slots) * 4);
   w.route_w = DevBuf(size_t(slots) * 4);
   w.sorted = DevBuf(size_t(slots) * 4);
