@@ -99,8 +99,11 @@ void pair_vnni(const PairJob& jb) {
     for (int tile = 0; tile < 2; ++tile) s[tile] = load_scales16(jb.scale_dtype, jb.scales[tile], b * kTileRows);
     for (int64_t jg = jb0; jg < jb1; jg += gbytes, ++g) {
       const int64_t je = std::min(jg + gbytes, jb1);
+      // Without zero points z is the same for every row, so z * nsum_g is one int32 per token: the
+      // sums start there instead of taking a vpdpwssd per tile at the fold (the same integers).
       __m512i isum[MT][2];
-      for (int t = 0; t < MT; ++t) isum[t][0] = isum[t][1] = _mm512_setzero_si512();
+      for (int t = 0; t < MT; ++t)
+        isum[t][0] = isum[t][1] = ZP ? _mm512_setzero_si512() : _mm512_set1_epi32(jb.xneg_sum[t][g] * (1 << (BITS - 1)));
       auto step = [&](int64_t j, bool full) __attribute__((always_inline)) {
         __m512i w[2][2];  // [tile][0: low nibbles or int8 codes, 1: high nibbles]
         for (int tile = 0; tile < 2; ++tile) {
@@ -144,7 +147,8 @@ void pair_vnni(const PairJob& jb) {
       for (int t = 0; t < MT; ++t) {
         const __m512i ns = _mm512_set1_epi32(jb.xneg_sum[t][g]);
         for (int tile = 0; tile < 2; ++tile) {
-          const __m512i exact = _mm512_dpwssd_epi32(isum[t][tile], z[tile], ns);  // + z * -(sum xq)
+          // + z * -(sum xq) where the start value did not already hold it
+          const __m512i exact = ZP ? _mm512_dpwssd_epi32(isum[t][tile], z[tile], ns) : isum[t][tile];
           float* a = acc + t * kPairRows + tile * kTileRows;
           _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], _mm512_cvtepi32_ps(exact), _mm512_loadu_ps(a)));
         }
