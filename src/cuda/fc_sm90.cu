@@ -1,9 +1,16 @@
 // The Hopper (sm_90a) FC kernel for large batches: a grouped mixed-input GEMM on wgmma.
 //
-// Same problem, same packed weights (cuda_sm80_layout.h: one copy serves both kernels) and the same
-// numerics as the SM80-family kernel in cuda_kernels.cu: the tensor cores multiply exact
+// Same problem and packed weights (cuda_sm80_layout.h: one copy serves both kernels) as the SM80-family
+// kernel in cuda_kernels.cu, and the same numerics but in one case: the tensor cores multiply exact
 // integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
-// the multiply, accumulation is fp32. What changes is the shape of the work:
+// the multiply, accumulation is fp32. The case (DQ): bf16 activations with bf16 block-wise scales,
+// where the dequantizer multiplies each weight by its scale (one HMUL2 per 2 weights) and the tensor
+// cores take s * (q - z) rounded once to bf16, as a bf16 model's weights would be. That drops the
+// fp32 fold of every scale block (N / 2 FMAs per thread per block, more than the dequantization
+// itself at block 32) and its partial sums. H100, T = 2048, mixtral int4 b32 4.77 -> 3.99-4.13 ms,
+// b128 4.26 -> 3.98-4.08 ms (docs/PERF-cuda.md); the GPU tests state the tolerance it meets. fp16
+// keeps the fold: there s * (q - z) could overflow where the fp32 fold does not. What changes is
+// the shape of the work:
 //
 //  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two
 //    consumer warpgroups multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of
@@ -33,6 +40,7 @@
 //  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
 //    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage,
 //    the second into `part2`, so the first block's fold overlaps the second block's wgmma.
+//    DQ: no part, every k-step accumulates into acc with its weights already scaled.
 //    Row-wise scales: wgmma accumulates into acc directly and the scale is applied once at the end.
 //    Block size 16 is not served here (the host keeps such layers on the SM80 kernel).
 //
@@ -230,7 +238,9 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
 #endif
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
-template <class CT, int SB, bool FC1, int KB, int N>
+// DQ (bf16 with bf16 block-wise scales only): no folds either; the dequantizer multiplies each weight
+// by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
+template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
@@ -277,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
     // cores consume them: 2.4x slower.)
-    setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2>>();
+    setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
@@ -360,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2>>();
+  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
   const int wg = warp >> 2, q = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;
@@ -396,6 +406,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
   };
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
+  // DQ: scale block h of a stage as a pair of bf16 (s, s) per row, for a[0], a[2] (row g) and a[1],
+  // a[3] (row g + 8).
+  auto scale_pairs = [&](uint32_t stage, int h, uint32_t& s0, uint32_t& s1) {
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * 512);
+    s0 = uint32_t(sc[srow]) * 0x10001u, s1 = uint32_t(sc[srow + 8]) * 0x10001u;
+  };
 
   constexpr int R = N / 2;  // accumulators per thread
   float acc[R], part[R];
@@ -418,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
   // serialize every wgmma: C7513); the other warpgroup's wgmma run meanwhile. A drained stage's slot
   // is released to the producer.
-  const bool pair = KB == 0 || (KB == 4 && (G.kpb / 4) % 2 == 0);
+  const bool pair = KB == 0 || DQ || (KB == 4 && (G.kpb / 4) % 2 == 0);
   int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
 #pragma unroll 1
   for (int ks = 0; ks < nk;) {
@@ -433,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     uint32_t st[2];
 #pragma unroll
     for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
-    if constexpr (KB == 2) {
+    if constexpr (KB == 2 && !DQ) {
       // Block 32, two blocks per stage: both blocks' A first, then both blocks' wgmma as two commit
       // groups into part and part2; block 0 is folded while block 1's wgmma still run (H100, T = 2048,
       // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78-4.81 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
@@ -459,7 +475,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
       fold_into.template operator()<1>(part, st[0], 0);
       fold_into.template operator()<0>(part2, st[0], 1);
     } else {
-      if constexpr (KB == 4) {
+      if constexpr (KB == 4 && !DQ) {
         if (kc == 0) stage_zeros(st[0], 0);  // a scale block starts
       }
 #pragma unroll
@@ -468,19 +484,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
         uint4 v[SPANS];
 #pragma unroll
         for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
+        uint32_t s0 = 0, s1 = 0;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[4 * u + j]);
+        for (int j = 0; j < 4; ++j) {
+          if constexpr (DQ) {
+            if (j == 0 || (KB == 2 && j == 2)) {  // the stage's scale block h starts
+              const int h = KB == 2 ? j / 2 : 0;
+              stage_zeros(st[u], h);
+              scale_pairs(st[u], h, s0, s1);
+            }
+          }
+          uint32_t(&f)[4] = af[4 * u + j];
+          dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, f);
+          if constexpr (DQ) {
+            f[0] = CtTraits<CT>::mul2(f[0], s0), f[2] = CtTraits<CT>::mul2(f[2], s0);
+            f[1] = CtTraits<CT>::mul2(f[1], s1), f[3] = CtTraits<CT>::mul2(f[3], s1);
+          }
+        }
       }
       wg_fence();
-      // Row-wise scales accumulate into acc, blocks of >= 64 k into part.
-      float(&d)[R] = KB == 0 ? acc : part;
+      // Row-wise scales and DQ accumulate into acc, blocks of >= 64 k into part.
+      float(&d)[R] = KB == 0 || DQ ? acc : part;
       fence_regs(d);
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         if (u == 1 && step == 1) break;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          wgmma<CT, N>(d, af[4 * u + j], desc_sw128(st[u] + 32 * j), (KB == 0 ? ks > 0 : kc > 0) || u > 0 || j > 0);
+          wgmma<CT, N>(d, af[4 * u + j], desc_sw128(st[u] + 32 * j), (KB == 0 || DQ ? ks > 0 : kc > 0) || u > 0 || j > 0);
         wg_commit();
       }
       fence_regs(d);
@@ -490,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
         wg_wait<1>();
         mbar_arrive(empty0 + 8 * (ks % S));
       }
-      if constexpr (KB == 4) {
+      if constexpr (KB == 4 && !DQ) {
         kc += 4 * step;
         // Scales from the iteration's last stage: with two, the first may be released already.
         if (kc == G.kpb || ks + step == nk) fold(step == 2 ? st[1] : st[0], 0), kc = 0;
@@ -501,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     // H100 at T = 2048: mixtral int4 b128 4.39 -> 4.13 ms, b32 5.01 -> 4.81 ms).
     // Either way one stage is left to release: the iteration's last.
     const int last = ks + step - 1;
-    if (KB == 2 || (KB == 4 && kc == 0)) {
+    if (!DQ && (KB == 2 || (KB == 4 && kc == 0))) {
       mbar_arrive(empty0 + 8 * (last % S));
       prev_n = 0;
     } else {
@@ -565,9 +596,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
 #endif
 }
 
-template <class CT, int SB, bool FC1, int KB, int N>
+template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 cudaError_t set_attr() {
-  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               smem_bytes<SB, N>());
 }
 // Calls f.template operator()<N>() for the kernel widths N.
@@ -584,6 +615,10 @@ cudaError_t set_attrs_kb() {
     cudaError_t e = set_attr<CT, SB, FC1, 0, N>();
     if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 2, N>();
     if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 4, N>();
+    if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
+      if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 2, N, true>();
+      if (e == cudaSuccess) e = set_attr<CT, SB, FC1, 4, N, true>();
+    }
     return e;
   });
 }
@@ -592,6 +627,13 @@ int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2;
 
 template <bool FC1, class CT, int SB, int N>
 void launch_n(const FcArgs& a, const dim3 grid, cudaStream_t st) {
+  if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
+    if (a.scale_elt == Elt::bf16 && kb_of(a.geom) != 0) {  // DQ: scales exact in bf16
+      if (kb_of(a.geom) == 2) fc_sm90_kernel<CT, SB, FC1, 2, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
+      else fc_sm90_kernel<CT, SB, FC1, 4, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
+      return;
+    }
+  }
   switch (kb_of(a.geom)) {
     case 0: fc_sm90_kernel<CT, SB, FC1, 0, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
     case 2: fc_sm90_kernel<CT, SB, FC1, 2, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;

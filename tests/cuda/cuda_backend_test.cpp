@@ -18,6 +18,13 @@
 //    only error is each a_i's rounding (relative <= u_c, mean-square u_c^2/3); through fc2's random-sign
 //    dot products that gives an output error of ~0.58 u_c relative in L2 (1.2 u_c is 2x margin) and a
 //    per-element standard deviation of ~0.58 u_c rms(ref) (6 u_c is ~10 sigma);
+//    except where the wgmma kernel may run bf16 with bf16 block-wise scales (an sm_90 card, --gemm
+//    not sm80): it feeds the tensor cores s * (q - z) rounded to bf16 (relative <= u_c, mean-square
+//    u_c^2/3 per weight), in fc1 and fc2. Each of those two roundings adds an error term of the same
+//    form and size as a_i's, so three equal terms: ~1.0 u_c relative in L2 (measured 3.4-3.8e-3 =
+//    0.9-1.0 u_c on an H100) and a per-element deviation of ~1.0 u_c rms(ref). There the bounds are
+//    2 u_c + u_T and 10 u_c rms(ref) + 2 u_T |ref| (the same margins; 6 u_c failed 1 of 4.2M elements
+//    of a K = 48 case at 6.6 sigma, where few terms give heavier tails than a normal law);
 //  * a second run is bitwise identical;
 //  * for every 3rd configuration: the device-pointer core captured in a CUDA graph and replayed
 //    gives bitwise the same output as the host-tensor run.
@@ -187,9 +194,15 @@ struct Result {
   double rel = 0, maxerr = 0;
 };
 
+// Whether the wgmma kernel can run on this card with this dispatch (main sets it), see compare.
+bool g_wgmma = false;
+
 Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
   Result res;
   const MoeSpec& s = c.spec;
+  // The wgmma kernel's bf16 path with scales applied to the weights (header comment).
+  const bool rounded_w = g_wgmma && s.act_dtype == DType::bf16 && s.scale_dtype == DType::bf16 && s.block_size >= 32;
+  const double k_elem = rounded_w ? 10 : 6, k_l2 = rounded_w ? 2 : 1.2;
   float uc = s.act_dtype == DType::f16 ? unit_roundoff(DType::f16) : unit_roundoff(DType::bf16);
   if (s.act_dtype == DType::f32) uc *= 2;
   const float ut = unit_roundoff(s.act_dtype);
@@ -202,7 +215,7 @@ Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
     const double d = std::fabs(double(o) - r);
     se += d * d;
     res.maxerr = std::max(res.maxerr, d);
-    const double tol = 6 * uc * rms + 2 * ut * std::fabs(r);
+    const double tol = k_elem * uc * rms + 2 * ut * std::fabs(r);
     if (!(d <= tol) && res.ok) {  // NaN (unwritten poison) fails here too
       char buf[200];
       std::snprintf(buf, sizeof buf, "first bad index %lld (token %lld, h %lld): got %.7g, ref %.7g, tol %.3g",
@@ -212,9 +225,9 @@ Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
     }
   }
   res.rel = ss > 0 ? std::sqrt(se / ss) : std::sqrt(se);
-  if (res.ok && !(res.rel <= 1.2 * uc + ut)) {
+  if (res.ok && !(res.rel <= k_l2 * uc + ut)) {
     res.ok = false;
-    res.why = "relative L2 error " + std::to_string(res.rel) + " > " + std::to_string(1.2 * uc + ut);
+    res.why = "relative L2 error " + std::to_string(res.rel) + " > " + std::to_string(k_l2 * uc + ut);
   }
   return res;
 }
@@ -569,6 +582,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp p{};
   CU(cudaGetDeviceProperties(&p, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", p.name, p.major, p.minor, p.multiProcessorCount);
+  g_wgmma = p.major == 9 && opt.gemm != CudaGemm::sm80;
   auto be = make_cuda_backend(opt);
   const auto cases = all_cases();
   int fails = 0, runs = 0;
