@@ -17,7 +17,8 @@
 // in shared memory in a fixed order) and, for fc2, across blocks (summed by the combine kernel in a
 // fixed order). Scales are applied per scale block in fp32 AFTER the mma (the
 // mma sums exact integer-valued weights times x), so the only roundings are fp32 accumulation and the
-// fc1 activation being stored as fp16/bf16 for fc2. Determinism: no float atomics anywhere; the
+// fc1 activation being stored as fp16/bf16 for fc2; except in bf16 with bf16 block-wise scales (DQ,
+// fc_uses_dq), where the weights enter the mma as s * (q - z) rounded to bf16. Determinism: no float atomics anywhere; the
 // grouping uses integer atomics only to place rows, and every row's result is independent of its
 // position in a tile (each mma output column depends only on its own B column), so outputs are
 // bitwise reproducible.
@@ -584,7 +585,11 @@ __device__ __forceinline__ BlockParams block_params(const uint8_t* ssm, const ui
 // XR: token rows staged per n-tile (8, or 1 when every work item holds one token; see StageLayout).
 // At XR = 1 the block is small enough for 7 per SM, at XR = 8 for 3..6 (3 at NT * TPW = 8); the bound
 // keeps registers from undoing that.
-template <class CT, int SB, int NT, bool FC1, int TPW, int XR>
+// DQ (bf16 with bf16 block-wise scales, as in fc_sm90.cu): the dequantizer multiplies each weight by
+// its scale, so the mma take s * (q - z) rounded once to bf16 and no scale block is folded; both kernel
+// families then compute the same products, so a layer's result does not depend on which one runs
+// beyond the order of its fp32 sums.
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR, bool DQ = false>
 __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 : 4) fc_kernel(const FcArgs a) {
   constexpr int SPAN = SB == 4 ? 64 : 32;
   constexpr int KSTEPS = SPAN / 16;
@@ -685,6 +690,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   int kc = int(ks % G.kpb);
   ZeroRep<CT, SB> zr[TPW];
   float sc0[TPW], sc1[TPW];
+  uint32_t sp0[TPW], sp1[TPW];  // DQ: the block's scales of rows g and g + 8 as bf16 pairs (s, s)
   auto load_block = [&](int b) {
     const bool refill = b >= chunk0 + kScaleChunk<XR> || chunk0 < 0;
     if (refill) chunk0 = b;
@@ -695,9 +701,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
       if (refill)
         fill_scales(us, uz, a.s, a.z, sbase[u] + int64_t(b) * kTileRows,
                     int(min(int64_t(kScaleChunk<XR>), G.NBP - b)), es, lane);
-      const BlockParams bp = block_params(us, uz, int(b - chunk0) * kTileRows + g, es, a.scale_elt, a.z != nullptr,
-                                          a.zdefault);
+      const int i = int(b - chunk0) * kTileRows + g;
+      const BlockParams bp = block_params(us, uz, i, es, a.scale_elt, a.z != nullptr, a.zdefault);
       sc0[u] = bp.s0, sc1[u] = bp.s1;
+      if constexpr (DQ) {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(us) + i;
+        sp0[u] = uint32_t(h[0]) * 0x10001u, sp1[u] = uint32_t(h[8]) * 0x10001u;
+      }
       zr[u].set(bp.z0, bp.z1);
     }
   };
@@ -839,13 +849,17 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
         for (int u = 0; u < TPW; ++u) {
           uint32_t af[4];
           dequant<CT, SB>(v[u], j, zr[u], af);
+          if constexpr (DQ) {
+            af[0] = CtTraits<CT>::mul2(af[0], sp0[u]), af[2] = CtTraits<CT>::mul2(af[2], sp0[u]);
+            af[1] = CtTraits<CT>::mul2(af[1], sp1[u]), af[3] = CtTraits<CT>::mul2(af[3], sp1[u]);
+          }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
             if (nt == 0 || nt < nt_used) CtTraits<CT>::mma(part[j % PARTS][u][nt], af, bx[nt][j].x, bx[nt][j].y);
         }
         if constexpr (KB > 0) {
           if ((j + 1) % KB == 0) {
-            flush();
+            if constexpr (!DQ) flush();
             ++blk;
             if (s < s_end - 1 || j < KSTEPS - 1) load_block(blk);
           }
@@ -854,7 +868,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
       if constexpr (KB == 0) {
         kc += KSTEPS;
         if (kc == G.kpb) {
-          flush();
+          if constexpr (!DQ) flush();
           kc = 0;
           ++blk;
           if (s < s_end - 1) load_block(blk);
@@ -872,7 +886,13 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
     main_loop(std::integral_constant<int, 2>{});
     kc = 0;
   }
-  if (kc != 0) flush();
+  if constexpr (DQ) {  // the sums are final: acc = parts
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) sc0[u] = sc1[u] = 1.f;
+    flush();
+  } else if (kc != 0) {
+    flush();
+  }
   tl_mark(tl + 3);
 
   if (KW > 1) {
@@ -975,27 +995,41 @@ template <int SB, int NT, int TPW, int XR> constexpr int fc_smem_fixed() {
   return kWarps * fc_smem_per_warp<SB, NT, TPW, XR>() + kStages<SB, XR> * StageLayout<SB, NT, TPW, XR>::kXStageBytes;
 }
 
-template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
-void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR, bool DQ>
+void launch_fc_kernel(const FcArgs& a, dim3 grid, cudaStream_t st) {
   FcArgs b = a;
   b.smem_per_warp = fc_smem_per_warp<SB, NT, TPW, XR>();
   // 26..63 KB (kBlockToken: plus the token's stage, 128 bytes per span): needs the opt-in above 48 KB
   const size_t smem = size_t(fc_smem_fixed<SB, NT, TPW, XR>()) +
                      (StageLayout<SB, NT, TPW, XR>::kBlockToken ? size_t(token_stage_bytes(a.spans_per_split)) : 0);
-  launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
+  launch_k(fc_kernel<CT, SB, NT, FC1, TPW, XR, DQ>, grid, dim3(kWarps * 32), smem, st, b.pdl, b);
+}
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
+void launch_fc_one(const FcArgs& a, dim3 grid, cudaStream_t st) {
+  if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
+    if (fc_uses_dq(a)) return launch_fc_kernel<CT, SB, NT, FC1, TPW, XR, true>(a, grid, st);
+  }
+  launch_fc_kernel<CT, SB, NT, FC1, TPW, XR, false>(a, grid, st);
 }
 
-template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
-cudaError_t set_smem_attr(int optin) {
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR, bool DQ>
+cudaError_t set_smem_attr_dq(int optin) {
   // The block's token stage grows with K (launch_fc_one), so allow all the device has.
-  cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        StageLayout<SB, NT, TPW, XR>::kBlockToken ? optin
                                                                                  : fc_smem_fixed<SB, NT, TPW, XR>());
   // All FC kernels are bounded by shared memory (XR = 1: 7 blocks of ~30 KB); ask for the largest
   // shared-memory carveout so the occupancy does not depend on the driver's default choice.
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    e = cudaFuncSetAttribute(fc_kernel<CT, SB, NT, FC1, TPW, XR, DQ>, cudaFuncAttributePreferredSharedMemoryCarveout,
                              int(cudaSharedmemCarveoutMaxShared));
+  return e;
+}
+template <class CT, int SB, int NT, bool FC1, int TPW, int XR = 8>
+cudaError_t set_smem_attr(int optin) {
+  cudaError_t e = set_smem_attr_dq<CT, SB, NT, FC1, TPW, XR, false>(optin);
+  if constexpr (std::is_same_v<CT, __nv_bfloat16>)
+    if (e == cudaSuccess) e = set_smem_attr_dq<CT, SB, NT, FC1, TPW, XR, true>(optin);
   return e;
 }
 template <class CT, int SB, bool FC1>

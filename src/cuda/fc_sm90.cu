@@ -1,9 +1,9 @@
 // The Hopper (sm_90a) FC kernel for large batches: a grouped mixed-input GEMM on wgmma.
 //
-// Same problem and packed weights (cuda_sm80_layout.h: one copy serves both kernels) as the SM80-family
-// kernel in cuda_kernels.cu, and the same numerics but in one case: the tensor cores multiply exact
-// integer-valued weights (q - z) by the activations, scales are applied per scale block in fp32 after
-// the multiply, accumulation is fp32. The case (DQ): bf16 activations with bf16 block-wise scales,
+// Same problem, packed weights (cuda_sm80_layout.h: one copy serves both kernels) and numerics as the
+// SM80-family kernel in cuda_kernels.cu: the tensor cores multiply exact integer-valued weights (q - z)
+// by the activations, scales are applied per scale block in fp32 after the multiply, accumulation is
+// fp32; except (both kernels alike, fc_uses_dq) for bf16 activations with bf16 block-wise scales (DQ),
 // where the dequantizer multiplies each weight by its scale (one HMUL2 per 2 weights) and the tensor
 // cores take s * (q - z) rounded once to bf16, as a bf16 model's weights would be. That drops the
 // fp32 fold of every scale block (N / 2 FMAs per thread per block, more than the dequantization
@@ -628,7 +628,7 @@ int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2;
 template <bool FC1, class CT, int SB, int N>
 void launch_n(const FcArgs& a, const dim3 grid, cudaStream_t st) {
   if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
-    if (a.scale_elt == Elt::bf16 && kb_of(a.geom) != 0) {  // DQ: scales exact in bf16
+    if (fc_uses_dq(a)) {
       if (kb_of(a.geom) == 2) fc_sm90_kernel<CT, SB, FC1, 2, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
       else fc_sm90_kernel<CT, SB, FC1, 4, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
       return;

@@ -18,13 +18,13 @@
 //    only error is each a_i's rounding (relative <= u_c, mean-square u_c^2/3); through fc2's random-sign
 //    dot products that gives an output error of ~0.58 u_c relative in L2 (1.2 u_c is 2x margin) and a
 //    per-element standard deviation of ~0.58 u_c rms(ref) (6 u_c is ~10 sigma);
-//    except where the wgmma kernel may run bf16 with bf16 block-wise scales (an sm_90 card, --gemm
-//    not sm80): it feeds the tensor cores s * (q - z) rounded to bf16 (relative <= u_c, mean-square
-//    u_c^2/3 per weight), in fc1 and fc2. Each of those two roundings adds an error term of the same
-//    form and size as a_i's, so three equal terms: ~1.0 u_c relative in L2 (measured 3.4-3.8e-3 =
-//    0.9-1.0 u_c on an H100) and a per-element deviation of ~1.0 u_c rms(ref). There the bounds are
-//    2 u_c + u_T and 10 u_c rms(ref) + 2 u_T |ref| (the same margins; 6 u_c failed 1 of 4.2M elements
-//    of a K = 48 case at 6.6 sigma, where few terms give heavier tails than a normal law);
+//    except for bf16 with bf16 block-wise scales, where both kernel families feed the tensor cores
+//    s * (q - z) rounded to bf16 (DQ: relative <= u_c, mean-square u_c^2/3 per weight), in fc1 and
+//    fc2. Each of those two roundings adds an error term of the same form and size as a_i's, so three
+//    equal terms: ~1.0 u_c relative in L2 (measured 3.4-3.8e-3 = 0.9-1.0 u_c on an H100) and a
+//    per-element deviation of ~1.0 u_c rms(ref). There the bounds are 2 u_c + u_T and
+//    10 u_c rms(ref) + 2 u_T |ref| (the same margins; 6 u_c failed 1 of 4.2M elements of a K = 48
+//    case at 6.6 sigma, where few terms give heavier tails than a normal law);
 //  * a second run is bitwise identical;
 //  * for every 3rd configuration: the device-pointer core captured in a CUDA graph and replayed
 //    gives bitwise the same output as the host-tensor run.
@@ -194,14 +194,11 @@ struct Result {
   double rel = 0, maxerr = 0;
 };
 
-// Whether the wgmma kernel can run on this card with this dispatch (main sets it), see compare.
-bool g_wgmma = false;
-
 Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
   Result res;
   const MoeSpec& s = c.spec;
-  // The wgmma kernel's bf16 path with scales applied to the weights (header comment).
-  const bool rounded_w = g_wgmma && s.act_dtype == DType::bf16 && s.scale_dtype == DType::bf16 && s.block_size >= 32;
+  // bf16 weights s * (q - z) on the tensor cores (DQ, header comment).
+  const bool rounded_w = s.act_dtype == DType::bf16 && s.scale_dtype == DType::bf16 && s.block_size > 0;
   const double k_elem = rounded_w ? 10 : 6, k_l2 = rounded_w ? 2 : 1.2;
   float uc = s.act_dtype == DType::f16 ? unit_roundoff(DType::f16) : unit_roundoff(DType::bf16);
   if (s.act_dtype == DType::f32) uc *= 2;
@@ -582,7 +579,6 @@ int main(int argc, char** argv) {
   cudaDeviceProp p{};
   CU(cudaGetDeviceProperties(&p, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", p.name, p.major, p.minor, p.multiProcessorCount);
-  g_wgmma = p.major == 9 && opt.gemm != CudaGemm::sm80;
   auto be = make_cuda_backend(opt);
   const auto cases = all_cases();
   int fails = 0, runs = 0;

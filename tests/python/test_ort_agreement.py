@@ -45,8 +45,10 @@ SELECTED = [b for b in os.environ.get("QMOE_BACKENDS", "reference,cpu,cpu-raw").
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 4e-3}
 # Backends whose fast path rounds operands below T, with the bound they state (contract §4.3 allows
 # this when stated). CUDA runs fp32 layers with bf16 tensor-core operands and fp32 accumulation;
-# tests/cuda/cuda_backend_test.cpp holds it to relative L2 <= 1.2 * 2 * 2^-8 + 2^-24 = 9.4e-3.
-BACKEND_TOL = {"cuda": {"float32": 1.2 * 2 * 2.0 ** -8 + 2.0 ** -24}}
+# tests/cuda/cuda_backend_test.cpp holds it to relative L2 <= 1.2 * 2 * 2^-8 + 2^-24 = 9.4e-3. In bf16
+# with block-wise bf16 scales its tensor cores take the weights s * (q - z) rounded to bf16, held
+# there to relative L2 <= 2 * 2^-8 + 2^-8 = 1.2e-2 (row-wise bf16 layers share the entry).
+BACKEND_TOL = {"cuda": {"float32": 1.2 * 2 * 2.0 ** -8 + 2.0 ** -24, "bfloat16": 3 * 2.0 ** -8}}
 
 
 def tolerance(backend: str, dtype: str) -> float:
