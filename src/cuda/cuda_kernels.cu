@@ -706,7 +706,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
       sc0[u] = bp.s0, sc1[u] = bp.s1;
       if constexpr (DQ) {
         const uint16_t* h = reinterpret_cast<const uint16_t*>(us) + i;
-        sp0[u] = uint32_t(h[0]) * 0x10001u, sp1[u] = uint32_t(h[8]) * 0x10001u;
+        sp0[u] = scale_pair(h), sp1[u] = scale_pair(h + 8);
       }
       zr[u].set(bp.z0, bp.z1);
     }
@@ -849,10 +849,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
         for (int u = 0; u < TPW; ++u) {
           uint32_t af[4];
           dequant<CT, SB>(v[u], j, zr[u], af);
-          if constexpr (DQ) {
-            af[0] = CtTraits<CT>::mul2(af[0], sp0[u]), af[2] = CtTraits<CT>::mul2(af[2], sp0[u]);
-            af[1] = CtTraits<CT>::mul2(af[1], sp1[u]), af[3] = CtTraits<CT>::mul2(af[3], sp1[u]);
-          }
+          if constexpr (DQ) scale_fragment<CT>(af, sp0[u], sp1[u]);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
             if (nt == 0 || nt < nt_used) CtTraits<CT>::mma(part[j % PARTS][u][nt], af, bx[nt][j].x, bx[nt][j].y);

@@ -119,6 +119,14 @@ template <> struct CtTraits<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
+// DQ (fc_uses_dq): a bf16 scale as the pair (s, s), and a k-step's A fragment times its rows' pairs
+// (a[0], a[2]: tile row g; a[1], a[3]: row g + 8), rounding each s * (q - z) once.
+__device__ __forceinline__ uint32_t scale_pair(const uint16_t* s) { return uint32_t(*s) * 0x10001u; }
+template <class CT> __device__ __forceinline__ void scale_fragment(uint32_t (&a)[4], uint32_t s0, uint32_t s1) {
+  a[0] = CtTraits<CT>::mul2(a[0], s0), a[2] = CtTraits<CT>::mul2(a[2], s0);
+  a[1] = CtTraits<CT>::mul2(a[1], s1), a[3] = CtTraits<CT>::mul2(a[3], s1);
+}
+
 // Zero point of a tile row in the form the dequantizer subtracts.
 template <class CT, int SB> struct ZeroRep {
   uint32_t zg, zg8;   // packed pairs (magic + z) for 4-bit or 8-bit fp16; 4-bit fp16: zg8 = -(64 + z1)

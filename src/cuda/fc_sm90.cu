@@ -406,11 +406,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
   };
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
-  // DQ: scale block h of a stage as a pair of bf16 (s, s) per row, for a[0], a[2] (row g) and a[1],
-  // a[3] (row g + 8).
+  // DQ: scale block h of a stage as bf16 pairs (scale_pair) of rows g and g + 8.
   auto scale_pairs = [&](uint32_t stage, int h, uint32_t& s0, uint32_t& s1) {
-    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * 512);
-    s0 = uint32_t(sc[srow]) * 0x10001u, s1 = uint32_t(sc[srow + 8]) * 0x10001u;
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * 512) + srow;
+    s0 = scale_pair(sc), s1 = scale_pair(sc + 8);
   };
 
   constexpr int R = N / 2;  // accumulators per thread
@@ -496,10 +495,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
           }
           uint32_t(&f)[4] = af[4 * u + j];
           dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, f);
-          if constexpr (DQ) {
-            f[0] = CtTraits<CT>::mul2(f[0], s0), f[2] = CtTraits<CT>::mul2(f[2], s0);
-            f[1] = CtTraits<CT>::mul2(f[1], s1), f[3] = CtTraits<CT>::mul2(f[3], s1);
-          }
+          if constexpr (DQ) scale_fragment<CT>(f, s0, s1);
         }
       }
       wg_fence();
