@@ -439,12 +439,6 @@ bool input_direct(const MoeSpec& s) {
 //    and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x
 //    slower, except deepseek-v3-like 8-bit, 2% faster).
 constexpr int64_t kWgmmaCrossover = 16;
-// Layers of 32-k scale blocks with DQ (fc_uses_dq) from 8 tokens per expert: there the wgmma kernel won
-// or tied at 8 in all 4 shapes (H100, both families with DQ, int4 b32, graph us sm80 -> sm90: mixtral
-// 397 -> 372, gpt-oss-20b 249 -> 236, qwen3-30b-a3b 197.0 -> 196.1, deepseek-v3-like 2774 -> 2758) and
-// lost or tied at 4 (qwen3-30b-a3b 189 -> 194, gpt-oss-20b 233.4 -> 232.6, deepseek-v3-like 2561 ->
-// 2613); int4 b128 still lost at 8 in all 4 (mixtral 319 -> 357); docs/PERF-cuda.md, "DQ".
-constexpr int64_t kWgmmaCrossoverDqBlock32 = 8;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -454,9 +448,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   // Tokens per touched expert: of the whole layer (an expert-parallel slice sees the same average).
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
-  const bool dq32 = cuda::fc_uses_dq(compute_elt(s.act_dtype), to_elt(s.scale_dtype), p.geom.fc1) && p.geom.fc1.kpb == 2;
   if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= (dq32 ? kWgmmaCrossoverDqBlock32 : kWgmmaCrossover))) {
+      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     c.nt = c.chunk / 8;
