@@ -124,8 +124,8 @@ struct FcArgs {
   bool pdl = false;            // launched as a programmatic dependent of the previous kernel (sm_90+)
 };
 // Whether an FC kernel multiplies the scales into the dequantized weights (DQ, fc_sm90.cu and
-// fc_kernel): bf16 with bf16 scales of more than one block per row. Both kernel families decide it
-// alike, so they compute the same products.
+// fc_kernel): bf16 compute (bf16 layers, and fp32 ones, which pass through bf16) with bf16 scales of
+// more than one block per row. Both kernel families decide it alike, so they compute the same products.
 inline bool fc_uses_dq(const FcArgs& a) { return a.ct == Elt::bf16 && a.scale_elt == Elt::bf16 && a.geom.NBP > 1; }
 
 // Shared memory of the token staged by an XR = 1 block of 4-bit weights over `spans` spans (64 values
