@@ -3,7 +3,7 @@
 // Same problem, packed weights (cuda_sm80_layout.h: one copy serves both kernels) and numerics as the
 // SM80-family kernel in cuda_kernels.cu: the tensor cores multiply exact integer-valued weights (q - z)
 // by the activations, scales are applied per scale block in fp32 after the multiply, accumulation is
-// fp32; except (both kernels alike, fc_uses_dq) for bf16 activations with bf16 block-wise scales (DQ),
+// fp32; except (both kernels alike, fc_uses_dq) for bf16 compute with bf16 block-wise scales (DQ),
 // where the dequantizer multiplies each weight by its scale (one HMUL2 per 2 weights) and the tensor
 // cores take s * (q - z) rounded once to bf16, as a bf16 model's weights would be. That drops the
 // fp32 fold of every scale block (N / 2 FMAs per thread per block, more than the dequantization
