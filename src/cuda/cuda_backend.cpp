@@ -184,15 +184,23 @@ struct RunConfig {
   }
 };
 
-// What a workspace's sizes depend on besides the row count.
+// What a workspace's sizes depend on besides the row count: everything config_for reads of the layer,
+// so that layers with equal keys get the same launch configuration at every row count. (Without the
+// local expert count, fc1's geometry and whether the wgmma kernels serve the layer, two layers of one
+// shape differing only in those shared a workspace sized for the first: a block-16 layer, SM80 only,
+// left no converted-input buffer for a block-32 layer whose run took the wgmma kernels.)
 struct WsKey {
-  int64_t E = 0, k = 0, H = 0, H64 = 0, I64 = 0, MT2 = 0, S2 = 0;
+  int64_t E = 0, k = 0, E_local = 0, H = 0, H64 = 0, I64 = 0, MT1 = 0, S1 = 0, MT2 = 0, S2 = 0;
+  int sbits = 0;
+  bool wgmma = false;
   DType act = DType::f32;
   bool operator==(const WsKey&) const = default;
 };
 WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
-  return WsKey{p.route_spec.num_experts, p.route_spec.k, s.hidden, p.geom.H64, p.geom.I64, p.geom.fc2.MT, p.geom.fc2.S, s.act_dtype};
+  const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
+  return WsKey{p.route_spec.num_experts, p.route_spec.k, s.num_experts, s.hidden, p.geom.H64, p.geom.I64,
+               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, cuda::sm90_serves(g1) && cuda::sm90_serves(g2), s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
