@@ -403,6 +403,15 @@ std::vector<Case> all_cases() {
     c.spec.swiglu_fusion = SwigluFusion::separate, c.spec.fc3_bias = true, c.T = 300;
     cs.push_back(c);
   }
+  for (int64_t bs : {16, 32}) {
+    // Two layers of one shape in a row on the backend: block 16 runs the SM80 family only and reads
+    // its bf16 input in place, so its workspace has no converted-input buffer; block 32 at 64 tokens
+    // per expert takes the wgmma kernels on Hopper, which need one. The second must not reuse the
+    // first's workspace (the workspace key; an illegal memory access before 790007b).
+    Case c = base(8, 2, 256, 128, 4, bs, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 256;
+    cs.push_back(c);
+  }
   {
     Case c = base(8, 2, 64, 48, 4, 32, Activation::swiglu, DType::bf16);
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 65536;
