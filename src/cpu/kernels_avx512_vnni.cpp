@@ -145,10 +145,11 @@ void pair_vnni(const PairJob& jb) {
       // int4 block 32 T=64, four alternating runs: 50.6-52.0 -> 42.2-44.9 ms (docs/PERF.md).
       asm volatile("" ::: "memory");
       for (int t = 0; t < MT; ++t) {
-        const __m512i ns = _mm512_set1_epi32(jb.xneg_sum[t][g]);
+        const int32_t nsum = jb.xneg_sum[t][g];
         for (int tile = 0; tile < 2; ++tile) {
-          // + z * -(sum xq) where the start value did not already hold it
-          const __m512i exact = ZP ? _mm512_dpwssd_epi32(isum[t][tile], z[tile], ns) : isum[t][tile];
+          __m512i exact = isum[t][tile];
+          if constexpr (ZP)  // + z * -(sum xq), which the start value does not hold here
+            exact = _mm512_dpwssd_epi32(exact, z[tile], _mm512_set1_epi32(nsum));
           float* a = acc + t * kPairRows + tile * kTileRows;
           _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], _mm512_cvtepi32_ps(exact), _mm512_loadu_ps(a)));
         }
