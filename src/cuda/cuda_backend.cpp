@@ -184,15 +184,43 @@ struct RunConfig {
   }
 };
 
+// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
+// kernels (CudaGemm::automatic). Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, graph us,
+// int4 b128 / int4 b32 / int8 on the four shapes of docs/performance.md; docs/PERF-cuda.md, "Dispatch"
+// and "Two blocks per SM"), since the wgmma kernels got narrow widths with two blocks per SM:
+//  - at 16 and at 32 tokens per expert (width 32) they won all 24 cases, 1.03-1.21x;
+//  - at 48 (width 64) and from 64 they win (gpt-oss-20b and mixtral at 48: 1.20-1.43x);
+//  - below 16 the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32
+//    and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x
+//    slower, except deepseek-v3-like 8-bit, 2% faster).
+constexpr int64_t kWgmmaCrossover = 16;
+// Layers of 32-k scale blocks with DQ (fc_uses_dq) from 8 tokens per expert: there the wgmma kernel won
+// or tied at 8 in all 4 shapes (H100, both families with DQ, int4 b32, graph us sm80 -> sm90: mixtral
+// 397 -> 372, gpt-oss-20b 249 -> 236, qwen3-30b-a3b 197.0 -> 196.1, deepseek-v3-like 2774 -> 2758) and
+// lost or tied at 4 (qwen3-30b-a3b 189 -> 194, gpt-oss-20b 233.4 -> 232.6, deepseek-v3-like 2561 ->
+// 2613); int4 b128 still lost at 8 in all 4 (mixtral 319 -> 357); docs/PERF-cuda.md, "DQ".
+constexpr int64_t kWgmmaCrossoverDqBlock32 = 8;
+
+Elt compute_elt(DType act) { return act == DType::f16 ? Elt::f16 : Elt::bf16; }
+
+// The tokens per touched expert from which CudaGemm::automatic runs a layer on the wgmma kernels (on a
+// GPU that has them); 0 where they cannot serve it.
+int64_t wgmma_crossover(const CudaPacked& p) {
+  const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
+  if (!cuda::sm90_serves(g1) || !cuda::sm90_serves(g2)) return 0;
+  const bool dq32 = cuda::fc_uses_dq(compute_elt(p.spec().act_dtype), to_elt(p.spec().scale_dtype), g1) && g1.kpb == 2;
+  return dq32 ? kWgmmaCrossoverDqBlock32 : kWgmmaCrossover;
+}
+
 // What a workspace's sizes depend on besides the row count: everything config_for reads of the layer,
 // so that layers with equal keys get the same launch configuration at every row count. (Without the
-// local expert count, fc1's geometry and whether the wgmma kernels serve the layer, two layers of one
-// shape differing only in those shared a workspace sized for the first: a block-16 layer, SM80 only,
-// left no converted-input buffer for a block-32 layer whose run took the wgmma kernels.)
+// local expert count, fc1's geometry and where the wgmma kernels take over, two layers of one shape
+// differing only in those shared a workspace sized for the first: a block-16 layer, SM80 only, left no
+// converted-input buffer for a block-32 layer whose run took the wgmma kernels.)
 struct WsKey {
   int64_t E = 0, k = 0, E_local = 0, H = 0, H64 = 0, I64 = 0, MT1 = 0, S1 = 0, MT2 = 0, S2 = 0;
   int sbits = 0;
-  bool wgmma = false;
+  int64_t wgmma_from = 0;  // wgmma_crossover
   DType act = DType::f32;
   bool operator==(const WsKey&) const = default;
 };
@@ -200,7 +228,7 @@ WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
   return WsKey{p.route_spec.num_experts, p.route_spec.k, s.num_experts, s.hidden, p.geom.H64, p.geom.I64,
-               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, cuda::sm90_serves(g1) && cuda::sm90_serves(g2), s.act_dtype};
+               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
@@ -430,23 +458,10 @@ std::unique_ptr<PackedExperts> CudaBackend::from_blobs(const MoeSpec& spec, std:
 // run
 // ---------------------------------------------------------------------------------------------
 
-Elt compute_elt(DType act) { return act == DType::f16 ? Elt::f16 : Elt::bf16; }
-
 // x can be read straight from the input when it already is the compute type and rows are span-padded.
 bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
-
-// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
-// kernels (CudaGemm::automatic). Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, graph us,
-// int4 b128 / int4 b32 / int8 on the four shapes of docs/performance.md; docs/PERF-cuda.md, "Dispatch"
-// and "Two blocks per SM"), since the wgmma kernels got narrow widths with two blocks per SM:
-//  - at 16 and at 32 tokens per expert (width 32) they won all 24 cases, 1.03-1.21x;
-//  - at 48 (width 64) and from 64 they win (gpt-oss-20b and mixtral at 48: 1.20-1.43x);
-//  - below 16 the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32
-//    and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x
-//    slower, except deepseek-v3-like 8-bit, 2% faster).
-constexpr int64_t kWgmmaCrossover = 16;
 
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const MoeSpec& s = p.spec();
@@ -456,8 +471,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   // Tokens per touched expert: of the whole layer (an expert-parallel slice sees the same average).
   const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
-  if (sm90_ && cuda::sm90_serves(p.geom.fc1) && cuda::sm90_serves(p.geom.fc2) &&
-      (opt_.gemm == CudaGemm::sm90 || avg >= kWgmmaCrossover)) {
+  const int64_t from = wgmma_crossover(p);
+  if (sm90_ && from > 0 && (opt_.gemm == CudaGemm::sm90 || avg >= from)) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     c.nt = c.chunk / 8;

@@ -126,7 +126,10 @@ struct FcArgs {
 // Whether an FC kernel multiplies the scales into the dequantized weights (DQ, fc_sm90.cu and
 // fc_kernel): bf16 compute (bf16 layers, and fp32 ones, which pass through bf16) with bf16 scales of
 // more than one block per row. Both kernel families decide it alike, so they compute the same products.
-inline bool fc_uses_dq(const FcArgs& a) { return a.ct == Elt::bf16 && a.scale_elt == Elt::bf16 && a.geom.NBP > 1; }
+inline bool fc_uses_dq(Elt ct, Elt scale_elt, const MatrixGeom& g) {
+  return ct == Elt::bf16 && scale_elt == Elt::bf16 && g.NBP > 1;
+}
+inline bool fc_uses_dq(const FcArgs& a) { return fc_uses_dq(a.ct, a.scale_elt, a.geom); }
 
 // Shared memory of the token staged by an XR = 1 block of 4-bit weights over `spans` spans (64 values
 // of 2 bytes each), and the most the host lets it take.

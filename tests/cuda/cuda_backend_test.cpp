@@ -413,6 +413,13 @@ std::vector<Case> all_cases() {
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 256;
     cs.push_back(c);
   }
+  for (int64_t bs : {128, 32}) {
+    // The same at 8 tokens per expert, where the two blocks' crossovers differ: block 128 runs the SM80
+    // family, block 32 (DQ) the wgmma kernels (wgmma_crossover).
+    Case c = base(8, 2, 256, 128, 4, bs, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 32;
+    cs.push_back(c);
+  }
   {
     Case c = base(8, 2, 64, 48, 4, 32, Activation::swiglu, DType::bf16);
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 65536;
