@@ -13,8 +13,9 @@
 // the shape of the work:
 //
 //  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two
-//    consumer warpgroups multiply. It owns 128 weight rows (8 tiles of 16; consumer warp q of
-//    warpgroup w owns tile 4w + q) x N tokens of one expert (one work item of the grouping with chunk
+//    consumer warpgroups (three for 4-bit weights at N = 128 without partial sums, kConsumersOf)
+//    multiply. It owns 64 weight rows per consumer (4 tiles of 16; consumer warp q of warpgroup w owns
+//    tile 4w + q) x N tokens of one expert (one work item of the grouping with chunk
 //    N; N = 8, 16, 32, 64 or 128 by the tokens per expert, sm90_width). Each consumer warpgroup issues
 //    wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span vector is, after the
 //    magic-number dequantization, exactly its A fragment (the per-warp register layout of wgmma's
@@ -60,22 +61,32 @@ using namespace dev;
 #define QMOE_SM90_DEVICE 1
 #endif
 
-constexpr int kConsumers = 2;                      // consumer warpgroups per block, 64 weight rows each
-constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
-constexpr int kTiles = 4 * kConsumers;            // 16-row tiles per block
+// Consumer warpgroups per block, 64 weight rows each: three for 4-bit weights at N = 128 where no
+// scale block's partial sums take registers (row-wise scales, DQ), so a block's activation stage
+// serves 192 weight rows instead of 128 and a third warpgroup's wgmma cover the other two's drains
+// (H100, T = 2048, A/B in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms, int4 b32 4.03 ->
+// 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights stay
+// at two: with three, only 7 stages fit, and compute-sanitizer racecheck reported hazards between
+// the consumers' weight reads and the producer's refills at 6 and 7 stages (see kStages).
+template <int N, int SB, int KB, bool DQ> constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
+template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
+template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
 constexpr int kItemGroup = 8;                     // work items whose blocks run together (see the block order)
 // N: tokens per block (wgmma's n, 8..128; the host picks it from the tokens per expert).
 template <int N> constexpr int kXBytes = N * kStageK * 2;  // 16 KB at N = 128
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
-// touches, [block h][tile][16 rows] of up to 4 bytes at 512 h, then their zero points [h][tile][16]
-// at 1024 + 128 h. The producer copies them with the stage, so a consumer reads a block's scales from
+// touches, [block h][tile][16 rows] of up to 4 bytes at kScaleBlockBytes h, then their zero points
+// [h][tile][16] at kZeroOff + kTiles 16 h. The producer copies them with the stage, so a consumer reads a block's scales from
 // shared memory instead of waiting on global loads (measured on an H100, mixtral T = 2048: blocks of
 // 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
 constexpr int kScaleArea = 2048;
-template <int SB, int N> constexpr int kScaleOff = kXBytes<N> + kTiles * kSpanBytes * kSpansPerStage<SB>;
-template <int SB, int N> constexpr int kStageBytes = kScaleOff<SB, N> + kScaleArea;
+template <int C> constexpr int kScaleBlockBytes = kTilesOf<C> * kTileRows * 4;
+template <int C> constexpr int kZeroOff = 2 * kScaleBlockBytes<C>;
+static_assert(kZeroOff<3> + 2 * kTilesOf<3> * kTileRows <= kScaleArea, "two blocks' scales and zero points fit");
+template <int SB, int N, int C> constexpr int kScaleOff = kXBytes<N> + kTilesOf<C> * kSpanBytes * kSpansPerStage<SB>;
+template <int SB, int N, int C> constexpr int kStageBytes = kScaleOff<SB, N, C> + kScaleArea;
 // Blocks per SM: two at N <= 32, where the accumulators are small enough for the registers of two
 // (setmaxnreg below), so twice the consumer warps hide the dequantizer's latency.
 template <int N> constexpr int kBlocksPerSm = N <= kSm90TwoBlockMaxWidth ? 2 : 1;
@@ -86,13 +97,22 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // barriers per block), compute-sanitizer racecheck reported hazards between the consumers' weight
 // reads and the producer's refills that it does not report with 8 (nor at one block with 16; H100,
 // same build otherwise, 2026-11-27); 8 were also as fast, so 8 it is.
-template <int SB, int N>
-constexpr int kStages = std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N> + 16));
+// Three consumers take 8, though 9 fit: racecheck (H100, 2026-11-27) reported hazards between the
+// consumers' weight reads and the producer's refills with 9 stages (and, for 8-bit weights, 6 and 7)
+// that it does not report with 8; the GPU tests passed with each. As with two blocks per SM above,
+// the cause was not found, so the configuration racecheck accepts is the one used.
+template <int SB, int N, int C>
+constexpr int kStages =
+    C == 3 ? 8 : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
 // [stages][full barriers][empty barriers][N row offsets]; + 1 KB to align the base to a swizzle atom.
-template <int SB, int N> constexpr int smem_bytes() { return kStages<SB, N> * (kStageBytes<SB, N> + 16) + N * 8 + 1024; }
-static_assert(kStageBytes<4, 8> % 1024 == 0 && kStageBytes<8, 8> % 1024 == 0, "stages stay 1 KB aligned (swizzle atoms)");
-static_assert(kStages<4, 128> == 10 && kStages<8, 128> == 8 && smem_bytes<8, 128>() <= kSmemLimit<128> &&
-                  smem_bytes<8, 32>() <= kSmemLimit<32> && kStages<8, 32> >= 4,
+template <int SB, int N, int C> constexpr int smem_bytes() {
+  return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
+}
+static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 && kStageBytes<4, 128, 3> % 1024 == 0,
+              "stages stay 1 KB aligned (swizzle atoms)");
+static_assert(kStages<4, 128, 2> == 10 && kStages<8, 128, 2> == 8 && smem_bytes<4, 128, 3>() <= kSmemLimit<128> &&
+                  smem_bytes<8, 128, 2>() <= kSmemLimit<128> &&
+                  smem_bytes<8, 32, 2>() <= kSmemLimit<32> && kStages<8, 32, 2> >= 4,
               "the blocks of an SM fit");
 
 #ifdef QMOE_SM90_DEVICE
@@ -131,15 +151,16 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
 // A block's warpgroups only trade among the registers it was launched with (kLaunchRegs per thread:
 // 168 at one block per SM, 80 at two): asking for more makes setmaxnreg.inc wait forever (measured:
 // a hang).
-template <int BPS> constexpr int kLaunchRegs = 65536 / (kThreads * BPS) / 8 * 8;  // allocated in 8s
+template <int C, int BPS> constexpr int kLaunchRegs = 65536 / (kThreadsOf<C> * BPS) / 8 * 8;  // allocated in 8s
 // WIDE: 8-bit weights in blocks of 32, whose fc1 consumers spilled a little with the second
 // partial-sum set of the block-32 loop at 224 registers. Elsewhere the producer keeps 56: at 40 its
 // N = 128 copies were slower (H100, mixtral int4 b32 T = 2048: 4.78 ms at 56/224, 4.96-5.02 at 40/232).
+// Three consumers (no partial sums) hold 64 accumulators and two stages' A fragments in 152.
 template <int BPS, bool WIDE> constexpr int kProducerRegs = BPS == 2 || WIDE ? 40 : 56;
-template <int BPS, bool WIDE> constexpr int kConsumerRegs = BPS == 2 ? 96 : WIDE ? 232 : 224;
-static_assert(kProducerRegs<1, false> + kConsumers * kConsumerRegs<1, false> <= 3 * kLaunchRegs<1> &&
-                  kProducerRegs<1, true> + kConsumers * kConsumerRegs<1, true> <= 3 * kLaunchRegs<1> &&
-                  kProducerRegs<2, false> + kConsumers * kConsumerRegs<2, false> <= 3 * kLaunchRegs<2>,
+template <int C, int BPS, bool WIDE> constexpr int kConsumerRegs = C == 3 ? 152 : BPS == 2 ? 96 : WIDE ? 232 : 224;
+template <int C, int BPS, bool WIDE> constexpr bool kRegsFit =
+    kProducerRegs<BPS, WIDE> + C * kConsumerRegs<C, BPS, WIDE> <= (C + 1) * kLaunchRegs<C, BPS>;
+static_assert(kRegsFit<2, 1, false> && kRegsFit<2, 1, true> && kRegsFit<2, 2, false> && kRegsFit<3, 1, false>,
               "the warpgroups' budgets fit the block's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -241,8 +262,13 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
 // DQ (bf16 with bf16 block-wise scales only): no folds either; the dequantizer multiplies each weight
 // by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBlocksPerSm<N>) fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
+  constexpr int kConsumers = kConsumersOf<N, SB, KB, DQ>, kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
+  // The producer's scale copies (threads [0, 64): scales, [64, 128): zero points) fit two blocks' scales
+  // of 4 bytes only for two consumers; three serve row-wise scales and DQ (2-byte scales).
+  static_assert(kConsumers == 2 || KB == 0 || DQ, "scale copies fit the producer's threads");
+  static_assert(smem_bytes<SB, N, kConsumers>() <= kSmemLimit<N>, "the block's stages fit");
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
   // next group starts, so the blocks in flight share their activations (8 MB at K = 4096) and their
   // weights in L2. Item-fastest order over all items re-read the activations from DRAM for every
@@ -255,8 +281,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   if (item >= *a.n_items) return;  // whole block
   constexpr int SPANS = kSpansPerStage<SB>;
   constexpr int KSTEPS = SB == 4 ? 4 : 2;  // k-steps per span
-  constexpr int S = kStages<SB, N>;
-  constexpr int kStB = kStageBytes<SB, N>;
+  constexpr int S = kStages<SB, N, kConsumers>;
+  constexpr int kStB = kStageBytes<SB, N, kConsumers>;
+  constexpr int kScaleOffN = kScaleOff<SB, N, kConsumers>;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const MatrixGeom& G = a.geom;
   const int4 it = a.items[item];
@@ -296,14 +323,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
     int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past N)
 #pragma unroll
     for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < N ? row_off[(pt >> 3) + 16 * i] : -2;
-    // Weights: tiles 2 pw and 2 pw + 1, lane by lane (the consumer lane reads back its own vectors).
-    const uint8_t* wt[2];
+    // Weights: tiles kConsumers pw + v, lane by lane (the consumer lane reads back its own vectors).
+    const uint8_t* wt[kConsumers];
 #pragma unroll
-    for (int v = 0; v < 2; ++v) {
-      const int64_t mt = mblock * kTiles + 2 * pw + v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
+    for (int v = 0; v < kConsumers; ++v) {
+      const int64_t mt = mblock * kTiles + kConsumers * pw + v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
       wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
     }
-    const uint32_t wd = kXBytes<N> + uint32_t(2 * pw * SPANS * kSpanBytes + lane * 16);
+    const uint32_t wd = kXBytes<N> + uint32_t(kConsumers * pw * SPANS * kSpanBytes + lane * 16);
     // Activations: chunk c of token rows (pt >> 3) + 16 i, at n * 128 + ((c ^ (n & 7)) * 16); n & 7 is
     // the same for every i.
     const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
@@ -325,13 +352,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
         const int tile = (pt / es) % kTiles, part = pt % es;
         sc_h = pt / (kTiles * es);
         sc_src = static_cast<const uint8_t*>(a.s) + tile_base(tile) * es + part * 16;
-        sc_dst = kScaleOff<SB, N> + uint32_t(sc_h * 512 + tile * kTileRows * es + part * 16);
+        sc_dst = kScaleOffN + uint32_t(sc_h * kScaleBlockBytes<kConsumers> + tile * kTileRows * es + part * 16);
         sc_step = kTileRows * es;
       } else if (a.z && pt >= 64 && pt < 64 + kBlocks * kTiles) {
         const int tile = (pt - 64) % kTiles;
         sc_h = (pt - 64) / kTiles;
         sc_src = a.z + tile_base(tile);
-        sc_dst = kScaleOff<SB, N> + uint32_t(1024 + sc_h * 128 + tile * kTileRows);
+        sc_dst = kScaleOffN + uint32_t(kZeroOff<kConsumers> + (sc_h * kTiles + tile) * kTileRows);
         sc_step = kTileRows;
       }
     }
@@ -348,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
       }
       xk += 128;
 #pragma unroll
-      for (int v = 0; v < 2; ++v) {
+      for (int v = 0; v < kConsumers; ++v) {
 #pragma unroll
         for (int h = 0; h < SPANS; ++h) {
           const uint32_t d = st + wd + uint32_t((v * SPANS + h) * kSpanBytes);
@@ -370,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   }
 
   // Consumers: warpgroup wg owns tiles 4 wg .. 4 wg + 3 (warp q of it: tile 4 wg + q).
-  setmaxnreg_inc<kConsumerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
+  setmaxnreg_inc<kConsumerRegs<kConsumers, kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
   const int wg = warp >> 2, q = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = mblock * kTiles + 4 * wg + q;
@@ -393,14 +420,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   }
   const int srow = (4 * wg + q) * kTileRows + g;  // this thread's first row in a block's scale area
   const uint32_t smem_sa = static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem));
-  auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOff<SB, N>; };
+  auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOffN; };
   auto stage_zeros = [&](uint32_t stage, int h) {
     if (!a.z) return;
-    const uint8_t* zp = area(stage) + 1024 + h * 128 + srow;
+    const uint8_t* zp = area(stage) + kZeroOff<kConsumers> + h * kTiles * kTileRows + srow;
     zr.set(zp[0], zp[8]);
   };
   auto stage_scale = [&](uint32_t stage, int h, int r) {
-    const uint8_t* sc = area(stage) + h * 512;
+    const uint8_t* sc = area(stage) + h * kScaleBlockBytes<kConsumers>;
     if (a.scale_elt == Elt::f32) return reinterpret_cast<const float*>(sc)[r];
     const uint16_t v = reinterpret_cast<const uint16_t*>(sc)[r];
     return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
@@ -408,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
   // DQ: scale block h of a stage as bf16 pairs (scale_pair) of rows g and g + 8.
   auto scale_pairs = [&](uint32_t stage, int h, uint32_t& s0, uint32_t& s1) {
-    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * 512) + srow;
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * kScaleBlockBytes<kConsumers>) + srow;
     s0 = scale_pair(sc), s1 = scale_pair(sc + 8);
   };
 
@@ -595,7 +622,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<N>) fc_sm90_kernel(cons
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 cudaError_t set_attr() {
   return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              smem_bytes<SB, N>());
+                              smem_bytes<SB, N, kConsumersOf<N, SB, KB, DQ>>());
+}
+// One block per (work item, block of the kernel's rows), in groups of kItemGroup items (see the kernel).
+template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
+void launch_kernel(const FcArgs& a, cudaStream_t st) {
+  constexpr int C = kConsumersOf<N, SB, KB, DQ>;
+  const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
+  const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
+  fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
 }
 // Calls f.template operator()<N>() for the kernel widths N.
 template <class F> cudaError_t for_each_n(F&& f) {
@@ -622,31 +657,29 @@ cudaError_t set_attrs_kb() {
 int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2; }
 
 template <bool FC1, class CT, int SB, int N>
-void launch_n(const FcArgs& a, const dim3 grid, cudaStream_t st) {
+void launch_n(const FcArgs& a, cudaStream_t st) {
   if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
     if (fc_uses_dq(a)) {
-      if (kb_of(a.geom) == 2) fc_sm90_kernel<CT, SB, FC1, 2, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
-      else fc_sm90_kernel<CT, SB, FC1, 4, N, true><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a);
+      if (kb_of(a.geom) == 2) launch_kernel<CT, SB, FC1, 2, N, true>(a, st);
+      else launch_kernel<CT, SB, FC1, 4, N, true>(a, st);
       return;
     }
   }
   switch (kb_of(a.geom)) {
-    case 0: fc_sm90_kernel<CT, SB, FC1, 0, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
-    case 2: fc_sm90_kernel<CT, SB, FC1, 2, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
-    default: fc_sm90_kernel<CT, SB, FC1, 4, N><<<grid, kThreads, smem_bytes<SB, N>(), st>>>(a); break;
+    case 0: launch_kernel<CT, SB, FC1, 0, N>(a, st); break;
+    case 2: launch_kernel<CT, SB, FC1, 2, N>(a, st); break;
+    default: launch_kernel<CT, SB, FC1, 4, N>(a, st); break;
   }
 }
 
 template <bool FC1, class CT, int SB>
 void launch_sb(const FcArgs& a, cudaStream_t st) {
-  const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
-  const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTiles - 1) / kTiles)));
   switch (8 * a.nt) {  // the host checks that the width is one of these (sm90_width)
-    case 8: launch_n<FC1, CT, SB, 8>(a, grid, st); break;
-    case 16: launch_n<FC1, CT, SB, 16>(a, grid, st); break;
-    case 32: launch_n<FC1, CT, SB, 32>(a, grid, st); break;
-    case 64: launch_n<FC1, CT, SB, 64>(a, grid, st); break;
-    default: launch_n<FC1, CT, SB, 128>(a, grid, st); break;
+    case 8: launch_n<FC1, CT, SB, 8>(a, st); break;
+    case 16: launch_n<FC1, CT, SB, 16>(a, st); break;
+    case 32: launch_n<FC1, CT, SB, 32>(a, st); break;
+    case 64: launch_n<FC1, CT, SB, 64>(a, st); break;
+    default: launch_n<FC1, CT, SB, 128>(a, st); break;
   }
 }
 

@@ -2,6 +2,7 @@
 //
 // Built only with QMOE_CUDA=ON, as its own executable (qmoe_cuda_tests). Exits 0 with a message when
 // no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N] [--gemm G]
+//   --list    the configurations with their indices (no device needed)
 //   --quick   the uploader check and the first 12 configurations (for compute-sanitizer runs)
 //   --gemm    auto (default) | sm80 | sm90: sm90 forces the Hopper wgmma kernels on every
 //             configuration they serve (all but block size 16), whatever the batch
@@ -425,6 +426,11 @@ std::vector<Case> all_cases() {
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 65536;
     cs.push_back(c);
   }
+  {  // fp16 row-wise 4-bit at 100 tokens per expert: the wgmma kernel's three-consumer blocks
+    Case c = base(8, 2, 128, 192, 4, 0, Activation::silu, DType::f16);
+    c.spec.fc1_zero_points = c.spec.fc2_bias = true, c.T = 400;
+    cs.push_back(c);
+  }
   for (size_t i = n0; i < cs.size(); ++i) cs[i].seed = 2000 + i;
   return cs;
 }
@@ -580,6 +586,12 @@ bool run_case(Backend& be, const Case& c, bool graph) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && !std::strcmp(argv[1], "--list")) {  // no device needed: pick --only indices here
+    const auto cases = all_cases();
+    for (size_t i = 0; i < cases.size(); ++i)
+      std::printf("%zu T=%lld %s\n", i, (long long)cases[i].T, cases[i].spec.to_string().c_str());
+    return 0;
+  }
   if (cuda_device_count() == 0) {
     std::printf("qmoe_cuda_tests: no CUDA device visible, skipping (0 tests run)\n");
     return 0;
