@@ -4,6 +4,8 @@
 // no CUDA device is visible, so it is safe in CI. Usage: qmoe_cuda_tests [--quick] [--only N] [--gemm G]
 //   --list    the configurations with their indices (no device needed)
 //   --quick   the uploader check and the first 12 configurations (for compute-sanitizer runs)
+//   --wide    the configurations of at most 520 tokens with more than 48 per expert, which the wgmma
+//             kernels run at their widest (N = 128; for compute-sanitizer runs with --gemm sm90)
 //   --gemm    auto (default) | sm80 | sm90: sm90 forces the Hopper wgmma kernels on every
 //             configuration they serve (all but block size 16), whatever the batch
 //
@@ -596,11 +598,12 @@ int main(int argc, char** argv) {
     std::printf("qmoe_cuda_tests: no CUDA device visible, skipping (0 tests run)\n");
     return 0;
   }
-  bool quick = false;
+  bool quick = false, wide = false;
   int only = -1;
   CudaBackendOptions opt;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--wide")) wide = true;
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--gemm") && i + 1 < argc) {
       const std::string g = argv[++i];
@@ -613,13 +616,17 @@ int main(int argc, char** argv) {
   auto be = make_cuda_backend(opt);
   const auto cases = all_cases();
   int fails = 0, runs = 0;
-  if (only < 0) {
+  if (only < 0 && !wide) {
     ++runs;
     if (!check_uploader()) ++fails;
   }
   for (size_t i = 0; i < cases.size(); ++i) {
     if (quick && i >= 12) break;
     if (only >= 0 && int(i) != only) continue;
+    if (wide) {  // the tokens per touched expert as the backend counts them (config_for)
+      const int64_t slots = cases[i].T * cases[i].spec.k, touched = std::min(cases[i].spec.num_experts, slots);
+      if (cases[i].T > 520 || (slots + touched - 1) / touched <= 48) continue;
+    }
     ++runs;
     try {
       if (!run_case(*be, cases[i], i % 3 == 0)) ++fails;
