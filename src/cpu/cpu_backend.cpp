@@ -208,6 +208,16 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
   return jb;
 }
 
+// Token rows of call c when an expert's m tokens go through the kernel in calls of at most mt: the
+// fewest calls, sizes as equal as possible (m = 13, mt = 6: 5, 4, 4 rather than 6, 6, 1). A kernel's
+// cost per call falls less than in proportion to its tokens (its weight shuffles are per call, and
+// few tokens leave the vpdpbusd/FMA chains latency-bound), so a 1-token tail costs nearly a full call.
+struct CallSplit {
+  int64_t calls, base, extra;
+  CallSplit(int64_t m, int64_t mt) : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0) {}
+  int tokens(int64_t c) const { return int(base + (c < extra)); }
+};
+
 struct Task {
   int32_t e;
   int64_t p0, p1;  // pair range
@@ -363,8 +373,9 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       const TileRef tb = src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1);
       PairJob jb = job_for(pa.geom, ta, tb);
       jb.acc = acc;
-      for (int64_t g = 0; g < m; g += mt) {
-        jb.tokens = int(std::min<int64_t>(mt, m - g));
+      const CallSplit split(m, mt);
+      for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
+        jb.tokens = split.tokens(c);
         for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
@@ -423,8 +434,9 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       const TileRef tb = src.tile(p2, task.e, 2 * p + 1, sc, 1);
       PairJob jb = job_for(p2.geom, ta, tb);
       jb.acc = acc;
-      for (int64_t g = 0; g < m; g += mt) {
-        jb.tokens = int(std::min<int64_t>(mt, m - g));
+      const CallSplit split(m, mt);
+      for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
+        jb.tokens = split.tokens(c);
         for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
