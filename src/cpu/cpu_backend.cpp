@@ -214,7 +214,8 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
 // few tokens leave the vpdpbusd/FMA chains latency-bound), so a 1-token tail costs nearly a full call.
 struct CallSplit {
   int64_t calls, base, extra;
-  CallSplit(int64_t m, int64_t mt) : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0) {}
+  CallSplit(int64_t m, int64_t mt)
+      : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0) {}
   int tokens(int64_t c) const { return int(base + (c < extra)); }
 };
 

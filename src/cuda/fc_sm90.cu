@@ -68,7 +68,8 @@ using namespace dev;
 // 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights stay
 // at two: with three, only 7 stages fit, and compute-sanitizer racecheck reported hazards between
 // the consumers' weight reads and the producer's refills at 6 and 7 stages (see kStages).
-template <int N, int SB, int KB, bool DQ> constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
+template <int N, int SB, int KB, bool DQ>
+constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
 template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
 template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
@@ -78,9 +79,9 @@ template <int N> constexpr int kXBytes = N * kStageK * 2;  // 16 KB at N = 128
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
 // touches, [block h][tile][16 rows] of up to 4 bytes at kScaleBlockBytes h, then their zero points
-// [h][tile][16] at kZeroOff + kTiles 16 h. The producer copies them with the stage, so a consumer reads a block's scales from
-// shared memory instead of waiting on global loads (measured on an H100, mixtral T = 2048: blocks of
-// 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
+// [h][tile][16] at kZeroOff + kTiles 16 h. The producer copies them with the stage, so a consumer reads
+// a block's scales from shared memory instead of waiting on global loads (measured on an H100, mixtral
+// T = 2048: blocks of 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
 constexpr int kScaleArea = 2048;
 template <int C> constexpr int kScaleBlockBytes = kTilesOf<C> * kTileRows * 4;
 template <int C> constexpr int kZeroOff = 2 * kScaleBlockBytes<C>;
@@ -108,7 +109,8 @@ constexpr int kStages =
 template <int SB, int N, int C> constexpr int smem_bytes() {
   return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
 }
-static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 && kStageBytes<4, 128, 3> % 1024 == 0,
+static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 &&
+                  kStageBytes<4, 128, 3> % 1024 == 0,
               "stages stay 1 KB aligned (swizzle atoms)");
 static_assert(kStages<4, 128, 2> == 10 && kStages<8, 128, 2> == 8 && smem_bytes<4, 128, 3>() <= kSmemLimit<128> &&
                   smem_bytes<8, 128, 2>() <= kSmemLimit<128> &&
@@ -262,9 +264,11 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
 // DQ (bf16 with bf16 block-wise scales only): no folds either; the dequantizer multiplies each weight
 // by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
-__global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBlocksPerSm<N>) fc_sm90_kernel(const FcArgs a) {
+__global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBlocksPerSm<N>)
+    fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
-  constexpr int kConsumers = kConsumersOf<N, SB, KB, DQ>, kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
+  constexpr int kConsumers = kConsumersOf<N, SB, KB, DQ>;
+  constexpr int kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
   // The producer's scale copies (threads [0, 64): scales, [64, 128): zero points) fit two blocks' scales
   // of 4 bytes only for two consumers; three serve row-wise scales and DQ (2-byte scales).
   static_assert(kConsumers == 2 || KB == 0 || DQ, "scale copies fit the producer's threads");
@@ -327,7 +331,8 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     const uint8_t* wt[kConsumers];
 #pragma unroll
     for (int v = 0; v < kConsumers; ++v) {
-      const int64_t mt = mblock * kTiles + kConsumers * pw + v, mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
+      const int64_t mt = mblock * kTiles + kConsumers * pw + v;
+      const int64_t mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
       wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
     }
     const uint32_t wd = kXBytes<N> + uint32_t(kConsumers * pw * SPANS * kSpanBytes + lane * 16);
