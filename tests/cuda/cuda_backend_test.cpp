@@ -50,6 +50,7 @@
 #include "qmoe/cuda_backend.h"
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
+#include "reference_bound.h"
 
 using namespace qmoe;
 
@@ -122,8 +123,6 @@ RawExperts make_raw(std::mt19937_64& r, const MoeSpec& s) {
   if (s.has_fc3()) raw.fc3 = make_matrix(r, s, Fc::fc3, s.fc3_zero_points, s.fc3_bias);
   return raw;
 }
-
-float unit_roundoff(DType t) { return t == DType::f16 ? 0x1p-11f : t == DType::bf16 ? 0x1p-8f : 0x1p-24f; }
 
 // Layout check: decode packed weights with the layout's own index function and compare with raw.
 bool check_layout(const MoeSpec& s, const RawExperts& raw, const PackedExperts& packed, std::string& why) {
@@ -202,13 +201,7 @@ struct Result {
 Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
   Result res;
   const MoeSpec& s = c.spec;
-  // bf16 weights s * (q - z) on the tensor cores (DQ, header comment).
-  const bool rounded_w = s.act_dtype == DType::bf16 && s.scale_dtype == DType::bf16 && s.block_size > 0 &&
-                         s.block_size < std::max(s.hidden, s.inter);  // a matrix with 2+ blocks
-  const double k_elem = rounded_w ? 10 : 6, k_l2 = rounded_w ? 2 : 1.2;
-  float uc = s.act_dtype == DType::f16 ? unit_roundoff(DType::f16) : unit_roundoff(DType::bf16);
-  if (s.act_dtype == DType::f32) uc *= 2;
-  const float ut = unit_roundoff(s.act_dtype);
+  const test::ReferenceBound bound = test::reference_bound(s);  // header comment
   const int64_t n = ref.numel();
   double ss = 0, se = 0;
   for (int64_t i = 0; i < n; ++i) ss += double(load_as_float(s.act_dtype, ref.data(), i)) * load_as_float(s.act_dtype, ref.data(), i);
@@ -218,7 +211,7 @@ Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
     const double d = std::fabs(double(o) - r);
     se += d * d;
     res.maxerr = std::max(res.maxerr, d);
-    const double tol = k_elem * uc * rms + 2 * ut * std::fabs(r);
+    const double tol = bound.per_rms * rms + bound.per_ref * std::fabs(r);
     if (!(d <= tol) && res.ok) {  // NaN (unwritten poison) fails here too
       char buf[200];
       std::snprintf(buf, sizeof buf, "first bad index %lld (token %lld, h %lld): got %.7g, ref %.7g, tol %.3g",
@@ -228,9 +221,9 @@ Result compare(const Case& c, const Tensor& out, const Tensor& ref) {
     }
   }
   res.rel = ss > 0 ? std::sqrt(se / ss) : std::sqrt(se);
-  if (res.ok && !(res.rel <= k_l2 * uc + ut)) {
+  if (res.ok && !(res.rel <= bound.rel_l2)) {
     res.ok = false;
-    res.why = "relative L2 error " + std::to_string(res.rel) + " > " + std::to_string(k_l2 * uc + ut);
+    res.why = "relative L2 error " + std::to_string(res.rel) + " > " + std::to_string(bound.rel_l2);
   }
   return res;
 }

@@ -43,6 +43,7 @@
 #include "qmoe/error.h"
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
+#include "reference_bound.h"
 
 using namespace qmoe;
 
@@ -138,9 +139,6 @@ std::vector<Case> all_cases() {
   return cs;
 }
 
-float unit_roundoff(DType t) { return t == DType::f16 ? 0x1p-11f : t == DType::bf16 ? 0x1p-8f : 0x1p-24f; }
-float compute_roundoff(DType act) { return act == DType::f16 ? 0x1p-11f : act == DType::bf16 ? 0x1p-8f : 0x1p-7f; }
-
 struct Cmp {
   bool ok = true;
   double rel = 0;
@@ -218,7 +216,8 @@ bool run_case(size_t idx, const Case& c, Backend& single_be, void* comm, cudaStr
   upload(d.lg, L.router_probs);
   if (L.router_weights) upload(d.rw, *L.router_weights);
   CU(cudaMalloc(&d.out, single.nbytes()));
-  const double uT = unit_roundoff(s.act_dtype), uc = compute_roundoff(s.act_dtype);
+  const double uT = test::unit_roundoff(s.act_dtype), uc = test::compute_roundoff(s.act_dtype);
+  const test::ReferenceBound bound = test::reference_bound(s);
   std::string detail;
   for (EpScheme scheme : {EpScheme::allreduce, EpScheme::alltoall}) {
     EpRunArgs a{d.x, d.lg, d.rw, d.out, c.T};
@@ -230,9 +229,7 @@ bool run_case(size_t idx, const Case& c, Backend& single_be, void* comm, cudaStr
       CU(cudaStreamSynchronize(st));
     }
     const Cmp vs_single = compare(s, o1, single, 2 * uT, uc, uT + uc / 4);
-    const bool rounded_w = s.act_dtype == DType::bf16 && s.scale_dtype == DType::bf16 && s.block_size > 0 &&
-                           s.block_size < std::max(s.hidden, s.inter);  // a matrix with 2+ blocks
-    const Cmp vs_ref = compare(s, o1, ref, 2 * uT, (rounded_w ? 10 : 6) * uc, (rounded_w ? 2 : 1.2) * uc + uT);
+    const Cmp vs_ref = compare(s, o1, ref, bound.per_ref, bound.per_rms, bound.rel_l2);
     char buf[96];
     std::snprintf(buf, sizeof buf, " %s: vs1gpu %.1e vsref %.1e", std::string(ep_scheme_name(scheme)).c_str(),
                   vs_single.rel, vs_ref.rel);
