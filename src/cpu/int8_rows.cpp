@@ -43,13 +43,13 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
     int32_t s = 0;
     const int64_t c1 = std::min(K, g0 + G);
     int64_t c = g0;
-    // Whole 8-column groups (G is a multiple of 8) with the slot order written out, so the compiler
-    // vectorizes them; the rest column by column.
+    // Whole 8-column groups (G is a multiple of 8, so c % 8 == 0 and column c + i lives at slot c +
+    // int8_column_slot(bits, i)), which the compiler vectorizes; the rest column by column.
     for (; c + 8 <= c1; c += 8) {
       int32_t v[8];
       for (int i = 0; i < 8; ++i) v[i] = int32_t(round_even(double(x[c + i]) * inv));
       for (int i = 0; i < 8; ++i) s -= v[i];
-      for (int i = 0; i < 8; ++i) q[bits == 4 ? c + (i & 1) * 4 + (i >> 1) : c + i] = int8_t(v[i]);
+      for (int i = 0; i < 8; ++i) q[c + int8_column_slot(bits, i)] = int8_t(v[i]);
     }
     for (; c < c1; ++c) {
       const int v = int(round_even(double(x[c]) * inv));
