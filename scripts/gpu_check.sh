@@ -27,6 +27,10 @@ echo "build ok"
 T=$B/src/cuda/qmoe_cuda_tests
 timeout 400 "$T" > "$OUT/cuda_tests.log" 2>&1 & p0=$!
 timeout 400 "$T" --gemm sm90 > "$OUT/cuda_tests_sm90.log" 2>&1 & p9=$!  # the wgmma kernels forced on (Hopper)
+# ... at width 128 for every layer, so items of every size run the narrower wgmma of item_width (fc_sm90.cu)
+QMOE_CUDA_SM90_N=128 timeout 400 "$T" --gemm sm90 > "$OUT/cuda_tests_n128.log" 2>&1 & p8=$!
+QMOE_CUDA_SM90_N=128 timeout 400 compute-sanitizer --tool racecheck --error-exitcode 9 "$T" --quick --gemm sm90 \
+  > "$OUT/racecheck_n128.log" 2>&1 & p_racecheck_n128=$!
 for tool in memcheck racecheck initcheck; do  # the quick subset with the default and the wgmma kernels,
   timeout 400 compute-sanitizer --tool $tool --error-exitcode 9 "$T" --quick > "$OUT/$tool.log" 2>&1 &
   eval "p_$tool=\$!"
@@ -39,8 +43,10 @@ done
 wait $p0; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests rc=$rc"; grep -E "FAIL|passed" "$OUT/cuda_tests.log" | tail -5
 wait $p9; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests --gemm sm90 rc=$rc"
 grep -E "FAIL|passed|workspace" "$OUT/cuda_tests_sm90.log" | tail -5
+wait $p8; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests --gemm sm90, width 128 rc=$rc"
+grep -E "FAIL|passed|workspace" "$OUT/cuda_tests_n128.log" | tail -5
 for tool in memcheck racecheck initcheck memcheck_sm90 racecheck_sm90 initcheck_sm90 memcheck_wide racecheck_wide \
-  initcheck_wide; do
+  initcheck_wide racecheck_n128; do
   eval "wait \$p_$tool"; rc=$?; [ $rc = 0 ] || fail=1
   echo "$tool rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)"
 done

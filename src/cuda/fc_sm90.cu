@@ -70,6 +70,19 @@ using namespace dev;
 // the consumers' weight reads and the producer's refills at 6 and 7 stages (see kStages).
 template <int N, int SB, int KB, bool DQ>
 constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
+// Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
+// tokens. An expert's tokens fill items of N and leave one partial item (mixtral at T = 2048: ~512
+// tokens per expert, items of 128 and one of 0-40). By a simulation of the benchmark's random routing,
+// padding made 13% of the layer's tensor work at the kernel's width (gpt-oss-20b 24%, deepseek-v3-like
+// with ~64 tokens per expert 100%), and 6% (12%, 47%) with the second width. More widths (96, 32, 16:
+// 2%, 4%, 23%) each add a copy of the main loop, and with three or more ptxas serialized the wgmma of
+// most N = 128 kernels (C7511). Producer and consumers copy and multiply only the item's width.
+// H100, A/B in one call, T = 2048: mixtral int4 b32 3,460-3,513 -> 3,346-3,370 us, gpt-oss-20b int4
+// b128 1,206-1,218 -> 1,163-1,178, deepseek-v3-like int4 b128 5,710 -> 5,259 (docs/PERF-cuda.md).
+template <int N> __device__ __forceinline__ int item_width(int cnt) {
+  if constexpr (N != 128) return N;
+  else return cnt > 64 ? 128 : 64;
+}
 template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
 template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
@@ -125,9 +138,10 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 }
 // Keeps the compiler from moving accesses of wgmma's accumulator registers across the asynchronous
 // instructions (they are written behind its back until wg_wait).
-template <int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
+// U: the first U registers (those of an item narrower than the kernel, see item_width), 0: all.
+template <int U = 0, int R> __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < (U ? U : R); ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
@@ -239,8 +253,10 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
                  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
                  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-template <class CT, int N>
-__device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+// d may be longer than N / 2 (an item narrower than the kernel): its first N / 2 registers are D.
+template <class CT, int N, int R>
+__device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+  static_assert(R >= N / 2, "the accumulators hold D");
 #define QMOE_WGMMA_CASE(NN)                                         \
   if constexpr (N == NN) {                                          \
     if constexpr (std::is_same_v<CT, __half>) QMOE_WGMMA_N##NN("f16.f16"); \
@@ -324,9 +340,10 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     // the producer's per-stage latency is on the kernel's critical path).
     const uint8_t* xk = static_cast<const uint8_t*>(a.x) + c * 16;  // + 128 per stage
     constexpr int kRows = (N + 15) / 16;  // token rows per producer thread
-    int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past N)
+    int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past the item's width)
+    const int width = item_width<N>(cnt);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < N ? row_off[(pt >> 3) + 16 * i] : -2;
+    for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < width ? row_off[(pt >> 3) + 16 * i] : -2;
     // Weights: tiles kConsumers pw + v, lane by lane (the consumer lane reads back its own vectors).
     const uint8_t* wt[kConsumers];
 #pragma unroll
@@ -449,124 +466,137 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
   float part2[KB == 2 ? R : 1];  // block 32: the stage's second block (see the loop)
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i] = 0.f;
-  // acc += the block's scales * p, once the wgmma groups but the newest `PENDING` have completed.
-  auto fold_into = [&]<int PENDING, int RP>(float(&p)[RP], uint32_t stage, int h) {
+  // acc += the block's scales * p (their first U registers), once the wgmma groups but the newest
+  // `PENDING` have completed.
+  auto fold_into = [&]<int PENDING, int U, int RP>(float(&p)[RP], uint32_t stage, int h) {
     const float s0 = stage_scale(stage, h, srow), s1 = stage_scale(stage, h, srow + 8);
     wg_wait<PENDING>();
-    fence_regs(p);
-    fence_regs(acc);
+    fence_regs<U>(p);
+    fence_regs<U>(acc);
 #pragma unroll
-    for (int i = 0; i < R; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, p[i], acc[i]);
+    for (int i = 0; i < U; ++i) acc[i] = fmaf((i & 2) ? s1 : s0, p[i], acc[i]);
   };
-  auto fold = [&](uint32_t stage, int h) { fold_into.template operator()<0>(part, stage, h); };
 
-  // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
-  // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
-  // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
-  // serialize every wgmma: C7513); the other warpgroup's wgmma run meanwhile. A drained stage's slot
-  // is released to the producer.
-  const bool pair = KB == 0 || DQ || (KB == 4 && (G.kpb / 4) % 2 == 0);
-  int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
+  // The main loop at the item's width W (item_width): wgmma m64nWk16 on the first W / 2 = U
+  // accumulators.
+  auto main_loop = [&]<int W>() {
+    constexpr int U = W / 2;
+    // Each iteration multiplies one stage, or two when no scale block ends between them (row-wise
+    // scales, or blocks of a multiple of 128 k): the warpgroup drains its wgmma before the dequantizer
+    // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
+    // serialize every wgmma: C7513); the other warpgroups' wgmma run meanwhile. A drained stage's slot
+    // is released to the producer.
+    const bool pair = KB == 0 || DQ || (KB == 4 && (G.kpb / 4) % 2 == 0);
+    int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
 #pragma unroll 1
-  for (int ks = 0; ks < nk;) {
-    const int step = (pair && ks + 1 < nk) ? 2 : 1;
-    wg_wait<0>();
-    // Every consumer thread arrives (its own shared-memory reads of the stage precede its arrive), so
-    // the producer's refill is ordered after all of them.
-    for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
-    for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
-    fence_async_smem();  // the landed copies, to wgmma's async proxy
-    uint32_t af[8][4];
-    uint32_t st[2];
+    for (int ks = 0; ks < nk;) {
+      const int step = (pair && ks + 1 < nk) ? 2 : 1;
+      wg_wait<0>();
+      // Every consumer thread arrives (its own shared-memory reads of the stage precede its arrive), so
+      // the producer's refill is ordered after all of them.
+      for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
+      for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
+      fence_async_smem();  // the landed copies, to wgmma's async proxy
+      uint32_t af[8][4];
+      uint32_t st[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
-    if constexpr (KB == 2 && !DQ) {
-      // Block 32, two blocks per stage: both blocks' A first, then both blocks' wgmma as two commit
-      // groups into part and part2; block 0 is folded while block 1's wgmma still run (H100, T = 2048,
-      // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78-4.81 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
-      uint4 v[SPANS];
-#pragma unroll
-      for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[0] + wdst + h * kSpanBytes);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (j % 2 == 0) stage_zeros(st[0], j / 2);
-        dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[j]);
-      }
-      wg_fence();
-      fence_regs(part);
-      fence_regs(part2);
-      wgmma<CT, N>(part, af[0], desc_sw128(st[0]), 0);
-      wgmma<CT, N>(part, af[1], desc_sw128(st[0] + 32), 1);
-      wg_commit();
-      wgmma<CT, N>(part2, af[2], desc_sw128(st[0] + 64), 0);
-      wgmma<CT, N>(part2, af[3], desc_sw128(st[0] + 96), 1);
-      wg_commit();
-      fence_regs(part);
-      fence_regs(part2);
-      fold_into.template operator()<1>(part, st[0], 0);
-      fold_into.template operator()<0>(part2, st[0], 1);
-    } else {
-      if constexpr (KB == 4 && !DQ) {
-        if (kc == 0) stage_zeros(st[0], 0);  // a scale block starts
-      }
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        if (u == 1 && step == 1) break;
+      for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
+      if constexpr (KB == 2 && !DQ) {
+        // Block 32, two blocks per stage: both blocks' A first, then both blocks' wgmma as two commit
+        // groups into part and part2; block 0 is folded while block 1's wgmma still run (H100, T = 2048,
+        // --gemm sm90: mixtral int4 b32 5.00-5.05 -> 4.78-4.81 ms, gpt-oss-20b 1.77-1.78 -> 1.70-1.73 ms).
         uint4 v[SPANS];
 #pragma unroll
-        for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
-        uint32_t s0 = 0, s1 = 0;
+        for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[0] + wdst + h * kSpanBytes);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if constexpr (DQ) {
-            if (j == 0 || (KB == 2 && j == 2)) {  // the stage's scale block h starts
-              const int h = KB == 2 ? j / 2 : 0;
-              stage_zeros(st[u], h);
-              scale_pairs(st[u], h, s0, s1);
+          if (j % 2 == 0) stage_zeros(st[0], j / 2);
+          dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, af[j]);
+        }
+        wg_fence();
+        fence_regs<U>(part);
+        fence_regs<U>(part2);
+        wgmma<CT, W>(part, af[0], desc_sw128(st[0]), 0);
+        wgmma<CT, W>(part, af[1], desc_sw128(st[0] + 32), 1);
+        wg_commit();
+        wgmma<CT, W>(part2, af[2], desc_sw128(st[0] + 64), 0);
+        wgmma<CT, W>(part2, af[3], desc_sw128(st[0] + 96), 1);
+        wg_commit();
+        fence_regs<U>(part);
+        fence_regs<U>(part2);
+        fold_into.template operator()<1, U>(part, st[0], 0);
+        fold_into.template operator()<0, U>(part2, st[0], 1);
+      } else {
+        if constexpr (KB == 4 && !DQ) {
+          if (kc == 0) stage_zeros(st[0], 0);  // a scale block starts
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+          uint4 v[SPANS];
+#pragma unroll
+          for (int h = 0; h < SPANS; ++h) v[h] = lds128(st[u] + wdst + h * kSpanBytes);
+          [[maybe_unused]] uint32_t s0 = 0, s1 = 0;  // DQ: the scale block's scale pairs
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if constexpr (DQ) {
+              if (j == 0 || (KB == 2 && j == 2)) {  // the stage's scale block h starts
+                const int h = KB == 2 ? j / 2 : 0;
+                stage_zeros(st[u], h);
+                scale_pairs(st[u], h, s0, s1);
+              }
             }
+            uint32_t(&f)[4] = af[4 * u + j];
+            dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, f);
+            if constexpr (DQ) scale_fragment<CT>(f, s0, s1);
           }
-          uint32_t(&f)[4] = af[4 * u + j];
-          dequant<CT, SB>(v[j / KSTEPS], j % KSTEPS, zr, f);
-          if constexpr (DQ) scale_fragment<CT>(f, s0, s1);
+        }
+        wg_fence();
+        // Row-wise scales and DQ accumulate into acc, blocks of >= 64 k into part.
+        float(&d)[R] = KB == 0 || DQ ? acc : part;
+        fence_regs<U>(d);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          if (u == 1 && step == 1) break;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            wgmma<CT, W>(d, af[4 * u + j], desc_sw128(st[u] + 32 * j),
+                         (KB == 0 || DQ ? ks > 0 : kc > 0) || u > 0 || j > 0);
+          wg_commit();
+        }
+        fence_regs<U>(d);
+        // Two stages: one commit group each; once the first group is done its stage goes back to the
+        // producer while the second's wgmma still run.
+        if (step == 2) {
+          wg_wait<1>();
+          mbar_arrive(empty0 + 8 * (ks % S));
+        }
+        if constexpr (KB == 4 && !DQ) {
+          kc += 4 * step;
+          // Scales from the iteration's last stage: with two, the first may be released already.
+          if (kc == G.kpb || ks + step == nk)
+            fold_into.template operator()<0, U>(part, step == 2 ? st[1] : st[0], 0), kc = 0;
         }
       }
-      wg_fence();
-      // Row-wise scales and DQ accumulate into acc, blocks of >= 64 k into part.
-      float(&d)[R] = KB == 0 || DQ ? acc : part;
-      fence_regs(d);
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        if (u == 1 && step == 1) break;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wgmma<CT, N>(d, af[4 * u + j], desc_sw128(st[u] + 32 * j), (KB == 0 || DQ ? ks > 0 : kc > 0) || u > 0 || j > 0);
-        wg_commit();
+      // Where this iteration ended in a fold, its wgmma are drained already: release its stages now
+      // rather than at the next iteration's top, so the producer refills them sooner (measured on an
+      // H100 at T = 2048: mixtral int4 b128 4.39 -> 4.13 ms, b32 5.01 -> 4.81 ms).
+      // Either way one stage is left to release: the iteration's last.
+      const int last = ks + step - 1;
+      if (!DQ && (KB == 2 || (KB == 4 && kc == 0))) {
+        mbar_arrive(empty0 + 8 * (last % S));
+        prev_n = 0;
+      } else {
+        prev = last, prev_n = 1;
       }
-      fence_regs(d);
-      // Two stages: one commit group each; once the first group is done its stage goes back to the
-      // producer while the second's wgmma still run.
-      if (step == 2) {
-        wg_wait<1>();
-        mbar_arrive(empty0 + 8 * (ks % S));
-      }
-      if constexpr (KB == 4 && !DQ) {
-        kc += 4 * step;
-        // Scales from the iteration's last stage: with two, the first may be released already.
-        if (kc == G.kpb || ks + step == nk) fold(step == 2 ? st[1] : st[0], 0), kc = 0;
-      }
+      ks += step;
     }
-    // Where this iteration ended in a fold, its wgmma are drained already: release its stages now
-    // rather than at the next iteration's top, so the producer refills them sooner (measured on an
-    // H100 at T = 2048: mixtral int4 b128 4.39 -> 4.13 ms, b32 5.01 -> 4.81 ms).
-    // Either way one stage is left to release: the iteration's last.
-    const int last = ks + step - 1;
-    if (!DQ && (KB == 2 || (KB == 4 && kc == 0))) {
-      mbar_arrive(empty0 + 8 * (last % S));
-      prev_n = 0;
-    } else {
-      prev = last, prev_n = 1;
-    }
-    ks += step;
+  };
+  if constexpr (N == 128) {
+    if (item_width<N>(cnt) == 64) main_loop.template operator()<64>();
+    else main_loop.template operator()<128>();
+  } else {
+    main_loop.template operator()<N>();
   }
   wg_wait<0>();
   fence_regs(acc);
