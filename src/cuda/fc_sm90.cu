@@ -73,8 +73,8 @@ constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
 // tokens. An expert's tokens fill items of N and leave one partial item (mixtral at T = 2048: ~512
 // tokens per expert, items of 128 and one of 0-40). By a simulation of the benchmark's random routing,
-// padding made 13% of the layer's tensor work at the kernel's width (gpt-oss-20b 24%, deepseek-v3-like
-// with ~64 tokens per expert 100%), and 6% (12%, 47%) with the second width. More widths (96, 32, 16:
+// padding made 12% of the layer's tensor work at the kernel's width (gpt-oss-20b 23%, deepseek-v3-like
+// with ~64 tokens per expert 100%), and 6% (12%, 46%) with the second width. More widths (96, 32, 16:
 // 2%, 4%, 23%) each add a copy of the main loop, and with three or more ptxas serialized the wgmma of
 // most N = 128 kernels (C7511). Producer and consumers copy and multiply only the item's width.
 // H100, A/B in one call, T = 2048: mixtral int4 b32 3,460-3,513 -> 3,346-3,370 us, gpt-oss-20b int4
