@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <fstream>
 #include <numeric>
 #include <set>
@@ -173,9 +174,7 @@ RawMatrix random_matrix(const MoeSpec& s, Fc fc, int threads, uint64_t seed) {
   return m;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   std::vector<std::string> shapes{"mixtral", "qwen3"}, quants{"int4b32", "int4b128", "int8"};
   std::vector<int64_t> tokens{1, 8, 64, 512};
   int threads = int(std::thread::hardware_concurrency());
@@ -314,4 +313,16 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+}  // namespace
+
+// Bad arguments (an unknown shape, a missing value) end with their message and status 2, not abort().
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qmoe_bench_cpu: %s\n", e.what());
+    return 2;
+  }
 }

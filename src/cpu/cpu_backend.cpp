@@ -367,7 +367,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   pool.parallel_for(int64_t(t1.size()), [&](int64_t ti) {
     const Task& task = t1[size_t(ti)];
     Scratch sc;
-    float acc[kMaxTokens * kPairRows];
+    alignas(64) float acc[kMaxTokens * kPairRows];
     const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0);
@@ -428,7 +428,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   pool.parallel_for(int64_t(t2.size()), [&](int64_t ti) {
     const Task& task = t2[size_t(ti)];
     Scratch sc;
-    float acc[kMaxTokens * kPairRows];
+    alignas(64) float acc[kMaxTokens * kPairRows];
     const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
     for (int64_t p = task.p0; p < task.p1; ++p) {
       const TileRef ta = src.tile(p2, task.e, 2 * p, sc, 0);
