@@ -1,7 +1,7 @@
 // GPU benchmark of the CUDA backend on the model shapes of docs/performance.md.
 //
-// Usage: qmoe_cuda_bench [--quick] [--tokens 1,8,64,512] [--shapes mixtral,qwen3,gpt-oss,deepseek]
-//                        [--quants int4b128,int4b32,int8] [--gemm auto|sm80|sm90]
+// Usage: qmoe_cuda_bench [--quick] [--tokens 1,8,64,512] [--shapes mixtral,qwen3-30b-a3b,gpt-oss-20b,
+//                        deepseek-v3-like] [--quants int4b128,int4b32,int8] [--gemm auto|sm80|sm90] [--iters N]
 // Prints: the device, its measured read bandwidth (a streaming-read kernel over 2 GiB, same run),
 // then per case: µs of the whole layer (CUDA graph of the device-pointer core; no graph; and the
 // host-tensor run() including its input/output copies), bytes floor, % of floor, TFLOP/s.
@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -140,28 +141,58 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::vector<std::string> all_shapes = {"mixtral", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3-like"};
+  const std::vector<std::string> all_quants = {"int4b128", "int4b32", "int8"};
+  std::vector<int64_t> tokens = {1, 8, 64, 512};
+  std::vector<std::string> shapes_sel = all_shapes, quants_sel = all_quants;
+  int iters = 60;
+  CudaBackendOptions opt;
+  // Bad arguments end with a message and status 2, before any device work.
+  auto bad = [](const std::string& m) {
+    std::fprintf(stderr, "qmoe_cuda_bench: %s\n", m.c_str());
+    return 2;
+  };
+  auto known = [](const std::vector<std::string>& sel, const std::vector<std::string>& all) {
+    for (const std::string& v : sel)
+      if (std::find(all.begin(), all.end(), v) == all.end()) return v;
+    return std::string();
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (a == "--quick") {
+      iters = 20, tokens = {1, 64};
+    } else if (a == "--tokens" && has_value) {
+      tokens.clear();
+      for (auto& s : split(argv[++i])) {
+        char* end = nullptr;
+        const long long t = std::strtoll(s.c_str(), &end, 10);
+        if (s.empty() || *end || t < 1) return bad("--tokens: expected positive integers, got '" + s + "'");
+        tokens.push_back(t);
+      }
+    } else if (a == "--shapes" && has_value) {
+      shapes_sel = split(argv[++i]);
+      if (const std::string v = known(shapes_sel, all_shapes); !v.empty())
+        return bad("--shapes: unknown shape '" + v + "' (mixtral, qwen3-30b-a3b, gpt-oss-20b, deepseek-v3-like)");
+    } else if (a == "--quants" && has_value) {
+      quants_sel = split(argv[++i]);
+      if (const std::string v = known(quants_sel, all_quants); !v.empty())
+        return bad("--quants: unknown quantization '" + v + "' (int4b128, int4b32, int8)");
+    } else if (a == "--iters" && has_value) {
+      iters = std::atoi(argv[++i]);
+      if (iters < 1) return bad("--iters: expected a positive integer, got '" + std::string(argv[i]) + "'");
+    } else if (a == "--gemm" && has_value) {
+      const std::string g = argv[++i];
+      if (g != "auto" && g != "sm80" && g != "sm90") return bad("--gemm: expected auto, sm80 or sm90, got '" + g + "'");
+      opt.gemm = g == "sm80" ? CudaGemm::sm80 : g == "sm90" ? CudaGemm::sm90 : CudaGemm::automatic;
+    } else {
+      const bool takes_value = a == "--tokens" || a == "--shapes" || a == "--quants" || a == "--iters" || a == "--gemm";
+      return bad(takes_value ? a + ": needs a value" : "unknown argument '" + a + "' (usage: the file's header)");
+    }
+  }
   if (cuda_device_count() == 0) {
     std::printf("qmoe_cuda_bench: no CUDA device visible\n");
     return 0;
-  }
-  std::vector<int64_t> tokens = {1, 8, 64, 512};
-  std::vector<std::string> shapes_sel = {"mixtral", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3-like"};
-  std::vector<std::string> quants_sel = {"int4b128", "int4b32", "int8"};
-  int iters = 60;
-  CudaBackendOptions opt;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") iters = 20, tokens = {1, 64};
-    else if (a == "--tokens" && i + 1 < argc) {
-      tokens.clear();
-      for (auto& s : split(argv[++i])) tokens.push_back(std::stoll(s));
-    } else if (a == "--shapes" && i + 1 < argc) shapes_sel = split(argv[++i]);
-    else if (a == "--quants" && i + 1 < argc) quants_sel = split(argv[++i]);
-    else if (a == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
-    else if (a == "--gemm" && i + 1 < argc) {
-      const std::string g = argv[++i];
-      opt.gemm = g == "sm80" ? CudaGemm::sm80 : g == "sm90" ? CudaGemm::sm90 : CudaGemm::automatic;
-    }
   }
   cudaDeviceProp prop{};
   CU(cudaGetDeviceProperties(&prop, 0));
