@@ -125,6 +125,20 @@ struct Quant {
   int bits;
   int64_t bs;
 };
+const Shape_ kShapes[] = {
+    {"mixtral", 4096, 14336, 8, 2, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
+    {"qwen3-30b-a3b", 2048, 768, 128, 8, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
+    {"gpt-oss-20b", 2880, 2880, 32, 4, SwigluFusion::interleaved, 7.f, 1.702f, 1.f},
+    {"deepseek-v3-like", 7168, 2048, 256, 8, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
+};
+const Quant kQuants[] = {{"int4b128", 4, 128}, {"int4b32", 4, 32}, {"int8", 8, 0}};
+
+// The names of a table's rows (kShapes, kQuants).
+template <class Row, size_t N> std::vector<std::string> names_of(const Row (&rows)[N]) {
+  std::vector<std::string> v;
+  for (const Row& r : rows) v.push_back(r.name);
+  return v;
+}
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -141,8 +155,7 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> all_shapes = {"mixtral", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3-like"};
-  const std::vector<std::string> all_quants = {"int4b128", "int4b32", "int8"};
+  const std::vector<std::string> all_shapes = names_of(kShapes), all_quants = names_of(kQuants);
   std::vector<int64_t> tokens = {1, 8, 64, 512};
   std::vector<std::string> shapes_sel = all_shapes, quants_sel = all_quants;
   int iters = 60;
@@ -152,9 +165,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "qmoe_cuda_bench: %s\n", m.c_str());
     return 2;
   };
-  auto known = [](const std::vector<std::string>& sel, const std::vector<std::string>& all) {
+  // An entry of `sel` missing from `all` as "'x' (a, b, ...)", or "" where there is none.
+  auto unknown = [](const std::vector<std::string>& sel, const std::vector<std::string>& all) {
     for (const std::string& v : sel)
-      if (std::find(all.begin(), all.end(), v) == all.end()) return v;
+      if (std::find(all.begin(), all.end(), v) == all.end()) {
+        std::string m = "'" + v + "' (";
+        for (size_t i = 0; i < all.size(); ++i) m += (i ? ", " : "") + all[i];
+        return m + ")";
+      }
     return std::string();
   };
   for (int i = 1; i < argc; ++i) {
@@ -172,12 +190,11 @@ int main(int argc, char** argv) {
       }
     } else if (a == "--shapes" && has_value) {
       shapes_sel = split(argv[++i]);
-      if (const std::string v = known(shapes_sel, all_shapes); !v.empty())
-        return bad("--shapes: unknown shape '" + v + "' (mixtral, qwen3-30b-a3b, gpt-oss-20b, deepseek-v3-like)");
+      if (const std::string v = unknown(shapes_sel, all_shapes); !v.empty()) return bad("--shapes: unknown shape " + v);
     } else if (a == "--quants" && has_value) {
       quants_sel = split(argv[++i]);
-      if (const std::string v = known(quants_sel, all_quants); !v.empty())
-        return bad("--quants: unknown quantization '" + v + "' (int4b128, int4b32, int8)");
+      if (const std::string v = unknown(quants_sel, all_quants); !v.empty())
+        return bad("--quants: unknown quantization " + v);
     } else if (a == "--iters" && has_value) {
       iters = std::atoi(argv[++i]);
       if (iters < 1) return bad("--iters: expected a positive integer, got '" + std::string(argv[i]) + "'");
@@ -204,14 +221,6 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, prop.l2CacheSize >> 20, clk / 1000, memclk / 1000);
   std::printf("measured read bandwidth: %.0f GB/s (streaming read of 2 GiB, median of 12)\n", bw / 1e9);
 
-  const Shape_ shapes[] = {
-      {"mixtral", 4096, 14336, 8, 2, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
-      {"qwen3-30b-a3b", 2048, 768, 128, 8, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
-      {"gpt-oss-20b", 2880, 2880, 32, 4, SwigluFusion::interleaved, 7.f, 1.702f, 1.f},
-      {"deepseek-v3-like", 7168, 2048, 256, 8, SwigluFusion::concatenated, INFINITY, 1.f, 0.f},
-  };
-  const Quant quants[] = {{"int4b128", 4, 128}, {"int4b32", 4, 32}, {"int8", 8, 0}};
-
   std::printf("\n%-17s %-9s %5s %6s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "quant", "T", "experts", "graph_us",
               "nograph_us", "run()_us", "floor_us", "%floor", "GB/s", "TFLOP/s");
   auto be = make_cuda_backend(opt);
@@ -221,9 +230,9 @@ int main(int argc, char** argv) {
   CU(cudaEventCreate(&ev0));
   CU(cudaEventCreate(&ev1));
 
-  for (const Shape_& sh : shapes) {
+  for (const Shape_& sh : kShapes) {
     if (std::find(shapes_sel.begin(), shapes_sel.end(), sh.name) == shapes_sel.end()) continue;
-    for (const Quant& q : quants) {
+    for (const Quant& q : kQuants) {
       if (std::find(quants_sel.begin(), quants_sel.end(), q.name) == quants_sel.end()) continue;
       MoeSpec s;
       s.num_experts = sh.E, s.hidden = sh.H, s.inter = sh.I, s.k = sh.k, s.bits = q.bits, s.block_size = q.bs;
