@@ -61,12 +61,14 @@ if [[ $stages == *" prefill "* ]]; then
   cat "$OUT/peer.log"
 fi
 if [[ $stages == *" ncu90 "* ]]; then
-  # Where the wgmma kernels' time goes (fc1 and fc2 of one run): speed of light, tensor pipe, and the
-  # warp stall reasons.
+  # Where the wgmma kernels' time goes (fc1 and fc2 of one run): speed of light, tensor pipe, SM clock,
+  # issue slots, and the warp stall reasons. NCU90_CASES: shape:T pairs; NCU90_QUANT (default int4b128).
   st=smsp__warp_issue_stalled
   M=gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed
-  M=$M,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_uniform.avg.pct_of_peak_sustained_active
+  # (sm__pipe_tensor_op_gmma_cycles_active reads n/a on H100 with this ncu; sm__pipe_tensor_cycles_active counts wgmma)
+  M=$M,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed,sm__cycles_elapsed.avg.per_second
+  M=$M,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_uniform.avg.pct_of_peak_sustained_active
   for r in long_scoreboard short_scoreboard wait barrier math_pipe_throttle mio_throttle lg_throttle selected not_selected \
            no_instruction dispatch_stall membar sleeping branch_resolving misc drain tex_throttle imc_miss; do
     M=$M,${st}_${r}_per_warp_active.pct
@@ -74,9 +76,9 @@ if [[ $stages == *" ncu90 "* ]]; then
   for c in ${NCU90_CASES:-"mixtral:2048"}; do
     set -- ${c/:/ }
     timeout 200 ncu --clock-control none --metrics $M -k regex:fc_sm90_kernel --launch-count 2 \
-      $B/src/cuda/qmoe_cuda_bench --gemm sm90 --shapes $1 --quants int4b128 --tokens $2 --iters 1 \
+      $B/src/cuda/qmoe_cuda_bench --gemm sm90 --shapes $1 --quants ${NCU90_QUANT:-int4b128} --tokens $2 --iters 1 \
       > "$OUT/ncu90_$1.log" 2>&1; echo "ncu90 $1 T=$2 rc=$?"
-    grep -E "fc_sm90_kernel|gpu__time|throughput|pct|ERROR|rror" "$OUT/ncu90_$1.log" | grep -v -E " 0(\.0+)?$" |
+    grep -E "fc_sm90_kernel|gpu__time|throughput|pct|per_second|ERROR|rror" "$OUT/ncu90_$1.log" | grep -v -E " 0(\.0+)?$" |
       sed -E 's/\(anonymous namespace\):://g; s/qmoe::cuda:://g; s/smsp__warp_issue_stalled_//; s/_per_warp_active.pct//' |
       cut -c1-120 | head -60
   done
