@@ -31,6 +31,10 @@ timeout 400 "$T" --gemm sm90 > "$OUT/cuda_tests_sm90.log" 2>&1 & p9=$!  # the wg
 QMOE_CUDA_SM90_N=128 timeout 400 "$T" --gemm sm90 > "$OUT/cuda_tests_n128.log" 2>&1 & p8=$!
 QMOE_CUDA_SM90_N=128 timeout 400 compute-sanitizer --tool racecheck --error-exitcode 9 "$T" --quick --gemm sm90 \
   > "$OUT/racecheck_n128.log" 2>&1 & p_racecheck_n128=$!
+# ... and at width 192 where it serves a layer (4-bit, row-wise or DQ; else 128), items of 129+ tokens on the --wide subset
+QMOE_CUDA_SM90_N=192 timeout 400 "$T" --gemm sm90 > "$OUT/cuda_tests_n192.log" 2>&1 & p192=$!
+QMOE_CUDA_SM90_N=192 timeout 400 compute-sanitizer --tool racecheck --error-exitcode 9 "$T" --wide --gemm sm90 \
+  > "$OUT/racecheck_n192.log" 2>&1 & p_racecheck_n192=$!
 for tool in memcheck racecheck initcheck; do  # the quick subset with the default and the wgmma kernels,
   timeout 400 compute-sanitizer --tool $tool --error-exitcode 9 "$T" --quick > "$OUT/$tool.log" 2>&1 &
   eval "p_$tool=\$!"
@@ -45,8 +49,10 @@ wait $p9; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests --gemm sm90 rc=$rc
 grep -E "FAIL|passed|workspace" "$OUT/cuda_tests_sm90.log" | tail -5
 wait $p8; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests --gemm sm90, width 128 rc=$rc"
 grep -E "FAIL|passed|workspace" "$OUT/cuda_tests_n128.log" | tail -5
+wait $p192; rc=$?; [ $rc = 0 ] || fail=1; echo "qmoe_cuda_tests --gemm sm90, width 192 rc=$rc"
+grep -E "FAIL|passed|workspace" "$OUT/cuda_tests_n192.log" | tail -5
 for tool in memcheck racecheck initcheck memcheck_sm90 racecheck_sm90 initcheck_sm90 memcheck_wide racecheck_wide \
-  initcheck_wide racecheck_n128; do
+  initcheck_wide racecheck_n128 racecheck_n192; do
   eval "wait \$p_$tool"; rc=$?; [ $rc = 0 ] || fail=1
   echo "$tool rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)"
 done

@@ -258,11 +258,11 @@ class CudaBackend final : public Backend {
     pdl_ = cuda::pdl_supported(opt.device);
     // QMOE_CUDA_PDL=0 launches every kernel plainly (for A/B measurements and as an escape hatch).
     if (const char* v = std::getenv("QMOE_CUDA_PDL")) pdl_ = pdl_ && std::string(v) != "0";
-    // QMOE_CUDA_SM90_N=8|16|32|64|128 fixes the wgmma kernels' token width (for A/B measurements).
+    // QMOE_CUDA_SM90_N=8|16|32|64|128|192 fixes the wgmma kernels' token width (for A/B measurements).
     if (const char* v = std::getenv("QMOE_CUDA_SM90_N")) {
       const std::string n(v);
-      sm90_n_ = n == "8" ? 8 : n == "16" ? 16 : n == "32" ? 32 : n == "64" ? 64 : n == "128" ? 128 : 0;
-      if (!sm90_n_) throw Error("QMOE_CUDA_SM90_N: expected 8, 16, 32, 64 or 128, got '" + n + "'");
+      sm90_n_ = n == "8" ? 8 : n == "16" ? 16 : n == "32" ? 32 : n == "64" ? 64 : n == "128" ? 128 : n == "192" ? 192 : 0;
+      if (!sm90_n_) throw Error("QMOE_CUDA_SM90_N: expected 8, 16, 32, 64, 128 or 192, got '" + n + "'");
     }
     QMOE_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
@@ -475,6 +475,13 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   if (sm90_ && from > 0 && (opt_.gemm == CudaGemm::sm90 || avg >= from)) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
+    // Width 192 only where both matrices' loops have room for it (else 128, also when forced).
+    const Elt ct = compute_elt(s.act_dtype), se = to_elt(s.scale_dtype);
+    const bool wide_ok = cuda::sm90_wide_serves(ct, se, p.geom.fc1) && cuda::sm90_wide_serves(ct, se, p.geom.fc2);
+    if (!sm90_n_ && c.chunk == 128 && wide_ok &&
+        cuda::sm90_wide_pays(double(slots) / double(touched_all), p.route_spec.k, p.route_spec.num_experts))
+      c.chunk = 192;
+    if (c.chunk == 192 && !wide_ok) c.chunk = 128;
     c.nt = c.chunk / 8;
     c.max_items = int(touched + slots / c.chunk);
     c.spans_per_split = p.geom.fc2.S;

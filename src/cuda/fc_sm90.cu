@@ -13,16 +13,21 @@
 // the shape of the work:
 //
 //  * A block (one per SM; two at N <= 32) is warp-specialised: a producer warpgroup copies, two
-//    consumer warpgroups (three for 4-bit weights at N = 128 without partial sums, kConsumersOf)
+//    consumer warpgroups (three for 4-bit weights at N = 128 and 192 without partial sums, kConsumersOf)
 //    multiply. It owns 64 weight rows per consumer (4 tiles of 16; consumer warp q of warpgroup w owns
 //    tile 4w + q) x N tokens of one expert (one work item of the grouping with chunk
-//    N; N = 8, 16, 32, 64 or 128 by the tokens per expert, sm90_width). Each consumer warpgroup issues
+//    N; N = 8, 16, 32, 64 or 128 by the tokens per expert, sm90_width, or 192 where that pays,
+//    sm90_wide_pays). Each consumer warpgroup issues
 //    wgmma.m64nNk16 with the weights as A FROM REGISTERS: a lane's 16-byte span vector is, after the
 //    magic-number dequantization, exactly its A fragment (the per-warp register layout of wgmma's
 //    m64nNk16 A operand is mma.m16n8k16's, 16 rows per warp). Dequantization costs ~2 ALU operations
 //    per 2 weights per N tokens. The width matters below 128 tokens per expert: at N = 128 an item of
 //    16 tokens paid for 128 columns of tensor work and of activation copies
 //    (H100, --gemm sm90, N = 128 -> sm90_width: mixtral int4 b128 T = 64 869 -> 472 us; docs/PERF-cuda.md).
+//    Above 128 tokens per expert the number of items matters too: every item's block dequantizes all
+//    its weights, so width 192 (one item for an expert of 129-192 tokens, one stage per drain to fit
+//    its 96 accumulators per thread beside three consumers) took mixtral int4 at T = 2048 from 3.32-3.35
+//    to 3.04-3.11 ms (H100, docs/PERF-cuda.md, "Items of up to 192 tokens").
 //  * The activations are B, from shared memory through a wgmma descriptor: N token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
 //    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
@@ -69,7 +74,7 @@ using namespace dev;
 // at two: with three, only 7 stages fit, and compute-sanitizer racecheck reported hazards between
 // the consumers' weight reads and the producer's refills at 6 and 7 stages (see kStages).
 template <int N, int SB, int KB, bool DQ>
-constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
+constexpr int kConsumersOf = (N == 128 || N == 192) && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
 // tokens. An expert's tokens fill items of N and leave one partial item (mixtral at T = 2048: ~512
 // tokens per expert, items of 128 and one of 0-40). By a simulation of the benchmark's random routing,
@@ -79,10 +84,15 @@ constexpr int kConsumersOf = N == 128 && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
 // most N = 128 kernels (C7511). Producer and consumers copy and multiply only the item's width.
 // H100, A/B in one call, T = 2048: mixtral int4 b32 3,460-3,513 -> 3,346-3,370 us, gpt-oss-20b int4
 // b128 1,206-1,218 -> 1,163-1,178, deepseek-v3-like int4 b128 5,710 -> 5,259 (docs/PERF-cuda.md).
+// Width 192 (experts of ~112+ tokens, sm90_wide_serves): items of at most 128 tokens run at 128.
 template <int N> __device__ __forceinline__ int item_width(int cnt) {
-  if constexpr (N != 128) return N;
-  else return cnt > 64 ? 128 : 64;
+  if constexpr (N == 128) return cnt > 64 ? 128 : 64;
+  else if constexpr (N == 192) return cnt > 128 ? 192 : 128;
+  else return N;
 }
+// The layers width 192 serves: 4-bit weights (three consumer warpgroups) without a scale block's partial
+// sums in registers (row-wise scales, or DQ), since its 96 accumulators per thread leave no room for them.
+template <int SB, int KB, bool DQ> constexpr bool kWideServes = SB == 4 && (KB == 0 || DQ);
 template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
 template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
@@ -115,15 +125,23 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // consumers' weight reads and the producer's refills with 9 stages (and, for 8-bit weights, 6 and 7)
 // that it does not report with 8; the GPU tests passed with each. As with two blocks per SM above,
 // the cause was not found, so the configuration racecheck accepts is the one used.
+// Width 192 with three consumers: 7 stages of 32 KB would fit, but compute-sanitizer racecheck
+// reported hazards between the consumers' weight reads and the producer's refills with 7 and with 5
+// (H100, the --wide subset at width 192, 2026-11-27), as with 9 at width 128 above, and none with 4;
+// the GPU tests passed with each. 4 were also as fast as 5 (mixtral int4 b128 T = 2048: 3,041-3,058
+// against 3,054-3,058 us).
+constexpr int kWideStages = 4;
 template <int SB, int N, int C>
 constexpr int kStages =
-    C == 3 ? 8 : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
+    C == 3 ? (N == 192 ? kWideStages : 8)
+           : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
 // [stages][full barriers][empty barriers][N row offsets]; + 1 KB to align the base to a swizzle atom.
 template <int SB, int N, int C> constexpr int smem_bytes() {
   return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
 }
 static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 &&
-                  kStageBytes<4, 128, 3> % 1024 == 0,
+                  kStageBytes<4, 128, 3> % 1024 == 0 && kStageBytes<4, 192, 2> % 1024 == 0 &&
+                  kStageBytes<8, 192, 2> % 1024 == 0,
               "stages stay 1 KB aligned (swizzle atoms)");
 static_assert(kStages<4, 128, 2> == 10 && kStages<8, 128, 2> == 8 && smem_bytes<4, 128, 3>() <= kSmemLimit<128> &&
                   smem_bytes<8, 128, 2>() <= kSmemLimit<128> &&
@@ -253,6 +271,35 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
                  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
                  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define QMOE_WGMMA_N192(TYPES) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n192k16.f32." TYPES " {" \
+               "%0, %1, %2, %3, %4, %5, %6, %7, " \
+               "%8, %9, %10, %11, %12, %13, %14, %15, " \
+               "%16, %17, %18, %19, %20, %21, %22, %23, " \
+               "%24, %25, %26, %27, %28, %29, %30, %31, " \
+               "%32, %33, %34, %35, %36, %37, %38, %39, " \
+               "%40, %41, %42, %43, %44, %45, %46, %47, " \
+               "%48, %49, %50, %51, %52, %53, %54, %55, " \
+               "%56, %57, %58, %59, %60, %61, %62, %63, " \
+               "%64, %65, %66, %67, %68, %69, %70, %71, " \
+               "%72, %73, %74, %75, %76, %77, %78, %79, " \
+               "%80, %81, %82, %83, %84, %85, %86, %87, " \
+               "%88, %89, %90, %91, %92, %93, %94, %95" \
+               "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+                 "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+                 "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+                 "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+                 "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 // d may be longer than N / 2 (an item narrower than the kernel): its first N / 2 registers are D.
 template <class CT, int N, int R>
 __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
@@ -267,6 +314,7 @@ __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uin
   QMOE_WGMMA_CASE(32)
   QMOE_WGMMA_CASE(64)
   QMOE_WGMMA_CASE(128)
+  QMOE_WGMMA_CASE(192)
 #undef QMOE_WGMMA_CASE
 }
 #undef QMOE_WGMMA_N8
@@ -274,6 +322,7 @@ __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uin
 #undef QMOE_WGMMA_N32
 #undef QMOE_WGMMA_N64
 #undef QMOE_WGMMA_N128
+#undef QMOE_WGMMA_N192
 #endif
 
 // KB: k-steps per wgmma batch between scale folds: 0 = row-wise (no folds), 2 (block 32), 4 (>= 64).
@@ -486,7 +535,8 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     // writes A registers again (defining wgmma input registers while a wgmma is in flight makes ptxas
     // serialize every wgmma: C7513); the other warpgroups' wgmma run meanwhile. A drained stage's slot
     // is released to the producer.
-    const bool pair = KB == 0 || DQ || (KB == 4 && (G.kpb / 4) % 2 == 0);
+    constexpr int kPairMax = N == 192 ? 1 : 2;  // width 192: one stage per drain (registers)
+    const bool pair = kPairMax == 2 && (KB == 0 || DQ || (KB == 4 && (G.kpb / 4) % 2 == 0));
     int prev = -1, prev_n = 0;  // the last iteration's first stage and stage count
 #pragma unroll 1
     for (int ks = 0; ks < nk;) {
@@ -497,7 +547,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
       for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
       for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
       fence_async_smem();  // the landed copies, to wgmma's async proxy
-      uint32_t af[8][4];
+      uint32_t af[4 * kPairMax][4];
       uint32_t st[2];
 #pragma unroll
       for (int u = 0; u < 2; ++u) st[u] = sbase + uint32_t((ks + u) % S) * kStB;
@@ -531,7 +581,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
           if (kc == 0) stage_zeros(st[0], 0);  // a scale block starts
         }
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (int u = 0; u < kPairMax; ++u) {
           if (u == 1 && step == 1) break;
           uint4 v[SPANS];
 #pragma unroll
@@ -556,7 +606,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
         float(&d)[R] = KB == 0 || DQ ? acc : part;
         fence_regs<U>(d);
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (int u = 0; u < kPairMax; ++u) {
           if (u == 1 && step == 1) break;
 #pragma unroll
           for (int j = 0; j < 4; ++j)
@@ -592,9 +642,10 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
       ks += step;
     }
   };
-  if constexpr (N == 128) {
-    if (item_width<N>(cnt) == 64) main_loop.template operator()<64>();
-    else main_loop.template operator()<128>();
+  if constexpr (N == 128 || N == 192) {
+    constexpr int kNarrow = N == 128 ? 64 : 128;
+    if (item_width<N>(cnt) == kNarrow) main_loop.template operator()<kNarrow>();
+    else main_loop.template operator()<N>();
   } else {
     main_loop.template operator()<N>();
   }
@@ -656,22 +707,28 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
 
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 cudaError_t set_attr() {
-  return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              smem_bytes<SB, N, kConsumersOf<N, SB, KB, DQ>>());
+  if constexpr (N == 192 && !kWideServes<SB, KB, DQ>) return cudaSuccess;  // never launched (sm90_wide_serves)
+  else
+    return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                smem_bytes<SB, N, kConsumersOf<N, SB, KB, DQ>>());
 }
 // One block per (work item, block of the kernel's rows), in groups of kItemGroup items (see the kernel).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 void launch_kernel(const FcArgs& a, cudaStream_t st) {
-  constexpr int C = kConsumersOf<N, SB, KB, DQ>;
-  const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
-  const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
-  fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
+  if constexpr (N == 192 && !kWideServes<SB, KB, DQ>) {
+    return;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
+  } else {
+    constexpr int C = kConsumersOf<N, SB, KB, DQ>;
+    const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
+    const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
+    fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
+  }
 }
 // Calls f.template operator()<N>() for the kernel widths N.
 template <class F> cudaError_t for_each_n(F&& f) {
   cudaError_t e = cudaSuccess;
   for (cudaError_t r : {f.template operator()<8>(), f.template operator()<16>(), f.template operator()<32>(),
-                        f.template operator()<64>(), f.template operator()<128>()})
+                        f.template operator()<64>(), f.template operator()<128>(), f.template operator()<192>()})
     if (e == cudaSuccess) e = r;
   return e;
 }
@@ -714,6 +771,7 @@ void launch_sb(const FcArgs& a, cudaStream_t st) {
     case 16: launch_n<FC1, CT, SB, 16>(a, st); break;
     case 32: launch_n<FC1, CT, SB, 32>(a, st); break;
     case 64: launch_n<FC1, CT, SB, 64>(a, st); break;
+    case 192: launch_n<FC1, CT, SB, 192>(a, st); break;
     default: launch_n<FC1, CT, SB, 128>(a, st); break;
   }
 }
@@ -727,6 +785,32 @@ void launch(const FcArgs& a, cudaStream_t st) {
 }  // namespace
 
 bool sm90_serves(const MatrixGeom& g) { return g.NBP == 1 || g.kpb % 4 == 0 || g.kpb == 2; }
+
+bool sm90_wide_serves(Elt ct, Elt scale_elt, const MatrixGeom& g) {
+  return g.sbits == 4 && sm90_serves(g) && (kb_of(g) == 0 || fc_uses_dq(ct, scale_elt, g));
+}
+
+bool sm90_wide_pays(double avg, int64_t k, int64_t E) {
+  const double sd = std::max(1.0, std::sqrt(avg * std::max(0.0, 1.0 - double(k) / double(E))));
+  // Expected items per expert and token columns multiplied, at width n (partial items of at most
+  // narrow tokens run narrow wide), with the expert's count ~ Normal(avg, sd).
+  auto expect = [&](int n, int narrow, double& items, double& cols) {
+    double w = 0;
+    items = cols = 0;
+    for (int64_t c = std::max<int64_t>(0, int64_t(avg - 6 * sd)); c <= int64_t(avg + 6 * sd) + 1; ++c) {
+      const double p = std::exp(-0.5 * (double(c) - avg) * (double(c) - avg) / (sd * sd));
+      const int64_t r = c % n;
+      items += p * double(c / n + (r > 0));
+      cols += p * double(c - r + (r == 0 ? 0 : r > narrow ? n : narrow));
+      w += p;
+    }
+    items /= w, cols /= w;
+  };
+  double i128, c128, i192, c192;
+  expect(128, 64, i128, c128);
+  expect(192, 128, i192, c192);
+  return i192 < 0.9 * i128 && c192 <= 1.02 * c128;
+}
 
 bool sm90_available(int device) {
   cudaDeviceProp p{};

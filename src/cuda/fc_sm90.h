@@ -21,6 +21,16 @@ namespace qmoe::cuda {
 constexpr int sm90_width(int64_t avg) {
   return avg <= 6 ? 8 : avg <= 12 ? 16 : avg <= 32 ? 32 : avg <= 48 ? 64 : 128;
 }
+// Width 192: the wgmma kernels run items of up to 192 tokens (those of at most 128 run 128 wide) where
+// sm90_wide_serves says they can and sm90_wide_pays says it pays: an expert of 129-192 tokens is then
+// one item, its weights dequantized once instead of twice. Pays: with the experts' counts spread as
+// Normal(avg, sqrt(avg (1 - k / E))), width 192 needs under 0.9 times the items of width 128 and at
+// most 1.02 times its token columns (mixtral and qwen3-30b-a3b at 128 or 512 tokens per expert: 0.67
+// the items, the same columns; gpt-oss-20b at 256: 0.8 the items but 1.11 the columns).
+bool sm90_wide_pays(double avg, int64_t k, int64_t E);
+// Width 192's layers: 4-bit weights with row-wise scales or DQ (fc_uses_dq), whose loops keep no
+// per-block partial sums next to its 96 accumulators per thread, with three consumer warpgroups.
+bool sm90_wide_serves(Elt ct, Elt scale_elt, const MatrixGeom& g);
 // Widths up to this one run two blocks per SM (their accumulators leave room for it).
 constexpr int kSm90TwoBlockMaxWidth = 32;
 
