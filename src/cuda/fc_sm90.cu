@@ -84,7 +84,7 @@ constexpr int kConsumersOf = (N == 128 || N == 192) && SB == 4 && (KB == 0 || DQ
 // most N = 128 kernels (C7511). Producer and consumers copy and multiply only the item's width.
 // H100, A/B in one call, T = 2048: mixtral int4 b32 3,460-3,513 -> 3,346-3,370 us, gpt-oss-20b int4
 // b128 1,206-1,218 -> 1,163-1,178, deepseek-v3-like int4 b128 5,710 -> 5,259 (docs/PERF-cuda.md).
-// Width 192 (experts of ~112+ tokens, sm90_wide_serves): items of at most 128 tokens run at 128.
+// Width 192 (sm90_wide_serves, sm90_wide_pays): items of at most 128 tokens run at 128.
 template <int N> __device__ __forceinline__ int item_width(int cnt) {
   if constexpr (N == 128) return cnt > 64 ? 128 : 64;
   else if constexpr (N == 192) return cnt > 128 ? 192 : 128;
@@ -140,11 +140,10 @@ template <int SB, int N, int C> constexpr int smem_bytes() {
   return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
 }
 static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 &&
-                  kStageBytes<4, 128, 3> % 1024 == 0 && kStageBytes<4, 192, 2> % 1024 == 0 &&
-                  kStageBytes<8, 192, 2> % 1024 == 0,
+                  kStageBytes<4, 128, 3> % 1024 == 0 && kStageBytes<4, 192, 3> % 1024 == 0,
               "stages stay 1 KB aligned (swizzle atoms)");
 static_assert(kStages<4, 128, 2> == 10 && kStages<8, 128, 2> == 8 && smem_bytes<4, 128, 3>() <= kSmemLimit<128> &&
-                  smem_bytes<8, 128, 2>() <= kSmemLimit<128> &&
+                  smem_bytes<8, 128, 2>() <= kSmemLimit<128> && smem_bytes<4, 192, 3>() <= kSmemLimit<192> &&
                   smem_bytes<8, 32, 2>() <= kSmemLimit<32> && kStages<8, 32, 2> >= 4,
               "the blocks of an SM fit");
 
