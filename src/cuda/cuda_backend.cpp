@@ -212,6 +212,12 @@ int64_t wgmma_crossover(const CudaPacked& p) {
   return dq32 ? kWgmmaCrossoverDqBlock32 : kWgmmaCrossover;
 }
 
+// Whether the wgmma kernels can run the layer at width 192 (fc_sm90.h, sm90_wide_serves).
+bool wgmma_wide_serves(const CudaPacked& p) {
+  const Elt ct = compute_elt(p.spec().act_dtype), se = to_elt(p.spec().scale_dtype);
+  return cuda::sm90_wide_serves(ct, se, p.geom.fc1) && cuda::sm90_wide_serves(ct, se, p.geom.fc2);
+}
+
 // What a workspace's sizes depend on besides the row count: everything config_for reads of the layer,
 // so that layers with equal keys get the same launch configuration at every row count. (Without the
 // local expert count, fc1's geometry and where the wgmma kernels take over, two layers of one shape
@@ -221,6 +227,7 @@ struct WsKey {
   int64_t E = 0, k = 0, E_local = 0, H = 0, H64 = 0, I64 = 0, MT1 = 0, S1 = 0, MT2 = 0, S2 = 0;
   int sbits = 0;
   int64_t wgmma_from = 0;  // wgmma_crossover
+  bool wide = false;       // wgmma_wide_serves: width 192 makes fewer work items than 128
   DType act = DType::f32;
   bool operator==(const WsKey&) const = default;
 };
@@ -228,7 +235,7 @@ WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
   return WsKey{p.route_spec.num_experts, p.route_spec.k, s.num_experts, s.hidden, p.geom.H64, p.geom.I64,
-               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), s.act_dtype};
+               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), wgmma_wide_serves(p), s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
@@ -476,8 +483,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
     c.sm90 = true;
     c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
     // Width 192 only where both matrices' loops have room for it (else 128, also when forced).
-    const Elt ct = compute_elt(s.act_dtype), se = to_elt(s.scale_dtype);
-    const bool wide_ok = cuda::sm90_wide_serves(ct, se, p.geom.fc1) && cuda::sm90_wide_serves(ct, se, p.geom.fc2);
+    const bool wide_ok = wgmma_wide_serves(p);
     if (!sm90_n_ && c.chunk == 128 && wide_ok &&
         cuda::sm90_wide_pays(double(slots) / double(touched_all), p.route_spec.k, p.route_spec.num_experts))
       c.chunk = 192;
