@@ -416,6 +416,14 @@ std::vector<Case> all_cases() {
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 32;
     cs.push_back(c);
   }
+  for (DType sd : {DType::bf16, DType::f32}) {
+    // The same for width 192 at 128 tokens per expert: with bf16 block scales (DQ) the wgmma kernels
+    // take it and make fewer, wider work items; with fp32 ones (partial sums per scale block) they stay
+    // at 128 and make more. The second must not reuse the first's item buffer (WsKey::wide).
+    Case c = base(8, 2, 256, 128, 4, 128, Activation::swiglu, DType::bf16);
+    c.spec.scale_dtype = sd, c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 512;
+    cs.push_back(c);
+  }
   {
     Case c = base(8, 2, 64, 48, 4, 32, Activation::swiglu, DType::bf16);
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 65536;
