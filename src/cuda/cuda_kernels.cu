@@ -528,15 +528,68 @@ __global__ void route_one_kernel(RouteArgs ra, GroupArgs ga) {
 // ----------------------------------------------------------------------------------------------
 
 // mma_order: column c goes to position 16 (c / 16) + mma_col_of(c % 16) (for the wgmma kernel).
+// One thread per 16-column group of a row: with `vec` (the input's rows 16-byte aligned, H % 16 == 0)
+// a group is read with 16-byte loads; the output (the compute type, f16 or bf16) is written with two
+// 16-byte stores. One element per thread took qwen3-30b-a3b's 2048 x 2048 input 23 us on an H100.
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi, Elt oe) {
+  uint32_t r;
+  if (oe == Elt::f16) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  }
+  return r;
+}
+
 __global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
-                               bool mma_order) {
+                               bool mma_order, bool vec) {
   pdl_wait();  // nothing here depends on the routing kernel, but the chain must stay transitive
   pdl_launch_dependents();
-  const int64_t total = T * ld;
+  const int64_t gpr = ld / 16, total = T * gpr;  // ld is a multiple of 64
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / ld, c = i % ld;
-    const int64_t o = mma_order ? t * ld + (c & ~int64_t(15)) + mma_col_of(int(c & 15)) : i;
-    store_elt(out, o, oe, c < H ? load_elt(in, t * H + c, ie) : 0.f);
+    const int64_t t = i / gpr, c0 = (i % gpr) * 16;
+    float v[16];
+    if (vec && c0 < H) {
+      if (ie == Elt::f32) {
+        const float4* src = reinterpret_cast<const float4*>(static_cast<const float*>(in) + t * H + c0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 f = __ldg(src + q);
+          v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+        }
+      } else {
+        const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(in) + t * H + c0);
+        uint32_t w[8];
+        const uint4 a = __ldg(src), b = __ldg(src + 1);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          float2 f;
+          if (ie == Elt::f16) {
+            __half2 h;
+            memcpy(&h, &w[q], 4);
+            f = __half22float2(h);
+          } else {
+            __nv_bfloat162 h;
+            memcpy(&h, &w[q], 4);
+            f = __bfloat1622float2(h);
+          }
+          v[2 * q] = f.x, v[2 * q + 1] = f.y;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = c0 + j < H ? load_elt(in, t * H + c0 + j, ie) : 0.f;
+    }
+    // Pair q (columns 2q, 2q + 1) lands at pair (q & 1) * 4 + q / 2 in mma order (mma_col_of).
+    uint32_t o[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) o[mma_order ? (q & 1) * 4 + (q >> 1) : q] = pack_pair(v[2 * q], v[2 * q + 1], oe);
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + t * ld + c0);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
   }
 }
 
@@ -1146,7 +1199,9 @@ void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t s
 void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
                           bool mma_order, bool pdl, cudaStream_t st) {
   if (T == 0) return;
-  launch_k(convert_kernel, dim3(grid_for(T * ld, 256)), dim3(256), 0, st, pdl, in, ie, out, oe, T, H, ld, mma_order);
+  const bool vec = H % 16 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
+  launch_k(convert_kernel, dim3(grid_for(T * (ld / 16), 256)), dim3(256), 0, st, pdl, in, ie, out, oe, T, H, ld,
+           mma_order, vec);
 }
 
 bool pdl_supported(int device) {

@@ -73,7 +73,7 @@ void launch_group(const GroupArgs& a, cudaStream_t st);
 // ra.counts must be zero on entry either way and is zero afterwards.
 void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t st);
 
-// ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type, zero padded; with
+// ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type (ld % 16 == 0), zero padded; with
 // mma_order, each 16-column group in the order the wgmma kernel reads (cuda_sm80_layout.h) ----
 // pdl: launched as a programmatic dependent of the routing kernel (pdl_supported, cuda_kernels.cu).
 void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, int64_t T, int64_t H,
