@@ -547,7 +547,7 @@ __global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_
                                bool mma_order, bool vec) {
   pdl_wait();  // nothing here depends on the routing kernel, but the chain must stay transitive
   pdl_launch_dependents();
-  const int64_t gpr = ld / 16, total = T * gpr;  // ld is a multiple of 64
+  const int64_t gpr = ld / 16, total = T * gpr;  // 16-column groups per row (ld % 16 == 0)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / gpr, c0 = (i % gpr) * 16;
     float v[16];
