@@ -227,7 +227,6 @@ struct WsKey {
   int64_t E = 0, k = 0, E_local = 0, H = 0, H64 = 0, I64 = 0, MT1 = 0, S1 = 0, MT2 = 0, S2 = 0;
   int sbits = 0;
   int64_t wgmma_from = 0;  // wgmma_crossover
-  bool wide = false;       // wgmma_wide_serves: width 192 makes fewer work items than 128
   DType act = DType::f32;
   bool operator==(const WsKey&) const = default;
 };
@@ -235,7 +234,7 @@ WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
   return WsKey{p.route_spec.num_experts, p.route_spec.k, s.num_experts, s.hidden, p.geom.H64, p.geom.I64,
-               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), wgmma_wide_serves(p), s.act_dtype};
+               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
@@ -290,6 +289,7 @@ class CudaBackend final : public Backend {
   void run_core(const CudaPacked& p, const void* in, const void* logits, const void* rw, void* out, int64_t rows,
                 cudaStream_t st, const CudaSliceRunArgs* slice = nullptr);
   RunConfig config_for(const CudaPacked& p, int64_t rows) const;
+  RunConfig run_config(const CudaPacked& p, int64_t rows) const;
 
   const CudaPacked& check_packed(const PackedExperts& packed) const {
     require_layout(packed, tag_for(packed.spec()), "cuda backend");
@@ -481,13 +481,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const int64_t from = wgmma_crossover(p);
   if (sm90_ && from > 0 && (opt_.gemm == CudaGemm::sm90 || avg >= from)) {
     c.sm90 = true;
-    c.chunk = sm90_n_ ? sm90_n_ : cuda::sm90_width(avg);
-    // Width 192 only where both matrices' loops have room for it (else 128, also when forced).
-    const bool wide_ok = wgmma_wide_serves(p);
-    if (!sm90_n_ && c.chunk == 128 && wide_ok &&
-        cuda::sm90_wide_pays(double(slots) / double(touched_all), p.route_spec.k, p.route_spec.num_experts))
-      c.chunk = 192;
-    if (c.chunk == 192 && !wide_ok) c.chunk = 128;
+    c.chunk = sm90_n_ ? std::min(sm90_n_, 128) : cuda::sm90_width(avg);  // 192: run_config
     c.nt = c.chunk / 8;
     c.max_items = int(touched + slots / c.chunk);
     c.spans_per_split = p.geom.fc2.S;
@@ -545,6 +539,22 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   return c;
 }
 
+// config_for, then width 192 where both matrices' loops have room for it (wgmma_wide_serves) and, unless
+// QMOE_CUDA_SM90_N fixes the width, where it pays (sm90_wide_pays). Applied per run only: width 192 makes
+// fewer work items than 128, so config_for's items bound every run's and the workspace sizes (reserve)
+// need not depend on it, nor pay sm90_wide_pays's sum at every row count.
+RunConfig CudaBackend::run_config(const CudaPacked& p, int64_t rows) const {
+  RunConfig c = config_for(p, rows);
+  if (!c.sm90 || c.chunk != 128 || (sm90_n_ && sm90_n_ != 192) || !wgmma_wide_serves(p)) return c;
+  const int64_t slots = rows * p.route_spec.k, touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
+  if (!sm90_n_ && !cuda::sm90_wide_pays(double(slots) / double(touched_all), p.route_spec.k, p.route_spec.num_experts))
+    return c;
+  c.chunk = 192;
+  c.nt = c.chunk / 8;
+  c.max_items = int(std::min<int64_t>(p.spec().num_experts, slots) + slots / c.chunk);
+  return c;
+}
+
 size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   if (rows <= ws_.rows && ws_.key == ws_key(p)) {
     size_t n = 0;
@@ -559,7 +569,8 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   ws_ = Workspace{};
   const int64_t Eg = p.route_spec.num_experts, k = p.route_spec.k;  // routing: all experts of the layer
   const int64_t R = std::max<int64_t>(rows, 1), slots = R * k;
-  // Exact maxima over every row count up to R (config_for is a few arithmetic operations).
+  // Exact maxima over every row count up to R (config_for is a few arithmetic operations; run_config's
+  // width 192 only lowers max_items).
   int64_t max_items = 0, ysize = 0;
   bool need_x = !input_direct(s);
   for (int64_t r = 1; r <= R; ++r) {
@@ -601,7 +612,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
     throw Error("cuda backend: the workspace holds " + std::to_string(ws_.rows) + " rows for another layer shape or " +
                 "fewer rows than " + std::to_string(rows) + " (call cuda_reserve_workspace for this layer first)");
   if (rows == 0) return;
-  const RunConfig c = config_for(p, rows);
+  const RunConfig c = run_config(p, rows);
   const Elt ae = to_elt(s.act_dtype), ct = compute_elt(s.act_dtype);
   const int64_t slots = rows * rs.k;
 

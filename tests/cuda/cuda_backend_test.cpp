@@ -419,7 +419,8 @@ std::vector<Case> all_cases() {
   for (DType sd : {DType::bf16, DType::f32}) {
     // The same for width 192 at 128 tokens per expert: with bf16 block scales (DQ) the wgmma kernels
     // take it and make fewer, wider work items; with fp32 ones (partial sums per scale block) they stay
-    // at 128 and make more. The second must not reuse the first's item buffer (WsKey::wide).
+    // at 128 and make more. The second reuses the first's workspace, whose item buffer must hold its items
+    // (reserve sizes it for width 128, run_config in cuda_backend.cpp).
     Case c = base(8, 2, 256, 128, 4, 128, Activation::swiglu, DType::bf16);
     c.spec.scale_dtype = sd, c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 512;
     cs.push_back(c);
