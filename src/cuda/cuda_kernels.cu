@@ -978,6 +978,18 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
   tl_mark(tl + 4);
   if (!active) return;
 
+  // fc2: the rows of y that this thread's tokens go to, all loaded before the first store (with the
+  // load inside the store loop, each store waited on its own load).
+  int y_slot[FC1 ? 1 : NT][2];
+  if constexpr (!FC1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int idx = nt * 8 + 2 * t + c;
+        y_slot[nt][c] = idx < cnt ? a.sorted_slot[p0 + idx] : 0;
+      }
+  }
 #pragma unroll
   for (int u = 0; u < TPW; ++u) {
     const int64_t mt = mt0 + u;
@@ -1023,8 +1035,7 @@ __global__ void __launch_bounds__(kWarps * 32, XR == 1 ? 7 : NT * TPW >= 8 ? 3 :
         for (int c = 0; c < 2; ++c) {
           const int idx = nt * 8 + 2 * t + c;
           if (idx >= cnt) continue;
-          const int slot = a.sorted_slot[p0 + idx];
-          float* yrow = a.y + (int64_t(blockIdx.z) * a.slots + slot) * a.H;
+          float* yrow = a.y + (int64_t(blockIdx.z) * a.slots + y_slot[nt][c]) * a.H;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int64_t n = 16 * mt + g + 8 * h;

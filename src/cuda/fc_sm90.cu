@@ -27,7 +27,8 @@
 //    Above 128 tokens per expert the number of items matters too: every item's block dequantizes all
 //    its weights, so width 192 (one item for an expert of 129-192 tokens, one stage per drain to fit
 //    its 96 accumulators per thread beside three consumers) took mixtral int4 at T = 2048 from 3.32-3.35
-//    to 3.04-3.11 ms (H100, docs/PERF-cuda.md, "Items of up to 192 tokens").
+//    to 3.04-3.11 ms (H100, docs/PERF-cuda.md, "Items of up to 192 tokens"), and int8 from 3.50 to
+//    3.09 ms once 8-bit weights had three consumers too.
 //  * The activations are B, from shared memory through a wgmma descriptor: N token rows of 64 k
 //    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
 //    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
@@ -66,15 +67,16 @@ using namespace dev;
 #define QMOE_SM90_DEVICE 1
 #endif
 
-// Consumer warpgroups per block, 64 weight rows each: three for 4-bit weights at N = 128 where no
-// scale block's partial sums take registers (row-wise scales, DQ), so a block's activation stage
-// serves 192 weight rows instead of 128 and a third warpgroup's wgmma cover the other two's drains
-// (H100, T = 2048, A/B in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms, int4 b32 4.03 ->
-// 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights stay
-// at two: with three, only 7 stages fit, and compute-sanitizer racecheck reported hazards between
-// the consumers' weight reads and the producer's refills at 6 and 7 stages (see kStages).
+// Consumer warpgroups per block, 64 weight rows each: three at N = 128 and 192 where no scale block's
+// partial sums take registers (row-wise scales, DQ), so a block's activation stage serves 192 weight
+// rows instead of 128 and a third warpgroup's wgmma cover the other two's drains (H100, T = 2048, A/B
+// in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms, int4 b32 4.03 -> 3.48-3.50 ms;
+// docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights, which have three
+// since 2026-11-27 (4 stages, kStages): at width 128 mixtral int8 3,836 -> 3,514 us and qwen3-30b-a3b
+// 768 -> 693 us, then with width 192 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md,
+// "Prefill: fc2's slots, 8-bit weights with three consumers").
 template <int N, int SB, int KB, bool DQ>
-constexpr int kConsumersOf = (N == 128 || N == 192) && SB == 4 && (KB == 0 || DQ) ? 3 : 2;
+constexpr int kConsumersOf = (N == 128 || N == 192) && (KB == 0 || DQ) ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
 // tokens. An expert's tokens fill items of N and leave one partial item (mixtral at T = 2048: ~512
 // tokens per expert, items of 128 and one of 0-40). By a simulation of the benchmark's random routing,
@@ -90,9 +92,9 @@ template <int N> __device__ __forceinline__ int item_width(int cnt) {
   else if constexpr (N == 192) return cnt > 128 ? 192 : 128;
   else return N;
 }
-// The layers width 192 serves: 4-bit weights (three consumer warpgroups) without a scale block's partial
-// sums in registers (row-wise scales, or DQ), since its 96 accumulators per thread leave no room for them.
-template <int SB, int KB, bool DQ> constexpr bool kWideServes = SB == 4 && (KB == 0 || DQ);
+// The layers width 192 serves: those without a scale block's partial sums in registers (row-wise scales,
+// or DQ), since its 96 accumulators per thread leave no room for them beside three consumers.
+template <int SB, int KB, bool DQ> constexpr bool kWideServes = KB == 0 || DQ;
 template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
 template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
@@ -129,21 +131,26 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // reported hazards between the consumers' weight reads and the producer's refills with 7 and with 5
 // (H100, the --wide subset at width 192, 2026-11-27), as with 9 at width 128 above, and none with 4;
 // the GPU tests passed with each. 4 were also as fast as 5 (mixtral int4 b128 T = 2048: 3,041-3,058
-// against 3,054-3,058 us).
+// against 3,054-3,058 us). 8-bit weights with three consumers at N = 128 take 4 too (7 of 30 KB
+// would fit; racecheck reported hazards with 6 and 7, none with 4 on the quick subset and --wide).
 constexpr int kWideStages = 4;
 template <int SB, int N, int C>
 constexpr int kStages =
-    C == 3 ? (N == 192 ? kWideStages : 8)
+    C == 3 ? (N == 192 || SB == 8 ? kWideStages : 8)
            : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
-// [stages][full barriers][empty barriers][N row offsets]; + 1 KB to align the base to a swizzle atom.
+// [stages][full barriers][empty barriers][N row offsets][N slots (fc2)]; + 1 KB to align the base to
+// a swizzle atom.
 template <int SB, int N, int C> constexpr int smem_bytes() {
   return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
 }
 static_assert(kStageBytes<4, 8, 2> % 1024 == 0 && kStageBytes<8, 8, 2> % 1024 == 0 &&
-                  kStageBytes<4, 128, 3> % 1024 == 0 && kStageBytes<4, 192, 3> % 1024 == 0,
+                  kStageBytes<4, 128, 3> % 1024 == 0 && kStageBytes<4, 192, 3> % 1024 == 0 &&
+                  kStageBytes<8, 128, 3> % 1024 == 0 && kStageBytes<8, 192, 3> % 1024 == 0,
               "stages stay 1 KB aligned (swizzle atoms)");
 static_assert(kStages<4, 128, 2> == 10 && kStages<8, 128, 2> == 8 && smem_bytes<4, 128, 3>() <= kSmemLimit<128> &&
-                  smem_bytes<8, 128, 2>() <= kSmemLimit<128> && smem_bytes<4, 192, 3>() <= kSmemLimit<192> &&
+                  smem_bytes<8, 128, 2>() <= kSmemLimit<128> && smem_bytes<8, 128, 3>() <= kSmemLimit<128> &&
+                  smem_bytes<4, 192, 3>() <= kSmemLimit<192> &&
+                  smem_bytes<8, 192, 3>() <= kSmemLimit<192> &&
                   smem_bytes<8, 32, 2>() <= kSmemLimit<32> && kStages<8, 32, 2> >= 4,
               "the blocks of an SM fit");
 
@@ -365,9 +372,14 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
   const uint32_t full0 = sbase + S * kStB, empty0 = full0 + 8 * S;
   int* row_off = reinterpret_cast<int*>(sm90_smem + (empty0 + 8 * S - static_cast<uint32_t>(
                                                           __cvta_generic_to_shared(sm90_smem))));
+  // fc2: then the token rows' slots, the rows of y its epilogue writes (read here, where the latency
+  // overlaps the pipeline's fill, instead of in the epilogue, where each store waited on its load).
+  int* y_slot = row_off + N;
   for (int n = tid; n < N; n += kThreads) {
-    const int64_t r = n < cnt ? (FC1 ? int64_t(a.sorted_slot[p0 + n] / a.k) : int64_t(p0 + n)) : -1;
+    const int slot = n < cnt ? a.sorted_slot[p0 + n] : -1;
+    const int64_t r = n < cnt ? (FC1 ? int64_t(slot / a.k) : int64_t(p0 + n)) : -1;
     row_off[n] = r < 0 ? -1 : int(r * (a.x_ld / 64));
+    if constexpr (!FC1) y_slot[n] = slot;
   }
   if (tid == 0) {
     for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, 128 * kConsumers);
@@ -692,7 +704,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
           }
         }
       } else {
-        float* yrow = a.y + int64_t(a.sorted_slot[p0 + idx]) * a.H;
+        float* yrow = a.y + int64_t(y_slot[idx]) * a.H;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t n = 16 * mt + g + 8 * h;
@@ -786,7 +798,7 @@ void launch(const FcArgs& a, cudaStream_t st) {
 bool sm90_serves(const MatrixGeom& g) { return g.NBP == 1 || g.kpb % 4 == 0 || g.kpb == 2; }
 
 bool sm90_wide_serves(Elt ct, Elt scale_elt, const MatrixGeom& g) {
-  return g.sbits == 4 && sm90_serves(g) && (kb_of(g) == 0 || fc_uses_dq(ct, scale_elt, g));
+  return sm90_serves(g) && (kb_of(g) == 0 || fc_uses_dq(ct, scale_elt, g));
 }
 
 bool sm90_wide_pays(double avg, int64_t k, int64_t E) {

@@ -28,7 +28,7 @@ constexpr int sm90_width(int64_t avg) {
 // most 1.02 times its token columns (mixtral and qwen3-30b-a3b at 128 or 512 tokens per expert: 0.67
 // the items, the same columns; gpt-oss-20b at 256: 0.8 the items but 1.11 the columns).
 bool sm90_wide_pays(double avg, int64_t k, int64_t E);
-// Width 192's layers: 4-bit weights with row-wise scales or DQ (fc_uses_dq), whose loops keep no
+// Width 192's layers: those with row-wise scales or DQ (fc_uses_dq), whose loops keep no
 // per-block partial sums next to its 96 accumulators per thread, with three consumer warpgroups.
 bool sm90_wide_serves(Elt ct, Elt scale_elt, const MatrixGeom& g);
 // Widths up to this one run two blocks per SM (their accumulators leave room for it).
