@@ -187,11 +187,17 @@ __device__ __forceinline__ void dequant(const uint4& v, int j, const ZeroRep<CT,
   }
 }
 
+// silu and swiglu's sigmoid take __expf (ex2.approx) and __fdividef (rcp.approx): a few ulp of fp32
+// (about 1e-6 relative here), far below the fp16/bf16 rounding of the activations they produce, where
+// expf and an IEEE division were ~30 instructions per output of the wgmma kernel's epilogue, during
+// which its SM's tensor cores idle (H100, T = 2048: qwen3-30b-a3b int4 b128 561 -> 545 us, mixtral
+// 2,748 -> 2,698 us; docs/PERF-cuda.md). The exponent is clamped so 1 + e stays below 2^126, the
+// divisor range where __fdividef keeps its stated accuracy.
 __device__ __forceinline__ float act_dev(int act, float v) {
   switch (act) {
     case 0: return fmaxf(0.f, v);                                                          // relu
     case 1: return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));  // gelu
-    case 2: return v * (1.0f / (1.0f + expf(-v)));                                         // silu
+    case 2: return __fdividef(v, 1.0f + __expf(fminf(-v, 80.f)));                          // silu
     default: return v;                                                                     // identity
   }
 }
@@ -201,7 +207,7 @@ __device__ __forceinline__ float act_dev(int act, float v) {
 __device__ __forceinline__ float swiglu_dev(float gt, float ln, float limit, float alpha, float beta) {
   gt = (limit < gt) ? limit : gt;                        // std::min(g, limit)
   ln = ln < -limit ? -limit : (limit < ln ? limit : ln);  // std::clamp
-  return gt * (1.0f / (1.0f + expf(-alpha * gt))) * (ln + beta);
+  return __fdividef(gt, 1.0f + __expf(fminf(-alpha * gt, 80.f))) * (ln + beta);
 }
 
 // The FC kernels' variants (host side): compute type (fp16, bf16) x stored bits (4, 8) x fc1/fc2.

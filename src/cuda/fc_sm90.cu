@@ -668,50 +668,61 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
   }
   if (!live) return;
 
-  // Epilogue. acc[4 j + q]: token 8 j + 2 t + (q & 1), tile row g + 8 (q >> 1).
+  // Epilogue. acc[4 j + q]: token 8 j + 2 t + (q & 1), tile row g + 8 (q >> 1). A thread's rows are
+  // fixed, so their bias, bounds and output columns are read once, and each row map and activation has
+  // its own unrolled token loop: with the map and the activation switched inside one loop, each of its
+  // 2 N / 8 unrolled steps carried every path's code, and fetching that code stalled the consumers
+  // while the tensor cores idled (Nsight Compute source counters, qwen3-30b-a3b fc1 at T = 2048: 30%
+  // of the kernel's warp samples in the epilogue, mostly "no instruction"; docs/PERF-cuda.md).
+  auto each_token = [&](auto&& f) {  // f(acc index of the token's row g, token)
 #pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
+    for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int idx = 8 * j + 2 * t + c;
-      if (idx >= cnt) continue;
-      if constexpr (FC1) {
-        CT* arow = static_cast<CT*>(a.a) + int64_t(p0 + idx) * a.a_ld;
-        auto put = [&](int64_t col, float v) {
-          arow[(col & ~int64_t(15)) + mma_col_of(int(col & 15))] = CtTraits<CT>::from_float(v);
-        };
-        if (G.map == RowMap::swiglu) {
-          const int64_t i = 8 * mt + g;
-          float v = 0.f;
-          if (i < a.I) {
-            float gt = acc[4 * j + c], ln = acc[4 * j + 2 + c];
-            if (a.bias_g) gt += a.bias_g[int64_t(e) * a.a_ld + i];
-            if (a.bias_l) ln += a.bias_l[int64_t(e) * a.a_ld + i];
-            v = swiglu_dev(gt, ln, a.limit, a.alpha, a.beta);
-          }
-          put(i, v);
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t n = 16 * mt + g + 8 * h;
-            float v = 0.f;
-            if (n < a.I) {
-              v = acc[4 * j + 2 * h + c];
-              if (a.bias_g) v += a.bias_g[int64_t(e) * a.a_ld + n];
-              v = act_dev(a.act, v);
-            }
-            put(n, v);
-          }
-        }
-      } else {
-        float* yrow = a.y + int64_t(y_slot[idx]) * a.H;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t n = 16 * mt + g + 8 * h;
-          if (n < a.H) yrow[n] = acc[4 * j + 2 * h + c];
-        }
+      for (int c = 0; c < 2; ++c)
+        if (8 * j + 2 * t + c < cnt) f(4 * j + c, 8 * j + 2 * t + c);
+  };
+  if constexpr (FC1) {
+    CT* const a0 = static_cast<CT*>(a.a) + int64_t(p0) * a.a_ld;
+    auto out_col = [](int64_t col) { return (col & ~int64_t(15)) + mma_col_of(int(col & 15)); };
+    if (G.map == RowMap::swiglu) {  // row g is gate row i, row g + 8 its linear row
+      const int64_t i = 8 * mt + g;
+      const bool in = i < a.I;
+      const float bg = in && a.bias_g ? a.bias_g[int64_t(e) * a.a_ld + i] : 0.f;
+      const float bl = in && a.bias_l ? a.bias_l[int64_t(e) * a.a_ld + i] : 0.f;
+      CT* const out = a0 + out_col(i);
+      each_token([&](int q, int idx) {
+        const float v = in ? swiglu_dev(acc[q] + bg, acc[q + 2] + bl, a.limit, a.alpha, a.beta) : 0.f;
+        out[int64_t(idx) * a.a_ld] = CtTraits<CT>::from_float(v);
+      });
+    } else {
+      const int64_t n0 = 16 * mt + g, n1 = n0 + 8;
+      const bool in0 = n0 < a.I, in1 = n1 < a.I;
+      const float b0 = in0 && a.bias_g ? a.bias_g[int64_t(e) * a.a_ld + n0] : 0.f;
+      const float b1 = in1 && a.bias_g ? a.bias_g[int64_t(e) * a.a_ld + n1] : 0.f;
+      CT* const out0 = a0 + out_col(n0);
+      const int d1 = int(out_col(n1) - out_col(n0));  // row g + 8's column, from row g's
+      auto store = [&]<int ACT>() {
+        each_token([&](int q, int idx) {
+          CT* const o = out0 + int64_t(idx) * a.a_ld;
+          o[0] = CtTraits<CT>::from_float(in0 ? act_dev(ACT, acc[q] + b0) : 0.f);
+          o[d1] = CtTraits<CT>::from_float(in1 ? act_dev(ACT, acc[q + 2] + b1) : 0.f);
+        });
+      };
+      switch (a.act) {  // act_dev's codes
+        case 0: store.template operator()<0>(); break;
+        case 1: store.template operator()<1>(); break;
+        case 2: store.template operator()<2>(); break;
+        default: store.template operator()<3>(); break;  // act_dev: identity
       }
     }
+  } else {
+    const int64_t n0 = 16 * mt + g, n1 = n0 + 8;
+    const bool in0 = n0 < a.H, in1 = n1 < a.H;
+    each_token([&](int q, int idx) {
+      float* yrow = a.y + int64_t(y_slot[idx]) * a.H;
+      if (in0) yrow[n0] = acc[q];
+      if (in1) yrow[n1] = acc[q + 2];
+    });
   }
 #endif
 }
