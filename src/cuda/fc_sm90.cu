@@ -74,7 +74,7 @@ using namespace dev;
 // docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights, which have three
 // since 2026-11-27 (4 stages, kStages): at width 128 mixtral int8 3,836 -> 3,514 us and qwen3-30b-a3b
 // 768 -> 693 us, then with width 192 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md,
-// "Prefill: fc2's slots, 8-bit weights with three consumers").
+// "Prefill at 258300c").
 template <int N, int SB, int KB, bool DQ>
 constexpr int kConsumersOf = (N == 128 || N == 192) && (KB == 0 || DQ) ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
