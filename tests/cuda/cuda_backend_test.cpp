@@ -435,9 +435,11 @@ std::vector<Case> all_cases() {
     c.spec.fc1_zero_points = c.spec.fc2_bias = true, c.T = 400;
     cs.push_back(c);
   }
-  {  // 8-bit weights with bf16 block scales (DQ) at 128 tokens per expert: width 192, three consumers
-    Case c = base(8, 2, 256, 384, 8, 64, Activation::swiglu, DType::bf16);
-    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.spec.fc2_zero_points = true, c.T = 512;
+  for (int64_t bs : {64, 32}) {
+    // 8-bit weights with bf16 block scales (DQ) at 128 tokens per expert: width 192, three consumers;
+    // block 32 puts two scale blocks in each stage (KB = 2 in fc_sm90.cu)
+    Case c = base(8, 2, 256, 384, 8, bs, Activation::swiglu, DType::bf16);
+    c.spec.swiglu_fusion = SwigluFusion::concatenated, c.spec.fc2_zero_points = bs == 64, c.T = 512;
     cs.push_back(c);
   }
   for (size_t i = n0; i < cs.size(); ++i) cs[i].seed = 2000 + i;
