@@ -71,10 +71,9 @@ using namespace dev;
 // partial sums take registers (row-wise scales, DQ), so a block's activation stage serves 192 weight
 // rows instead of 128 and a third warpgroup's wgmma cover the other two's drains (H100, T = 2048, A/B
 // in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms, int4 b32 4.03 -> 3.48-3.50 ms;
-// docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. 8-bit weights, which have three
-// since 2026-11-27 (4 stages, kStages): at width 128 mixtral int8 3,836 -> 3,514 us and qwen3-30b-a3b
-// 768 -> 693 us, then with width 192 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md,
-// "Prefill at 258300c").
+// docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. For 8-bit weights (4 stages, kStages)
+// three took mixtral int8 from 3,836 to 3,514 us and qwen3-30b-a3b from 768 to 693 at width 128, and
+// width 192 then 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md, "Prefill at 258300c").
 template <int N, int SB, int KB, bool DQ>
 constexpr int kConsumersOf = (N == 128 || N == 192) && (KB == 0 || DQ) ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
