@@ -470,20 +470,29 @@ bool input_direct(const MoeSpec& s) {
   return (s.act_dtype == DType::f16 || s.act_dtype == DType::bf16) && s.hidden % 64 == 0;
 }
 
+// A run's routed slots and the experts they can touch: this backend's (an expert-parallel slice holds
+// some of the layer's) and the whole layer's, whose average tokens per expert the slice sees too.
+struct RunCounts {
+  int64_t slots, touched, touched_all;
+  RunCounts(const CudaPacked& p, int64_t rows)
+      : slots(rows * p.route_spec.k),
+        touched(std::min<int64_t>(p.spec().num_experts, slots)),
+        touched_all(std::min<int64_t>(p.route_spec.num_experts, slots)) {}
+  // Work items of at most `chunk` tokens: the full ones plus one partial item per touched expert.
+  int items(int chunk) const { return int(touched + slots / chunk); }
+};
+
 RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
-  const MoeSpec& s = p.spec();
   RunConfig c;
-  const int64_t slots = rows * p.route_spec.k;
-  const int64_t touched = std::min<int64_t>(s.num_experts, slots);
-  // Tokens per touched expert: of the whole layer (an expert-parallel slice sees the same average).
-  const int64_t touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
+  const RunCounts n(p, rows);
+  const int64_t slots = n.slots, touched_all = n.touched_all;
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
   const int64_t from = wgmma_crossover(p);
   if (sm90_ && from > 0 && (opt_.gemm == CudaGemm::sm90 || avg >= from)) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? std::min(sm90_n_, 128) : cuda::sm90_width(avg);  // 192: run_config
     c.nt = c.chunk / 8;
-    c.max_items = int(touched + slots / c.chunk);
+    c.max_items = n.items(c.chunk);
     c.spans_per_split = p.geom.fc2.S;
     return c;
   }
@@ -493,7 +502,7 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   // instead of 2; gpt-oss-20b T=64, 8 per expert, int4 b32 361 -> 278 us with nt = 2 instead of 1).
   c.nt = avg <= 6 ? 1 : avg <= 12 ? 2 : 4;
   c.chunk = 8 * c.nt;
-  c.max_items = int(touched + slots / c.chunk);
+  c.max_items = n.items(c.chunk);
   // Parallelism: aim for ~24 streaming warps per SM. At one token, first split K inside a block (kw
   // warps per tile, >= 3 spans each); then (fc2 only) across blocks, with >= 4 spans per split.
   const int64_t target = int64_t(sms_) * 24;
@@ -546,12 +555,13 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
 RunConfig CudaBackend::run_config(const CudaPacked& p, int64_t rows) const {
   RunConfig c = config_for(p, rows);
   if (!c.sm90 || c.chunk != 128 || (sm90_n_ && sm90_n_ != 192) || !wgmma_wide_serves(p)) return c;
-  const int64_t slots = rows * p.route_spec.k, touched_all = std::min<int64_t>(p.route_spec.num_experts, slots);
-  if (!sm90_n_ && !cuda::sm90_wide_pays(double(slots) / double(touched_all), p.route_spec.k, p.route_spec.num_experts))
+  const RunCounts n(p, rows);
+  if (!sm90_n_ && !cuda::sm90_wide_pays(double(n.slots) / double(n.touched_all), p.route_spec.k,
+                                        p.route_spec.num_experts))
     return c;
   c.chunk = 192;
   c.nt = c.chunk / 8;
-  c.max_items = int(std::min<int64_t>(p.spec().num_experts, slots) + slots / c.chunk);
+  c.max_items = n.items(c.chunk);
   return c;
 }
 
