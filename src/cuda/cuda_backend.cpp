@@ -672,7 +672,6 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   cuda::FcArgs f1;
   f1.geom = p.geom.fc1;
   f1.w = p.fc1.w.as<uint8_t>();
-  f1.experts = s.num_experts;
   f1.s = p.fc1.s.get();
   f1.scale_elt = to_elt(s.scale_dtype);
   f1.z = p.fc1.z.bytes() ? p.fc1.z.as<uint8_t>() : nullptr;
@@ -703,11 +702,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.tpw = c.tpw;
   f1.xr = c.xr;
   f1.pdl = pdl_ && !c.sm90;  // the wgmma kernels are launched plainly
-  if (c.sm90) {
-    QMOE_CU(cuda::launch_fc1_sm90(f1, st));
-  } else {
-    cuda::launch_fc1(f1, st);
-  }
+  c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);
 
   cuda::FcArgs f2 = f1;
   f2.geom = p.geom.fc2;
@@ -721,11 +716,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f2.spans_per_split = c.spans_per_split;
   f2.kw = c.kw2;
   f2.tpw = c.tpw;
-  if (c.sm90) {
-    QMOE_CU(cuda::launch_fc2_sm90(f2, st));
-  } else {
-    cuda::launch_fc2(f2, st);
-  }
+  c.sm90 ? cuda::launch_fc2_sm90(f2, st) : cuda::launch_fc2(f2, st);
 
   cuda::CombineArgs ca;
   ca.y = f2.y;

@@ -84,7 +84,6 @@ void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, in
 struct FcArgs {
   MatrixGeom geom;
   const uint8_t* w = nullptr;  // packed weights, all experts
-  int64_t experts = 0;         // experts in w
   const void* s = nullptr;     // packed scales
   Elt scale_elt = Elt::f32;
   const uint8_t* z = nullptr;  // packed zero points or null

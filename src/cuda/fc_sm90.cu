@@ -55,9 +55,6 @@
 // independent of the other tokens in its tile, so results are bitwise reproducible.
 #include "fc_sm90.h"
 
-#include <cuda.h>  // CUtensorMap and its encoder's signature; the encoder comes from the driver at run time
-#include <cudaTypedefs.h>
-
 #include "fc_common.cuh"
 
 namespace qmoe::cuda {
@@ -188,35 +185,6 @@ __device__ __forceinline__ void mbar_arrive(uint32_t b) {
 }
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
-}
-// Tensor copies (the TMA unit, PTX ISA "cp.async.bulk.tensor"): one thread announces a stage's bytes
-// on its full barrier (expect_tx) and issues the copies; each counts its bytes down as it lands, and
-// the barrier's phase completes once they have and every producer thread has arrived.
-__device__ __forceinline__ void mbar_expect_tx(uint32_t b, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap& map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(dst), "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-// Weights with an evict-first L2 policy: each is read by the few blocks of one row block's items.
-__device__ __forceinline__ void tma_load_3d_evict_first(uint32_t dst, const CUtensorMap& map, int c0, int c1, int c2,
-                                                        uint32_t bar, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap& map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map)) : "memory");
 }
 // Per-warpgroup register budgets (PTX ISA "setmaxnreg"; every warp of the warpgroup executes it).
 // A block's warpgroups only trade among the registers it was launched with (kLaunchRegs per thread:
@@ -367,7 +335,7 @@ __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uin
 // by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBlocksPerSm<N>)
-    fc_sm90_kernel(const FcArgs a, const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map) {
+    fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
   constexpr int kConsumers = kConsumersOf<N, SB, KB, DQ>;
   constexpr int kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
@@ -408,8 +376,9 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
   int* y_slot = row_off + N;
   for (int n = tid; n < N; n += kThreads) {
     const int slot = n < cnt ? a.sorted_slot[p0 + n] : -1;
-    if constexpr (FC1) row_off[n] = slot < 0 ? -1 : int(int64_t(slot / a.k) * (a.x_ld / 64));
-    else y_slot[n] = slot;
+    const int64_t r = n < cnt ? (FC1 ? int64_t(slot / a.k) : int64_t(p0 + n)) : -1;
+    row_off[n] = r < 0 ? -1 : int(r * (a.x_ld / 64));
+    if constexpr (!FC1) y_slot[n] = slot;
   }
   if (tid == 0) {
     for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, 128 * kConsumers);
@@ -425,7 +394,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
     // cores consume them: 2.4x slower.)
     setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
-    const int pt = tid - 128 * kConsumers, c = pt & 7;
+    const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
     // the producer's per-stage latency is on the kernel's critical path).
     const uint8_t* xk = static_cast<const uint8_t*>(a.x) + c * 16;  // + 128 per stage
@@ -433,20 +402,16 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past the item's width)
     const int width = item_width<N>(cnt);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) ro[i] = FC1 && (pt >> 3) + 16 * i < width ? row_off[(pt >> 3) + 16 * i] : -2;
-    // Thread 0's tensor copies (tma_w, tma_x): the block's weights, [tile][span][512 bytes], one box of
-    // the stage's spans of its kTiles tiles (tiles past the expert's are never stored, spans past K are
-    // zero-filled and meet x = 0 there); fc2's activations, the item's rows p0.. in boxes of up to 64 rows
-    // of 128 bytes, 128-byte swizzled as wgmma reads them (rows past the item's count are never stored).
-    constexpr int kXBox = N < 64 ? N : 64;  // rows per activation box
-    const int x_boxes = FC1 ? 0 : width / kXBox;
-    const uint32_t stage_tx = uint32_t(kTiles * SPANS * kSpanBytes + x_boxes * kXBox * 128);
-    const int w_tile = int(int64_t(e) * G.MT + mblock * kTiles);
-    const uint64_t w_policy = l2_evict_first_policy();
-    if (pt == 0) {
-      prefetch_tensormap(w_map);
-      if constexpr (!FC1) prefetch_tensormap(x_map);
+    for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < width ? row_off[(pt >> 3) + 16 * i] : -2;
+    // Weights: tiles kConsumers pw + v, lane by lane (the consumer lane reads back its own vectors).
+    const uint8_t* wt[kConsumers];
+#pragma unroll
+    for (int v = 0; v < kConsumers; ++v) {
+      const int64_t mt = mblock * kTiles + kConsumers * pw + v;
+      const int64_t mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
+      wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
     }
+    const uint32_t wd = kXBytes<N> + uint32_t(kConsumers * pw * SPANS * kSpanBytes + lane * 16);
     // Activations: chunk c of token rows (pt >> 3) + 16 i, at n * 128 + ((c ^ (n & 7)) * 16); n & 7 is
     // the same for every i.
     const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
@@ -483,20 +448,22 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
       const int slot = ks % S;
       if (ks >= S) mbar_wait(empty0 + 8 * slot, ((ks / S) - 1) & 1);
       const uint32_t st = sbase + uint32_t(slot) * kStB;
-      if (pt == 0) {
-        const uint32_t full = full0 + 8 * slot;
-        mbar_expect_tx(full, stage_tx);
-        tma_load_3d_evict_first(st + kXBytes<N>, w_map, 0, ks * SPANS, w_tile, full, w_policy);
-        for (int b = 0; b < x_boxes; ++b) tma_load_2d(st + b * kXBox * 128, x_map, ks * kStageK, p0 + b * kXBox, full);
-      }
-      if constexpr (FC1) {  // fc1 gathers its token rows (a tensor copy's box cannot)
 #pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int r = ro[i];
-          if (r == -2) continue;
-          cp_async16_zfill_sa(st + xd + 2048 * i, r < 0 ? a.x : xk + int64_t(r) * 128, r < 0 ? 0 : 16);
+      for (int i = 0; i < kRows; ++i) {
+        const int r = ro[i];
+        if (r == -2) continue;
+        cp_async16_zfill_sa(st + xd + 2048 * i, r < 0 ? a.x : xk + int64_t(r) * 128, r < 0 ? 0 : 16);
+      }
+      xk += 128;
+#pragma unroll
+      for (int v = 0; v < kConsumers; ++v) {
+#pragma unroll
+        for (int h = 0; h < SPANS; ++h) {
+          const uint32_t d = st + wd + uint32_t((v * SPANS + h) * kSpanBytes);
+          if (ks * SPANS + h < G.S) cp_async16_stream_sa(d, wt[v] + h * kSpanBytes);
+          else cp_async16_zfill_sa(d, a.w, 0);  // past K: codes 0 meet x = 0
         }
-        xk += 128;
+        wt[v] += SPANS * kSpanBytes;
       }
       if (sc_src) {  // this thread's chunk of the stage's scale block h (see sc_src above)
         int64_t blk = KB == 2 ? 2 * int64_t(ks) + sc_h : pb;
@@ -766,56 +733,16 @@ cudaError_t set_attr() {
     return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 smem_bytes<SB, N, kConsumersOf<N, SB, KB, DQ>>());
 }
-// The driver's tensor-map encoder, looked up once (the runtime does not wrap it); null if absent.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-// A tensor map over `dims` (innermost first) of `type` at `base` (strides in bytes of dims 1..), boxes
-// of `box`; false if the encoder refuses it.
-template <int R>
-bool encode_map(CUtensorMap& m, CUtensorMapDataType type, const void* base, const uint64_t (&dims)[R],
-                const uint64_t (&strides)[R - 1], const uint32_t (&box)[R], CUtensorMapSwizzle swizzle) {
-  const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-  uint32_t ones[R];
-  for (int i = 0; i < R; ++i) ones[i] = 1;
-  return enc && enc(&m, type, R, const_cast<void*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
 // One block per (work item, block of the kernel's rows), in groups of kItemGroup items (see the kernel).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
-cudaError_t launch_kernel(const FcArgs& a, cudaStream_t st) {
+void launch_kernel(const FcArgs& a, cudaStream_t st) {
   if constexpr (N == 192 && !kWideServes<SB, KB, DQ>) {
-    return cudaErrorInvalidValue;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
+    return;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
   } else {
     constexpr int C = kConsumersOf<N, SB, KB, DQ>;
-    const MatrixGeom& g = a.geom;
-    // Weights [experts x MT tiles][S spans][128 words]; fc2's activations [slots][x_ld] (see the producer).
-    CUtensorMap w_map{}, x_map{};
-    bool ok = encode_map<3>(w_map, CU_TENSOR_MAP_DATA_TYPE_UINT32, a.w,
-                            {kSpanBytes / 4, uint64_t(g.S), uint64_t(a.experts * g.MT)},
-                            {kSpanBytes, uint64_t(g.S) * kSpanBytes},
-                            {kSpanBytes / 4, uint32_t(kSpansPerStage<SB>), uint32_t(kTilesOf<C>)},
-                            CU_TENSOR_MAP_SWIZZLE_NONE);
-    if (!FC1)
-      ok = ok && encode_map<2>(x_map, std::is_same_v<CT, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                                 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                               a.x, {uint64_t(a.x_ld), uint64_t(a.slots)}, {uint64_t(a.x_ld) * 2},
-                               {uint32_t(kStageK), uint32_t(N < 64 ? N : 64)}, CU_TENSOR_MAP_SWIZZLE_128B);
-    if (!ok) return cudaErrorInvalidValue;
     const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
-    const dim3 grid(unsigned(groups * kItemGroup * ((g.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
-    fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a, w_map, x_map);
-    return cudaGetLastError();
+    const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
+    fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
   }
 }
 // Calls f.template operator()<N>() for the kernel widths N.
@@ -843,37 +770,37 @@ cudaError_t set_attrs_kb() {
 int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2; }
 
 template <bool FC1, class CT, int SB, int N>
-cudaError_t launch_n(const FcArgs& a, cudaStream_t st) {
+void launch_n(const FcArgs& a, cudaStream_t st) {
   if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
-    if (fc_uses_dq(a))
-      return kb_of(a.geom) == 2 ? launch_kernel<CT, SB, FC1, 2, N, true>(a, st)
-                                : launch_kernel<CT, SB, FC1, 4, N, true>(a, st);
+    if (fc_uses_dq(a)) {
+      if (kb_of(a.geom) == 2) launch_kernel<CT, SB, FC1, 2, N, true>(a, st);
+      else launch_kernel<CT, SB, FC1, 4, N, true>(a, st);
+      return;
+    }
   }
   switch (kb_of(a.geom)) {
-    case 0: return launch_kernel<CT, SB, FC1, 0, N>(a, st);
-    case 2: return launch_kernel<CT, SB, FC1, 2, N>(a, st);
-    default: return launch_kernel<CT, SB, FC1, 4, N>(a, st);
+    case 0: launch_kernel<CT, SB, FC1, 0, N>(a, st); break;
+    case 2: launch_kernel<CT, SB, FC1, 2, N>(a, st); break;
+    default: launch_kernel<CT, SB, FC1, 4, N>(a, st); break;
   }
 }
 
 template <bool FC1, class CT, int SB>
-cudaError_t launch_sb(const FcArgs& a, cudaStream_t st) {
+void launch_sb(const FcArgs& a, cudaStream_t st) {
   switch (8 * a.nt) {  // the host checks that the width is one of these (sm90_width)
-    case 8: return launch_n<FC1, CT, SB, 8>(a, st);
-    case 16: return launch_n<FC1, CT, SB, 16>(a, st);
-    case 32: return launch_n<FC1, CT, SB, 32>(a, st);
-    case 64: return launch_n<FC1, CT, SB, 64>(a, st);
-    case 192: return launch_n<FC1, CT, SB, 192>(a, st);
-    default: return launch_n<FC1, CT, SB, 128>(a, st);
+    case 8: launch_n<FC1, CT, SB, 8>(a, st); break;
+    case 16: launch_n<FC1, CT, SB, 16>(a, st); break;
+    case 32: launch_n<FC1, CT, SB, 32>(a, st); break;
+    case 64: launch_n<FC1, CT, SB, 64>(a, st); break;
+    case 192: launch_n<FC1, CT, SB, 192>(a, st); break;
+    default: launch_n<FC1, CT, SB, 128>(a, st); break;
   }
 }
 
 template <bool FC1>
-cudaError_t launch(const FcArgs& a, cudaStream_t st) {
-  if (a.max_items == 0) return cudaSuccess;
-  cudaError_t e = cudaSuccess;
-  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { e = launch_sb<FC1, CT, SB>(a, st); });
-  return e;
+void launch(const FcArgs& a, cudaStream_t st) {
+  if (a.max_items == 0) return;
+  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { launch_sb<FC1, CT, SB>(a, st); });
 }
 
 }  // namespace
@@ -908,7 +835,7 @@ bool sm90_wide_pays(double avg, int64_t k, int64_t E) {
 
 bool sm90_available(int device) {
   cudaDeviceProp p{};
-  if (cudaGetDeviceProperties(&p, device) != cudaSuccess || p.major != 9 || !tensor_map_encoder()) return false;
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess || p.major != 9) return false;
   cudaFuncAttributes fa{};
   // The kernels hold wgmma only in sm_90a machine code; a build without it (or PTX JIT from an older
   // virtual architecture) reports a lower PTX version and gets the SM80-family kernels.
@@ -923,7 +850,7 @@ cudaError_t init_sm90_kernels() {
   return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_attrs_kb<CT, SB, FC1>(); });
 }
 
-cudaError_t launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { return launch<true>(a, st); }
-cudaError_t launch_fc2_sm90(const FcArgs& a, cudaStream_t st) { return launch<false>(a, st); }
+void launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { launch<true>(a, st); }
+void launch_fc2_sm90(const FcArgs& a, cudaStream_t st) { launch<false>(a, st); }
 
 }  // namespace qmoe::cuda
