@@ -392,7 +392,9 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
     // 40 + 2 x 232 with them in shared memory) and copies: stage ks into slot ks % S once both consumers
     // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
     // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
-    // cores consume them: 2.4x slower.)
+    // cores consume them: 2.4x slower. Tensor copies (TMA) for the weights and fc2's activations were
+    // 3-8% faster but racecheck reported hazards with them beside these copies; docs/PERF-cuda.md,
+    // "Tensor copies (TMA) in the wgmma producer".)
     setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
     const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
     // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
