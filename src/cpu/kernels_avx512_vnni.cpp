@@ -52,8 +52,12 @@ namespace {
 // with a CI run, load ~4.5 on 2 cores, so +-5%): int4 block 32 / int4 block 128 / int8 row-wise
 // 4 -> 837 / 640 / 737, 6 -> 902 / 622 / 721, 8 -> 987 / 662 / 834, with the fp32 sums in registers.
 // They now live in jb.acc (2 zmm per token instead of 4); 8 tokens then gained 3% at int4 block 128
-// and lost 11% at int8 (2 threads, idle machine, mixtral T = 512: 320 vs 330 ms, 423 vs 382 ms).
-constexpr int kTokensW4 = 6, kTokensW8 = 6;
+// and lost 11% at int8 (2 threads, idle machine, mixtral T = 512: 320 vs 330 ms, 423 vs 382 ms). On a
+// 2-vCPU Intel Xeon (AVX-512 VNNI), 8 tokens for 4-bit weights: mixtral T = 64 block 32 79.3 -> 72.8 ms,
+// block 128 63.7 -> 59.3, T = 8 and T = 512 block 32 the same, block 128 T = 512 412 -> 394 (three
+// alternating runs each; docs/PERF.md, "A second machine"). An expert's 16 tokens at T = 64 then take two
+// calls instead of three, each decoding the 4-bit weights once.
+constexpr int kTokensW4 = 8, kTokensW8 = 6;
 
 // Broadcast of the 4 int8 codes at slot i of a row.
 inline __m512i x_dword(const int8_t* xq, int64_t i) {
