@@ -67,15 +67,18 @@ using namespace dev;
 #define QMOE_SM90_DEVICE 1
 #endif
 
-// Consumer warpgroups per block, 64 weight rows each: three at N = 128 and 192 where no scale block's
-// partial sums take registers (row-wise scales, DQ), so a block's activation stage serves 192 weight
-// rows instead of 128 and a third warpgroup's wgmma cover the other two's drains (H100, T = 2048, A/B
-// in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms, int4 b32 4.03 -> 3.48-3.50 ms;
-// docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. For 8-bit weights (4 stages, kStages)
+// The layers without a scale block's partial sums in registers (row-wise scales, or DQ): they take three
+// consumer warpgroups at N = 128 and 192, and width 192 serves only them, since its 96 accumulators per
+// thread leave no room for the partial sums beside three consumers.
+template <int KB, bool DQ> constexpr bool kWideServes = KB == 0 || DQ;
+// Consumer warpgroups per block, 64 weight rows each: three at N = 128 and 192 where kWideServes, so a
+// block's activation stage serves 192 weight rows instead of 128 and a third warpgroup's wgmma cover the
+// other two's drains (H100, T = 2048, A/B in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms,
+// int4 b32 4.03 -> 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. For 8-bit weights (4 stages, kStages)
 // three took mixtral int8 from 3,836 to 3,514 us and qwen3-30b-a3b from 768 to 693 at width 128, and
 // width 192 then 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md, "Prefill at 258300c").
-template <int N, int SB, int KB, bool DQ>
-constexpr int kConsumersOf = (N == 128 || N == 192) && (KB == 0 || DQ) ? 3 : 2;
+template <int N, int KB, bool DQ>
+constexpr int kConsumersOf = (N == 128 || N == 192) && kWideServes<KB, DQ> ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
 // tokens. An expert's tokens fill items of N and leave one partial item (mixtral at T = 2048: ~512
 // tokens per expert, items of 128 and one of 0-40). By a simulation of the benchmark's random routing,
@@ -91,9 +94,6 @@ template <int N> __device__ __forceinline__ int item_width(int cnt) {
   else if constexpr (N == 192) return cnt > 128 ? 192 : 128;
   else return N;
 }
-// The layers width 192 serves: those without a scale block's partial sums in registers (row-wise scales,
-// or DQ), since its 96 accumulators per thread leave no room for them beside three consumers.
-template <int SB, int KB, bool DQ> constexpr bool kWideServes = KB == 0 || DQ;
 template <int C> constexpr int kThreadsOf = 128 * (C + 1);  // + the producer warpgroup
 template <int C> constexpr int kTilesOf = 4 * C;            // 16-row tiles per block
 constexpr int kStageK = 64;                       // k per pipeline stage (4 k-steps; one 128-byte swizzle row)
@@ -334,10 +334,10 @@ __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uin
 // DQ (bf16 with bf16 block-wise scales only): no folds either; the dequantizer multiplies each weight
 // by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
-__global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBlocksPerSm<N>)
+__global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPerSm<N>)
     fc_sm90_kernel(const FcArgs a) {
 #ifdef QMOE_SM90_DEVICE
-  constexpr int kConsumers = kConsumersOf<N, SB, KB, DQ>;
+  constexpr int kConsumers = kConsumersOf<N, KB, DQ>;
   constexpr int kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
   // The producer's scale copies (threads [0, 64): scales, [64, 128): zero points) fit two blocks' scales
   // of 4 bytes only for two consumers; three serve row-wise scales and DQ (2-byte scales).
@@ -730,18 +730,18 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, SB, KB, DQ>>, kBloc
 
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 cudaError_t set_attr() {
-  if constexpr (N == 192 && !kWideServes<SB, KB, DQ>) return cudaSuccess;  // never launched (sm90_wide_serves)
+  if constexpr (N == 192 && !kWideServes<KB, DQ>) return cudaSuccess;  // never launched (sm90_wide_serves)
   else
     return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                smem_bytes<SB, N, kConsumersOf<N, SB, KB, DQ>>());
+                                smem_bytes<SB, N, kConsumersOf<N, KB, DQ>>());
 }
 // One block per (work item, block of the kernel's rows), in groups of kItemGroup items (see the kernel).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 void launch_kernel(const FcArgs& a, cudaStream_t st) {
-  if constexpr (N == 192 && !kWideServes<SB, KB, DQ>) {
+  if constexpr (N == 192 && !kWideServes<KB, DQ>) {
     return;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
   } else {
-    constexpr int C = kConsumersOf<N, SB, KB, DQ>;
+    constexpr int C = kConsumersOf<N, KB, DQ>;
     const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
     const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
     fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
