@@ -582,12 +582,13 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   // Exact maxima over every row count up to R (config_for is a few arithmetic operations; run_config's
   // width 192 only lowers max_items).
   int64_t max_items = 0, ysize = 0;
-  bool need_x = !input_direct(s);
+  const bool need_x = !input_direct(s);
+  bool sm90 = false;
   for (int64_t r = 1; r <= R; ++r) {
     const RunConfig c = config_for(p, r);
     max_items = std::max<int64_t>(max_items, c.max_items);
     ysize = std::max<int64_t>(ysize, int64_t(c.splits) * r * k);
-    need_x = need_x || c.sm90;
+    sm90 = sm90 || c.sm90;
   }
   const size_t ct = 2, at = dtype_size(s.act_dtype);
   Workspace w;
@@ -601,10 +602,16 @@ size_t CudaBackend::reserve(const CudaPacked& p, int64_t rows) {
   w.route_w = DevBuf(size_t(slots) * 4);
   w.sorted = DevBuf(size_t(slots) * 4);
   w.items = DevBuf(size_t(std::max<int64_t>(max_items, 1)) * 16);
-  w.n_items = DevBuf(4);
+  w.n_items = DevBuf(8);  // the work items, then the positions filled
   if (need_x) w.xbuf = DevBuf(size_t(R * p.geom.H64) * ct);
   w.abuf = DevBuf(size_t(slots * p.geom.I64) * ct);
-  w.ybuf = DevBuf(size_t(ysize * s.hidden) * 4);
+  // The wgmma kernels' fc2 copies whole boxes of rows, past an item's own into rows an expert-parallel
+  // run's fc1 never writes (slots of other ranks' experts): initialized once, they hold finite values.
+  if (sm90) QMOE_CU(cudaMemsetAsync(w.abuf.get(), 0, w.abuf.bytes(), stream_));
+  // The wgmma kernels read x gathered into expert order, one row per slot (a tensor copy cannot
+  // gather), from ybuf: fc1 has read it before fc2 writes y there (both launched plainly, in order).
+  const int64_t gathered = sm90 ? slots * p.geom.H64 * int64_t(ct) : 0;
+  w.ybuf = DevBuf(size_t(std::max<int64_t>(ysize * s.hidden * 4, gathered)));
   w.in = DevBuf(size_t(R * s.hidden) * at);
   w.logits = DevBuf(size_t(R * Eg) * at);
   w.rw = DevBuf(size_t(R * Eg) * at);
@@ -648,6 +655,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   ga.counts = ra.counts;
   ga.items = ws_.items.as<int4>();
   ga.n_items = ws_.n_items.as<int>();
+  ga.n_pos = ga.n_items + 1;
   ga.sorted_slot = ws_.sorted.as<int>();
   ga.e_first = int(p.first_expert);
   ga.e_count = int(s.num_experts);
@@ -663,8 +671,13 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
 
   const void* x = in;
   int64_t x_ld = s.hidden;
-  if (c.sm90 || !input_direct(s)) {
-    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, c.sm90, pdl_, st);
+  if (c.sm90) {
+    cuda::launch_convert_input(in, ae, ws_.ybuf.get(), ct, slots, s.hidden, p.geom.H64, true, pdl_, st,
+                               ga.sorted_slot, int(rs.k), ga.n_pos);
+    x = ws_.ybuf.get();  // (reserve)
+    x_ld = p.geom.H64;
+  } else if (!input_direct(s)) {
+    cuda::launch_convert_input(in, ae, ws_.xbuf.get(), ct, rows, s.hidden, p.geom.H64, false, pdl_, st);
     x = ws_.xbuf.get();
     x_ld = p.geom.H64;
   }
@@ -672,6 +685,7 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   cuda::FcArgs f1;
   f1.geom = p.geom.fc1;
   f1.w = p.fc1.w.as<uint8_t>();
+  f1.experts = s.num_experts;
   f1.s = p.fc1.s.get();
   f1.scale_elt = to_elt(s.scale_dtype);
   f1.z = p.fc1.z.bytes() ? p.fc1.z.as<uint8_t>() : nullptr;
@@ -702,7 +716,11 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f1.tpw = c.tpw;
   f1.xr = c.xr;
   f1.pdl = pdl_ && !c.sm90;  // the wgmma kernels are launched plainly
-  c.sm90 ? cuda::launch_fc1_sm90(f1, st) : cuda::launch_fc1(f1, st);
+  if (c.sm90) {
+    QMOE_CU(cuda::launch_fc1_sm90(f1, st));
+  } else {
+    cuda::launch_fc1(f1, st);
+  }
 
   cuda::FcArgs f2 = f1;
   f2.geom = p.geom.fc2;
@@ -716,7 +734,11 @@ void CudaBackend::run_core(const CudaPacked& p, const void* in, const void* logi
   f2.spans_per_split = c.spans_per_split;
   f2.kw = c.kw2;
   f2.tpw = c.tpw;
-  c.sm90 ? cuda::launch_fc2_sm90(f2, st) : cuda::launch_fc2(f2, st);
+  if (c.sm90) {
+    QMOE_CU(cuda::launch_fc2_sm90(f2, st));
+  } else {
+    cuda::launch_fc2(f2, st);
+  }
 
   cuda::CombineArgs ca;
   ca.y = f2.y;

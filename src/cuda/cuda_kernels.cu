@@ -444,7 +444,10 @@ __device__ void group_body(const GroupArgs& a, int* gsm) {
       run_p += __shfl_sync(0xffffffffu, ip, 31);
       run_i += __shfl_sync(0xffffffffu, ii, 31);
     }
-    if (lane == 0) *a.n_items = run_i;
+    if (lane == 0) {
+      *a.n_items = run_i;
+      if (a.n_pos) *a.n_pos = run_p;
+    }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -519,7 +522,10 @@ __global__ void route_one_kernel(RouteArgs ra, GroupArgs ga) {
     ++mine;
   }
   mine = __reduce_add_sync(0xffffffffu, mine);
-  if (lane == 0) *ga.n_items = mine;
+  if (lane == 0) {
+    *ga.n_items = mine;
+    if (ga.n_pos) *ga.n_pos = mine;
+  }
   tl_mark(kTlRouteEnd);
 }
 
@@ -544,14 +550,19 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, Elt oe) {
 }
 
 __global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
-                               bool mma_order, bool vec) {
-  pdl_wait();  // nothing here depends on the routing kernel, but the chain must stay transitive
+                               bool mma_order, bool vec, const int* gather, int k, const int* n_pos) {
+  pdl_wait();  // the gather reads the grouping's order; without it the chain must stay transitive
   pdl_launch_dependents();
   const int64_t gpr = ld / 16, total = T * gpr;  // 16-column groups per row (ld % 16 == 0)
+  const int64_t filled = gather ? *n_pos : T;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / gpr, c0 = (i % gpr) * 16;
+    const int64_t p = i / gpr, c0 = (i % gpr) * 16;
+    const int64_t t = p >= filled ? -1 : gather ? gather[p] / k : p;  // input row, -1: zeros
     float v[16];
-    if (vec && c0 < H) {
+    if (t < 0) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = 0.f;
+    } else if (vec && c0 < H) {
       if (ie == Elt::f32) {
         const float4* src = reinterpret_cast<const float4*>(static_cast<const float*>(in) + t * H + c0);
 #pragma unroll
@@ -587,7 +598,7 @@ __global__ void convert_kernel(const void* in, Elt ie, void* out, Elt oe, int64_
     uint32_t o[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) o[mma_order ? (q & 1) * 4 + (q >> 1) : q] = pack_pair(v[2 * q], v[2 * q + 1], oe);
-    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + t * ld + c0);
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + p * ld + c0);
     dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
     dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
   }
@@ -1208,11 +1219,11 @@ void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t s
 }
 
 void launch_convert_input(const void* in, Elt ie, void* out, Elt oe, int64_t T, int64_t H, int64_t ld,
-                          bool mma_order, bool pdl, cudaStream_t st) {
+                          bool mma_order, bool pdl, cudaStream_t st, const int* gather, int k, const int* n_pos) {
   if (T == 0) return;
   const bool vec = H % 16 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
   launch_k(convert_kernel, dim3(grid_for(T * (ld / 16), 256)), dim3(256), 0, st, pdl, in, ie, out, oe, T, H, ld,
-           mma_order, vec);
+           mma_order, vec, gather, k, n_pos);
 }
 
 bool pdl_supported(int device) {

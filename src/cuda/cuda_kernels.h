@@ -61,6 +61,7 @@ struct GroupArgs {
   int* counts = nullptr;      // read, then reset to 0
   int4* items = nullptr;      // {expert, first position, count, 0}
   int* n_items = nullptr;
+  int* n_pos = nullptr;       // or null: positions filled (the slots of the experts this run computes)
   int* sorted_slot = nullptr; // [slots]: position -> slot (t*k + j), grouped by expert
   // Expert parallel (cuda_ep.cpp): only experts [e_first, e_first + e_count) get positions and items,
   // whose expert field is then local (e - e_first); slots of other experts are left out. -1: all E.
@@ -76,14 +77,18 @@ void launch_route_group(const RouteArgs& ra, const GroupArgs& ga, cudaStream_t s
 // ---- input conversion: [T, H] of `in_elt` -> [T, ld] of compute type (ld % 16 == 0), zero padded; with
 // mma_order, each 16-column group in the order the wgmma kernel reads (cuda_sm80_layout.h) ----
 // pdl: launched as a programmatic dependent of the routing kernel (pdl_supported, cuda_kernels.cu).
+// With `gather` (sorted_slot): output row p is input row gather[p] / k for p < *n_pos, zeros after;
+// T is then the number of output rows (slots).
 void launch_convert_input(const void* in, Elt in_elt, void* out, Elt out_elt, int64_t T, int64_t H,
-                          int64_t ld, bool mma_order, bool pdl, cudaStream_t st);
+                          int64_t ld, bool mma_order, bool pdl, cudaStream_t st, const int* gather = nullptr,
+                          int k = 1, const int* n_pos = nullptr);
 
 // ---- the grouped mixed-input GEMMs ----
 
 struct FcArgs {
   MatrixGeom geom;
   const uint8_t* w = nullptr;  // packed weights, all experts
+  int64_t experts = 0;         // experts in w
   const void* s = nullptr;     // packed scales
   Elt scale_elt = Elt::f32;
   const uint8_t* z = nullptr;  // packed zero points or null

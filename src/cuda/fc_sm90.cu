@@ -30,19 +30,23 @@
 //    to 3.04-3.11 ms (H100, docs/PERF-cuda.md, "Items of up to 192 tokens"), and int8 from 3.50 to
 //    3.09 ms once 8-bit weights had three consumers too.
 //  * The activations are B, from shared memory through a wgmma descriptor: N token rows of 64 k
-//    (128 bytes) per stage, 128-byte swizzled, gathered row by row from the grouped order with
-//    cp.async. Because the layout renames k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8,
-//    2t+9 are real k 4t..4t+3), B must be stored with the same renaming: fc1 reads x through the
-//    converted copy written in that order (launch_convert_input's mma_order), and fc1 here writes its
-//    activations `a` in that order for fc2 here. The two kernels are therefore dispatched together.
+//    (128 bytes) per stage, 128-byte swizzled, an item's rows being contiguous: fc1 reads x through
+//    the converted copy gathered into expert order, one row per slot (launch_convert_input with
+//    gather: a tensor copy's box cannot gather), fc2 reads fc1's output `a`. Because the layout renames
+//    k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8, 2t+9 are real k 4t..4t+3), B must be
+//    stored with the same renaming: the converted copy is written in that order (mma_order), and fc1
+//    here writes `a` in that order for fc2 here. The two kernels are therefore dispatched together.
 //  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 10 for 4-bit and 8 for 8-bit
 //    weights) of (N x 128 bytes of activations + the block's 4 or 8 KB of packed weights + the
 //    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier.
-//    The producer refills a stage once both consumers released it; its copies arrive on the full
-//    barrier as they land. The two consumers share each activation stage but otherwise run
-//    independently, so one dequantizes and folds scales while the other's wgmma run. A consumer
-//    drains its own wgmma before dequantizing again (see the loop), two 64-k stages per drain where
-//    no scale block ends between them.
+//    The producer refills a stage once the consumers released it, with tensor copies (TMA) that
+//    count their bytes down on the stage's full barrier as they land: one thread issues a stage in a
+//    handful of copies, where 128 threads had issued 1,280 16-byte cp.async (H100, T = 2048, mixtral
+//    int4 b128 2,690 -> 2,254 us, deepseek-v3-like 5,030 -> 4,212; docs/PERF-cuda.md, "Every copy a
+//    tensor copy"). The consumers share each activation stage but otherwise run independently, so
+//    one dequantizes and folds scales while another's wgmma run. A consumer drains its own wgmma
+//    before dequantizing again (see the loop), two 64-k stages per drain where no scale block ends
+//    between them.
 //  * Block order: groups of 8 work items sweep all row blocks (activations stay in L2).
 //  * Scale blocks of >= 64 k: the k-steps of a block accumulate in `part` (wgmma with scale-d = 0 at
 //    the block's first k-step), then acc += s * part per row. Block size 32: two blocks per stage,
@@ -54,6 +58,9 @@
 // Determinism: every output element is one thread's fixed sequence of wgmma accumulations and folds,
 // independent of the other tokens in its tile, so results are bitwise reproducible.
 #include "fc_sm90.h"
+
+#include <cuda.h>  // CUtensorMap and its encoder's signature; the encoder comes from the driver at run time
+#include <cudaTypedefs.h>
 
 #include "fc_common.cuh"
 
@@ -102,14 +109,15 @@ constexpr int kItemGroup = 8;                     // work items whose blocks run
 template <int N> constexpr int kXBytes = N * kStageK * 2;  // 16 KB at N = 128
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
-// touches, [block h][tile][16 rows] of up to 4 bytes at kScaleBlockBytes h, then their zero points
-// [h][tile][16] at kZeroOff + kTiles 16 h. The producer copies them with the stage, so a consumer reads
-// a block's scales from shared memory instead of waiting on global loads (measured on an H100, mixtral
-// T = 2048: blocks of 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two scale loads).
+// touches, [tile][block][16 rows] of up to 4 bytes (one tensor-copy box of the packed scales), then at
+// kZeroOff their zero points, [tile][block][16] bytes. The producer copies them with the stage, so a
+// consumer reads a block's scales from shared memory instead of waiting on global loads (measured on an
+// H100, mixtral T = 2048: blocks of 32 k 8.49 -> 5.69 ms, where every 32 k of a consumer waited on two
+// scale loads).
 constexpr int kScaleArea = 2048;
-template <int C> constexpr int kScaleBlockBytes = kTilesOf<C> * kTileRows * 4;
-template <int C> constexpr int kZeroOff = 2 * kScaleBlockBytes<C>;
-static_assert(kZeroOff<3> + 2 * kTilesOf<3> * kTileRows <= kScaleArea, "two blocks' scales and zero points fit");
+template <int C> constexpr int kZeroOff = 2 * kTilesOf<C> * kTileRows * 4;  // 128-byte aligned (tensor copies)
+static_assert(kZeroOff<3> + 2 * kTilesOf<3> * kTileRows <= kScaleArea && kZeroOff<2> % 128 == 0,
+              "two blocks' scales and zero points fit");
 template <int SB, int N, int C> constexpr int kScaleOff = kXBytes<N> + kTilesOf<C> * kSpanBytes * kSpansPerStage<SB>;
 template <int SB, int N, int C> constexpr int kStageBytes = kScaleOff<SB, N, C> + kScaleArea;
 // Blocks per SM: two at N <= 32, where the accumulators are small enough for the registers of two
@@ -137,7 +145,8 @@ template <int SB, int N, int C>
 constexpr int kStages =
     C == 3 ? (N == 192 || SB == 8 ? kWideStages : 8)
            : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
-// [stages][full barriers][empty barriers][N row offsets][N slots (fc2)]; + 1 KB to align the base to
+// [stages][full barriers][empty barriers][N slots (fc2); 2 N ints reserved, as when fc1 kept its rows'
+// offsets there, with which the stage counts above were checked]; + 1 KB to align the base to
 // a swizzle atom.
 template <int SB, int N, int C> constexpr int smem_bytes() {
   return kStages<SB, N, C> * (kStageBytes<SB, N, C> + 16) + N * 8 + 1024;
@@ -167,9 +176,9 @@ template <int U = 0, int R> __device__ __forceinline__ void fence_regs(float (&d
   for (int i = 0; i < (U ? U : R); ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// mbarriers (PTX ISA "mbarrier"): the producer's copies arrive on a stage's full barrier as they
-// land (cp.async.mbarrier.arrive.noinc: one arrival per producer thread), every consumer thread
-// arrives on its empty barrier once its warpgroup's wgmma on it are drained.
+// mbarriers (PTX ISA "mbarrier"): a stage's full barrier completes once its tensor copies have landed
+// (below); every consumer thread arrives on the stage's empty barrier once its warpgroup's wgmma on it
+// are drained.
 __device__ __forceinline__ void mbar_init(uint32_t b, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
 }
@@ -183,8 +192,40 @@ __device__ __forceinline__ void mbar_wait(uint32_t b, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t b) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(b) : "memory");
 }
-__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t b) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
+// Tensor copies (the TMA unit, PTX ISA "cp.async.bulk.tensor"): the producer thread arrives on a
+// stage's full barrier announcing the stage's bytes (expect_tx) and issues the copies; each counts its
+// bytes down as it lands, and the phase completes once all have.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t b, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap& map, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+          "r"(dst), "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap& map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst), "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+// Weights with an evict-first L2 policy: each is read by the few blocks of one row block's items.
+__device__ __forceinline__ void tma_load_3d_evict_first(uint32_t dst, const CUtensorMap& map, int c0, int c1, int c2,
+                                                        uint32_t bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap& map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map)) : "memory");
 }
 // Per-warpgroup register budgets (PTX ISA "setmaxnreg"; every warp of the warpgroup executes it).
 // A block's warpgroups only trade among the registers it was launched with (kLaunchRegs per thread:
@@ -207,8 +248,6 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
-// Generic-proxy shared-memory writes (cp.async) made visible to wgmma's async proxy.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4,
 // leading byte offset (unused for swizzled K-major operands: 1), stride byte offset 1024 >> 4 (8 rows
@@ -335,7 +374,8 @@ __device__ __forceinline__ void wgmma(float (&d)[R], const uint32_t (&a)[4], uin
 // by its scale, so the tensor cores take s * (q - z) rounded once to bf16 (see the header comment).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
 __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPerSm<N>)
-    fc_sm90_kernel(const FcArgs a) {
+    fc_sm90_kernel(const FcArgs a, const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map,
+                   const __grid_constant__ CUtensorMap s_map, const __grid_constant__ CUtensorMap z_map) {
 #ifdef QMOE_SM90_DEVICE
   constexpr int kConsumers = kConsumersOf<N, KB, DQ>;
   constexpr int kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
@@ -366,116 +406,66 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
 
   extern __shared__ uint8_t sm90_smem[];
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem)) + 1023u) & ~1023u;
-  // After the stages: the full and empty barrier of each stage, then the token rows' offsets in
-  // units of 128 bytes (rows are multiples of 64 elements long), -1 for no row.
+  // After the stages: the full and empty barrier of each stage, then (fc2) the token rows' slots, the
+  // rows of y its epilogue writes (read here, where the latency overlaps the pipeline's fill, instead
+  // of in the epilogue, where each store waited on its load).
   const uint32_t full0 = sbase + S * kStB, empty0 = full0 + 8 * S;
-  int* row_off = reinterpret_cast<int*>(sm90_smem + (empty0 + 8 * S - static_cast<uint32_t>(
-                                                          __cvta_generic_to_shared(sm90_smem))));
-  // fc2: then the token rows' slots, the rows of y its epilogue writes (read here, where the latency
-  // overlaps the pipeline's fill, instead of in the epilogue, where each store waited on its load).
-  int* y_slot = row_off + N;
-  for (int n = tid; n < N; n += kThreads) {
-    const int slot = n < cnt ? a.sorted_slot[p0 + n] : -1;
-    const int64_t r = n < cnt ? (FC1 ? int64_t(slot / a.k) : int64_t(p0 + n)) : -1;
-    row_off[n] = r < 0 ? -1 : int(r * (a.x_ld / 64));
-    if constexpr (!FC1) y_slot[n] = slot;
-  }
+  int* y_slot = reinterpret_cast<int*>(sm90_smem + (empty0 + 8 * S - static_cast<uint32_t>(
+                                                        __cvta_generic_to_shared(sm90_smem))));
+  if constexpr (!FC1)
+    for (int n = tid; n < N; n += kThreads) y_slot[n] = n < cnt ? a.sorted_slot[p0 + n] : -1;
   if (tid == 0) {
-    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 128), mbar_init(empty0 + 8 * i, 128 * kConsumers);
+    for (int i = 0; i < S; ++i) mbar_init(full0 + 8 * i, 1), mbar_init(empty0 + 8 * i, 128 * kConsumers);
     fence_mbar_init();
   }
   __syncthreads();
 
   if (warp >= 4 * kConsumers) {
-    // The producer warpgroup gives registers to the consumers (setmaxnreg: 56 + 2 x 224 of an SM
-    // sub-partition's 512 per thread slot; 56 hold its token-row offsets, measured 1-10% faster than
-    // 40 + 2 x 232 with them in shared memory) and copies: stage ks into slot ks % S once both consumers
-    // released the slot's previous stage, each thread's copies arriving on the stage's full barrier
-    // when they land. (One warp alone could not issue a stage's 1280 copies as fast as the tensor
-    // cores consume them: 2.4x slower. Tensor copies (TMA) for the weights and fc2's activations were
-    // 3-8% faster but racecheck reported hazards with them beside these copies; docs/PERF-cuda.md,
-    // "Tensor copies (TMA) in the wgmma producer".)
+    // The producer warpgroup gives registers to the consumers (setmaxnreg) and one thread of it copies:
+    // stage ks into slot ks % S once the consumers released the slot's previous stage, as tensor
+    // copies (the TMA unit) that count their bytes down on the stage's full barrier, where that
+    // thread's arrival announced them (arrive.expect_tx):
+    //  * the block's weights, [tile][span][512 bytes]: one box of the stage's spans of its kTiles tiles
+    //    (tiles past the expert's are never stored; spans past K are zero-filled and meet x = 0 there);
+    //  * the activations, rows p0.. of x gathered into expert order (fc1; launch_convert_input with
+    //    gather) or of a (fc2), in boxes of up to 64 rows of 128 bytes, 128-byte swizzled as wgmma
+    //    reads them (rows past the item's count are never stored);
+    //  * block-wise scales and zero points: the stage's scale blocks of each tile, [tile][block][16]
+    //    (KB = 2: blocks 2 ks and 2 ks + 1; KB = 4: the stage's block pb), one box each.
+    // Small copies are slow: one 512-byte bulk copy per weight span, or one 128-byte copy per token row,
+    // made the kernel 1.2-1.7x slower (docs/PERF-cuda.md, "Tensor copies (TMA) in the wgmma producer").
     setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
-    const int pt = tid - 128 * kConsumers, pw = pt >> 5, c = pt & 7;
-    // Loop-carried sources (one add per stage instead of 64-bit index arithmetic per copy: measured,
-    // the producer's per-stage latency is on the kernel's critical path).
-    const uint8_t* xk = static_cast<const uint8_t*>(a.x) + c * 16;  // + 128 per stage
-    constexpr int kRows = (N + 15) / 16;  // token rows per producer thread
-    int ro[kRows];  // this thread's token rows (pt >> 3) + 16 i; -2: none (past the item's width)
+    if (tid != 128 * kConsumers) return;
+    constexpr int kXBox = N < 64 ? N : 64;  // rows per activation box
+    constexpr int kBlocks = KB == 2 ? 2 : 1;  // scale blocks per stage
     const int width = item_width<N>(cnt);
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) ro[i] = (pt >> 3) + 16 * i < width ? row_off[(pt >> 3) + 16 * i] : -2;
-    // Weights: tiles kConsumers pw + v, lane by lane (the consumer lane reads back its own vectors).
-    const uint8_t* wt[kConsumers];
-#pragma unroll
-    for (int v = 0; v < kConsumers; ++v) {
-      const int64_t mt = mblock * kTiles + kConsumers * pw + v;
-      const int64_t mtc = mt < G.MT ? mt : G.MT - 1;  // past the end: never stored
-      wt[v] = a.w + ((int64_t(e) * G.MT + mtc) * G.S) * kSpanBytes + lane * 16;
-    }
-    const uint32_t wd = kXBytes<N> + uint32_t(kConsumers * pw * SPANS * kSpanBytes + lane * 16);
-    // Activations: chunk c of token rows (pt >> 3) + 16 i, at n * 128 + ((c ^ (n & 7)) * 16); n & 7 is
-    // the same for every i.
-    const uint32_t xd = uint32_t((pt >> 3) * 128 + ((c ^ ((pt >> 3) & 7)) * 16));
-    // Block-wise scales: the stage's scale blocks h (KB = 2: blocks 2 ks and 2 ks + 1; KB = 4: block
-    // pb, the stage's) into its scale area as 16-byte chunks: threads [0, 8 es h-blocks) the scales
-    // (es chunks per tile), threads 64.. the zero points (one chunk per tile).
-    const uint8_t* sc_src = nullptr;  // this thread's chunk at block 0
-    uint32_t sc_dst = 0;
-    int sc_h = 0, sc_step = 0, pb = 0, pk = 0;  // pb: KB = 4's block of the stage, pk: its stage within it
-    const int spb = G.kpb / 4;                  // KB = 4: stages per scale block
-    if constexpr (KB != 0) {
-      constexpr int kBlocks = KB == 2 ? 2 : 1;
-      const int es = a.scale_elt == Elt::f32 ? 4 : 2;
-      auto tile_base = [&](int tile) {  // element index of (tile, block 0, row 0)
-        const int64_t m = mblock * kTiles + tile;
-        return (int64_t(e) * G.MT + (m < G.MT ? m : G.MT - 1)) * G.NBP * kTileRows;
-      };
-      if (pt < kBlocks * kTiles * es) {
-        const int tile = (pt / es) % kTiles, part = pt % es;
-        sc_h = pt / (kTiles * es);
-        sc_src = static_cast<const uint8_t*>(a.s) + tile_base(tile) * es + part * 16;
-        sc_dst = kScaleOffN + uint32_t(sc_h * kScaleBlockBytes<kConsumers> + tile * kTileRows * es + part * 16);
-        sc_step = kTileRows * es;
-      } else if (a.z && pt >= 64 && pt < 64 + kBlocks * kTiles) {
-        const int tile = (pt - 64) % kTiles;
-        sc_h = (pt - 64) / kTiles;
-        sc_src = a.z + tile_base(tile);
-        sc_dst = kScaleOffN + uint32_t(kZeroOff<kConsumers> + (sc_h * kTiles + tile) * kTileRows);
-        sc_step = kTileRows;
-      }
-    }
+    const int es = a.scale_elt == Elt::f32 ? 4 : 2;
+    const uint32_t scale_tx = KB == 0 ? 0u : uint32_t(kTiles * kBlocks * kTileRows * (es + (a.z ? 1 : 0)));
+    const uint32_t stage_tx = uint32_t(kTiles * SPANS * kSpanBytes + width * 128) + scale_tx;
+    const int tile0 = int(int64_t(e) * G.MT + mblock * kTiles);
+    const uint64_t w_policy = l2_evict_first_policy();
+    prefetch_tensormap(w_map);
+    prefetch_tensormap(x_map);
+    if constexpr (KB != 0) prefetch_tensormap(s_map);
+    int pb = 0, pk = 0;          // KB = 4: the stage's scale block, and the stage's place in it
+    const int spb = G.kpb / 4;   // KB = 4: stages per scale block
 #pragma unroll 1
     for (int ks = 0; ks < nk; ++ks) {
       const int slot = ks % S;
       if (ks >= S) mbar_wait(empty0 + 8 * slot, ((ks / S) - 1) & 1);
-      const uint32_t st = sbase + uint32_t(slot) * kStB;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int r = ro[i];
-        if (r == -2) continue;
-        cp_async16_zfill_sa(st + xd + 2048 * i, r < 0 ? a.x : xk + int64_t(r) * 128, r < 0 ? 0 : 16);
+      const uint32_t st = sbase + uint32_t(slot) * kStB, full = full0 + 8 * slot;
+      mbar_arrive_expect_tx(full, stage_tx);
+      tma_load_3d_evict_first(st + kXBytes<N>, w_map, 0, ks * SPANS, tile0, full, w_policy);
+      for (int b = 0; b < width / kXBox; ++b) tma_load_2d(st + b * kXBox * 128, x_map, ks * kStageK, p0 + b * kXBox, full);
+      if constexpr (KB != 0) {
+        const int blk = KB == 2 ? 2 * ks : pb;
+        tma_load_3d(st + kScaleOffN, s_map, 0, blk, tile0, full);
+        if (a.z) tma_load_3d(st + kScaleOffN + kZeroOff<kConsumers>, z_map, 0, blk, tile0, full);
+        if (KB == 4 && ++pk == spb) pk = 0, ++pb;
       }
-      xk += 128;
-#pragma unroll
-      for (int v = 0; v < kConsumers; ++v) {
-#pragma unroll
-        for (int h = 0; h < SPANS; ++h) {
-          const uint32_t d = st + wd + uint32_t((v * SPANS + h) * kSpanBytes);
-          if (ks * SPANS + h < G.S) cp_async16_stream_sa(d, wt[v] + h * kSpanBytes);
-          else cp_async16_zfill_sa(d, a.w, 0);  // past K: codes 0 meet x = 0
-        }
-        wt[v] += SPANS * kSpanBytes;
-      }
-      if (sc_src) {  // this thread's chunk of the stage's scale block h (see sc_src above)
-        int64_t blk = KB == 2 ? 2 * int64_t(ks) + sc_h : pb;
-        blk = blk < G.NBP ? blk : G.NBP - 1;  // past K: x is 0 there
-        cp_async16_stream_sa(st + sc_dst, sc_src + blk * sc_step);
-      }
-      if (KB == 4 && ++pk == spb) pk = 0, ++pb;
-      cp_async_mbar_arrive(full0 + 8 * slot);
     }
-    cp_async_wait<0>();
+    // Exit once the last stages' copies have landed (no later phase follows on their barriers).
+    for (int ks = nk > S ? nk - S : 0; ks < nk; ++ks) mbar_wait(full0 + 8 * (ks % S), (ks / S) & 1);
     return;
   }
 
@@ -501,24 +491,25 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
   } else {
     zr.set(a.zdefault, a.zdefault);
   }
-  const int srow = (4 * wg + q) * kTileRows + g;  // this thread's first row in a block's scale area
+  // This thread's first row of scale block h in a stage's scale or zero-point area, [tile][block][16].
+  auto srow_h = [&](int h) { return ((4 * wg + q) * (KB == 2 ? 2 : 1) + h) * kTileRows + g; };
   const uint32_t smem_sa = static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem));
   auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOffN; };
   auto stage_zeros = [&](uint32_t stage, int h) {
     if (!a.z) return;
-    const uint8_t* zp = area(stage) + kZeroOff<kConsumers> + h * kTiles * kTileRows + srow;
+    const uint8_t* zp = area(stage) + kZeroOff<kConsumers> + srow_h(h);
     zr.set(zp[0], zp[8]);
   };
   auto stage_scale = [&](uint32_t stage, int h, int r) {
-    const uint8_t* sc = area(stage) + h * kScaleBlockBytes<kConsumers>;
-    if (a.scale_elt == Elt::f32) return reinterpret_cast<const float*>(sc)[r];
-    const uint16_t v = reinterpret_cast<const uint16_t*>(sc)[r];
+    const uint8_t* sc = area(stage);
+    if (a.scale_elt == Elt::f32) return reinterpret_cast<const float*>(sc)[srow_h(h) + r];
+    const uint16_t v = reinterpret_cast<const uint16_t*>(sc)[srow_h(h) + r];
     return a.scale_elt == Elt::f16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
   };
   int kc = 0;  // k-steps of the current scale block done (KB = 4)
   // DQ: scale block h of a stage as bf16 pairs (scale_pair) of rows g and g + 8.
   auto scale_pairs = [&](uint32_t stage, int h, uint32_t& s0, uint32_t& s1) {
-    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage) + h * kScaleBlockBytes<kConsumers>) + srow;
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(area(stage)) + srow_h(h);
     s0 = scale_pair(sc), s1 = scale_pair(sc + 8);
   };
 
@@ -530,7 +521,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
   // acc += the block's scales * p (their first U registers), once the wgmma groups but the newest
   // `PENDING` have completed.
   auto fold_into = [&]<int PENDING, int U, int RP>(float(&p)[RP], uint32_t stage, int h) {
-    const float s0 = stage_scale(stage, h, srow), s1 = stage_scale(stage, h, srow + 8);
+    const float s0 = stage_scale(stage, h, 0), s1 = stage_scale(stage, h, 8);
     wg_wait<PENDING>();
     fence_regs<U>(p);
     fence_regs<U>(acc);
@@ -558,7 +549,6 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
       // the producer's refill is ordered after all of them.
       for (int u = 0; u < prev_n; ++u) mbar_arrive(empty0 + 8 * ((prev + u) % S));
       for (int u = 0; u < step; ++u) mbar_wait(full0 + 8 * ((ks + u) % S), ((ks + u) / S) & 1);
-      fence_async_smem();  // the landed copies, to wgmma's async proxy
       uint32_t af[4 * kPairMax][4];
       uint32_t st[2];
 #pragma unroll
@@ -735,16 +725,68 @@ cudaError_t set_attr() {
     return cudaFuncSetAttribute(fc_sm90_kernel<CT, SB, FC1, KB, N, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 smem_bytes<SB, N, kConsumersOf<N, KB, DQ>>());
 }
+// The driver's tensor-map encoder, looked up once (the runtime does not wrap it); null if absent.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+// A tensor map over `dims` (innermost first) of `type` at `base` (strides in bytes of dims 1..), boxes
+// of `box`; false if the encoder refuses it.
+template <int R>
+bool encode_map(CUtensorMap& m, CUtensorMapDataType type, const void* base, const uint64_t (&dims)[R],
+                const uint64_t (&strides)[R - 1], const uint32_t (&box)[R], CUtensorMapSwizzle swizzle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+  uint32_t ones[R];
+  for (int i = 0; i < R; ++i) ones[i] = 1;
+  return enc && enc(&m, type, R, const_cast<void*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
 // One block per (work item, block of the kernel's rows), in groups of kItemGroup items (see the kernel).
 template <class CT, int SB, bool FC1, int KB, int N, bool DQ = false>
-void launch_kernel(const FcArgs& a, cudaStream_t st) {
+cudaError_t launch_kernel(const FcArgs& a, cudaStream_t st) {
   if constexpr (N == 192 && !kWideServes<KB, DQ>) {
-    return;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
+    return cudaErrorInvalidValue;  // the host gives width 192 only to the layers it serves (sm90_wide_serves)
   } else {
     constexpr int C = kConsumersOf<N, KB, DQ>;
+    const MatrixGeom& g = a.geom;
+    // The producer's boxes (see the kernel): weights [experts x MT tiles][S spans][128 words];
+    // activations [slots][x_ld]; scales and zero points [experts x MT tiles][NBP blocks][16 rows].
+    const uint64_t tiles = uint64_t(a.experts * g.MT);
+    constexpr uint32_t kBlocks = KB == 2 ? 2 : 1;
+    CUtensorMap w_map{}, x_map{}, s_map{}, z_map{};
+    bool ok = encode_map<3>(w_map, CU_TENSOR_MAP_DATA_TYPE_UINT32, a.w, {kSpanBytes / 4, uint64_t(g.S), tiles},
+                            {kSpanBytes, uint64_t(g.S) * kSpanBytes},
+                            {kSpanBytes / 4, uint32_t(kSpansPerStage<SB>), uint32_t(kTilesOf<C>)},
+                            CU_TENSOR_MAP_SWIZZLE_NONE);
+    ok = ok && encode_map<2>(x_map, std::is_same_v<CT, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                             a.x, {uint64_t(a.x_ld), uint64_t(a.slots)}, {uint64_t(a.x_ld) * 2},
+                             {uint32_t(kStageK), uint32_t(N < 64 ? N : 64)}, CU_TENSOR_MAP_SWIZZLE_128B);
+    if (KB != 0) {
+      const uint64_t es = a.scale_elt == Elt::f32 ? 4 : 2, nbp = uint64_t(g.NBP);
+      ok = ok && encode_map<3>(s_map, es == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16, a.s,
+                               {kTileRows, nbp, tiles}, {kTileRows * es, nbp * kTileRows * es},
+                               {kTileRows, kBlocks, uint32_t(kTilesOf<C>)}, CU_TENSOR_MAP_SWIZZLE_NONE);
+      if (a.z)
+        ok = ok && encode_map<3>(z_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.z, {kTileRows, nbp, tiles},
+                                 {kTileRows, nbp * kTileRows}, {kTileRows, kBlocks, uint32_t(kTilesOf<C>)},
+                                 CU_TENSOR_MAP_SWIZZLE_NONE);
+    }
+    if (!ok) return cudaErrorInvalidValue;
     const int64_t groups = (a.max_items + kItemGroup - 1) / kItemGroup;
-    const dim3 grid(unsigned(groups * kItemGroup * ((a.geom.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
-    fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a);
+    const dim3 grid(unsigned(groups * kItemGroup * ((g.MT + kTilesOf<C> - 1) / kTilesOf<C>)));
+    fc_sm90_kernel<CT, SB, FC1, KB, N, DQ><<<grid, kThreadsOf<C>, smem_bytes<SB, N, C>(), st>>>(a, w_map, x_map, s_map,
+                                                                                           z_map);
+    return cudaGetLastError();
   }
 }
 // Calls f.template operator()<N>() for the kernel widths N.
@@ -772,37 +814,37 @@ cudaError_t set_attrs_kb() {
 int kb_of(const MatrixGeom& g) { return g.NBP == 1 ? 0 : g.kpb % 4 == 0 ? 4 : 2; }
 
 template <bool FC1, class CT, int SB, int N>
-void launch_n(const FcArgs& a, cudaStream_t st) {
+cudaError_t launch_n(const FcArgs& a, cudaStream_t st) {
   if constexpr (std::is_same_v<CT, __nv_bfloat16>) {
-    if (fc_uses_dq(a)) {
-      if (kb_of(a.geom) == 2) launch_kernel<CT, SB, FC1, 2, N, true>(a, st);
-      else launch_kernel<CT, SB, FC1, 4, N, true>(a, st);
-      return;
-    }
+    if (fc_uses_dq(a))
+      return kb_of(a.geom) == 2 ? launch_kernel<CT, SB, FC1, 2, N, true>(a, st)
+                                : launch_kernel<CT, SB, FC1, 4, N, true>(a, st);
   }
   switch (kb_of(a.geom)) {
-    case 0: launch_kernel<CT, SB, FC1, 0, N>(a, st); break;
-    case 2: launch_kernel<CT, SB, FC1, 2, N>(a, st); break;
-    default: launch_kernel<CT, SB, FC1, 4, N>(a, st); break;
+    case 0: return launch_kernel<CT, SB, FC1, 0, N>(a, st);
+    case 2: return launch_kernel<CT, SB, FC1, 2, N>(a, st);
+    default: return launch_kernel<CT, SB, FC1, 4, N>(a, st);
   }
 }
 
 template <bool FC1, class CT, int SB>
-void launch_sb(const FcArgs& a, cudaStream_t st) {
+cudaError_t launch_sb(const FcArgs& a, cudaStream_t st) {
   switch (8 * a.nt) {  // the host checks that the width is one of these (sm90_width)
-    case 8: launch_n<FC1, CT, SB, 8>(a, st); break;
-    case 16: launch_n<FC1, CT, SB, 16>(a, st); break;
-    case 32: launch_n<FC1, CT, SB, 32>(a, st); break;
-    case 64: launch_n<FC1, CT, SB, 64>(a, st); break;
-    case 192: launch_n<FC1, CT, SB, 192>(a, st); break;
-    default: launch_n<FC1, CT, SB, 128>(a, st); break;
+    case 8: return launch_n<FC1, CT, SB, 8>(a, st);
+    case 16: return launch_n<FC1, CT, SB, 16>(a, st);
+    case 32: return launch_n<FC1, CT, SB, 32>(a, st);
+    case 64: return launch_n<FC1, CT, SB, 64>(a, st);
+    case 192: return launch_n<FC1, CT, SB, 192>(a, st);
+    default: return launch_n<FC1, CT, SB, 128>(a, st);
   }
 }
 
 template <bool FC1>
-void launch(const FcArgs& a, cudaStream_t st) {
-  if (a.max_items == 0) return;
-  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { launch_sb<FC1, CT, SB>(a, st); });
+cudaError_t launch(const FcArgs& a, cudaStream_t st) {
+  if (a.max_items == 0) return cudaSuccess;
+  cudaError_t e = cudaSuccess;
+  dispatch_fc_variant(a.ct, a.geom.sbits, [&]<class CT, int SB>() { e = launch_sb<FC1, CT, SB>(a, st); });
+  return e;
 }
 
 }  // namespace
@@ -837,7 +879,7 @@ bool sm90_wide_pays(double avg, int64_t k, int64_t E) {
 
 bool sm90_available(int device) {
   cudaDeviceProp p{};
-  if (cudaGetDeviceProperties(&p, device) != cudaSuccess || p.major != 9) return false;
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess || p.major != 9 || !tensor_map_encoder()) return false;
   cudaFuncAttributes fa{};
   // The kernels hold wgmma only in sm_90a machine code; a build without it (or PTX JIT from an older
   // virtual architecture) reports a lower PTX version and gets the SM80-family kernels.
@@ -852,7 +894,7 @@ cudaError_t init_sm90_kernels() {
   return for_each_fc_variant([&]<class CT, int SB, bool FC1>() { return set_attrs_kb<CT, SB, FC1>(); });
 }
 
-void launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { launch<true>(a, st); }
-void launch_fc2_sm90(const FcArgs& a, cudaStream_t st) { launch<false>(a, st); }
+cudaError_t launch_fc1_sm90(const FcArgs& a, cudaStream_t st) { return launch<true>(a, st); }
+cudaError_t launch_fc2_sm90(const FcArgs& a, cudaStream_t st) { return launch<false>(a, st); }
 
 }  // namespace qmoe::cuda

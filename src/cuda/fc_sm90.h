@@ -1,8 +1,9 @@
 // The Hopper wgmma FC kernels (fc_sm90.cu): the large-batch path of the CUDA backend on sm_90a.
 // Same FcArgs and packed layout as launch_fc1/launch_fc2 (cuda_kernels.h), with three differences
 // the host must honour: work items hold up to sm90_width tokens (launch_group with that chunk), x is
-// the converted copy in mma order (launch_convert_input with mma_order), and fc1 writes `a` in mma
-// order, so fc1 and fc2 both run here or both on the SM80 kernels. fc2 writes one split (splits = 1).
+// the converted copy in mma order gathered into expert order, one row per slot (launch_convert_input
+// with mma_order and gather; FcArgs::slots rows), and fc1 writes `a` in mma order, so fc1 and fc2 both
+// run here or both on the SM80 kernels. fc2 writes one split (splits = 1).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,7 +41,8 @@ bool sm90_available(int device);
 bool sm90_serves(const MatrixGeom& g);
 // Once per device, outside any capture: raises the kernels' shared-memory limit.
 cudaError_t init_sm90_kernels();
-void launch_fc1_sm90(const FcArgs& a, cudaStream_t st);
-void launch_fc2_sm90(const FcArgs& a, cudaStream_t st);
+// Launch errors are returned (a tensor map the driver refuses among them), not left pending.
+cudaError_t launch_fc1_sm90(const FcArgs& a, cudaStream_t st);
+cudaError_t launch_fc2_sm90(const FcArgs& a, cudaStream_t st);
 
 }  // namespace qmoe::cuda

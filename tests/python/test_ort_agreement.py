@@ -16,7 +16,7 @@ Tolerances (relative L2 error ||qmoe - ref|| / ||ref||):
 - bf16 (model only): 4e-3 = 2^-8, the worst relative rounding of one bf16 output element.
 
 QMOE_BIN names the binary (default build/tools/qmoe/qmoe); QMOE_BACKENDS the comma-separated
-backend runs (default "reference,cpu,cpu-raw"; cpu-raw is cpu with --no-prepack; add cuda on a GPU).
+backend runs (default "reference,cpu,cpu-raw"; cpu-raw is cpu with --no-prepack; add cuda on a GPU, cuda-sm90 on Hopper).
 QMOE_WRITE_AGREEMENT=1 writes the results table to docs/AGREEMENT.md.
 """
 
@@ -39,6 +39,8 @@ BACKENDS = {
     "cpu": ["--backend", "cpu"],
     "cpu-raw": ["--backend", "cpu", "--no-prepack"],
     "cuda": ["--backend", "cuda"],  # only in CUDA builds on a GPU machine: QMOE_BACKENDS=cuda,...
+    # the Hopper wgmma kernels wherever they serve the layer, whatever the batch (sm_90 GPUs)
+    "cuda-sm90": ["--backend", "cuda", "--cuda-gemm", "sm90"],
 }
 SELECTED = [b for b in os.environ.get("QMOE_BACKENDS", "reference,cpu,cpu-raw").split(",") if b]
 
@@ -57,9 +59,10 @@ def takes_dq(cfg) -> bool:
 
 
 def tolerance(backend: str, cfg) -> float:
-    if backend == "cuda" and takes_dq(cfg):
+    family = backend.split("-")[0]  # cuda-sm90 holds to cuda's bounds
+    if family == "cuda" and takes_dq(cfg):
         return CUDA_DQ_TOL
-    return BACKEND_TOL.get(backend, {}).get(cfg.dtype, TOL[cfg.dtype])
+    return BACKEND_TOL.get(family, {}).get(cfg.dtype, TOL[cfg.dtype])
 
 # Configurations ONNX Runtime's CPU kernel runs correctly (contract §8 quirks avoided; ort_safe()
 # checks that below, so an edit here cannot slip one in).
