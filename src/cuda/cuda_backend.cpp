@@ -184,22 +184,23 @@ struct RunConfig {
   }
 };
 
-// Average tokens per touched expert from which the wgmma kernels run instead of the SM80-family
-// kernels (CudaGemm::automatic). Measured on H100s (`qmoe_cuda_bench --gemm sm80|sm90`, graph us,
-// int4 b128 / int4 b32 / int8 on the four shapes of docs/performance.md; docs/PERF-cuda.md, "Dispatch"
-// and "Two blocks per SM"), since the wgmma kernels got narrow widths with two blocks per SM:
-//  - at 16 and at 32 tokens per expert (width 32) they won all 24 cases, 1.03-1.21x;
-//  - at 48 (width 64) and from 64 they win (gpt-oss-20b and mixtral at 48: 1.20-1.43x);
-//  - below 16 the SM80 family won in most cases (gpt-oss-20b at 8: wgmma 5-6% faster for int4 b32
-//    and int8, 11% slower for int4 b128; qwen3-30b-a3b at 4 and deepseek-v3-like at 2.3: 1.03-1.19x
-//    slower, except deepseek-v3-like 8-bit, 2% faster).
+// Average tokens per touched expert (RunCounts: slots / min(E, slots), rounded up) from which the
+// wgmma kernels run instead of the SM80-family kernels (CudaGemm::automatic). Measured on H100s
+// (`qmoe_cuda_bench --gemm sm80|sm90`, graph us, int4 b128 / int4 b32 / int8 on the four shapes of
+// docs/performance.md, bf16; docs/PERF-cuda.md, "Dispatch", "Two blocks per SM" and "Every copy a
+// tensor copy"):
+//  - since the producer's tensor copies (8ee6982; T = 8..128, 20 cases per quantization), the wgmma
+//    kernels ran 8-bit weights with row-wise scales faster in 19 of 20 (qwen3-30b-a3b T = 8, one token
+//    per expert: 6% slower) and bf16 layers of 32-k scale blocks (DQ) in 20 of 20; both take them
+//    from 2 tokens per expert (1.01-1.12x where that moved the choice; one token per expert, T = 1
+//    among them, stays on the SM80 family, whose single-token kernels the wgmma ones were not
+//    measured against);
+//  - int4 b128 (DQ) still ran slower there in 15 of 20, faster from 16 tokens per expert;
+//  - before that, at 16 and 32 tokens per expert the wgmma kernels won all 24 cases, 1.03-1.21x, and
+//    below 16 the SM80 family won in most.
+// Layers measured neither way (4-bit row-wise, 8-bit block-wise, fp16 block-wise) keep 16.
 constexpr int64_t kWgmmaCrossover = 16;
-// Layers of 32-k scale blocks with DQ (fc_uses_dq) from 8 tokens per expert: there the wgmma kernel won
-// or tied at 8 in all 4 shapes (H100, both families with DQ, int4 b32, graph us sm80 -> sm90: mixtral
-// 397 -> 372, gpt-oss-20b 249 -> 236, qwen3-30b-a3b 197.0 -> 196.1, deepseek-v3-like 2774 -> 2758) and
-// lost or tied at 4 (qwen3-30b-a3b 189 -> 194, gpt-oss-20b 233.4 -> 232.6, deepseek-v3-like 2561 ->
-// 2613); int4 b128 still lost at 8 in all 4 (mixtral 319 -> 357); docs/PERF-cuda.md, "DQ".
-constexpr int64_t kWgmmaCrossoverDqBlock32 = 8;
+constexpr int64_t kWgmmaCrossoverEarly = 2;
 
 Elt compute_elt(DType act) { return act == DType::f16 ? Elt::f16 : Elt::bf16; }
 
@@ -209,7 +210,8 @@ int64_t wgmma_crossover(const CudaPacked& p) {
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
   if (!cuda::sm90_serves(g1) || !cuda::sm90_serves(g2)) return 0;
   const bool dq32 = cuda::fc_uses_dq(compute_elt(p.spec().act_dtype), to_elt(p.spec().scale_dtype), g1) && g1.kpb == 2;
-  return dq32 ? kWgmmaCrossoverDqBlock32 : kWgmmaCrossover;
+  const bool int8_rowwise = g1.sbits == 8 && g1.NBP == 1 && g2.NBP == 1;
+  return dq32 || int8_rowwise ? kWgmmaCrossoverEarly : kWgmmaCrossover;
 }
 
 // Whether the wgmma kernels can run the layer at width 192 (fc_sm90.h, sm90_wide_serves).
