@@ -140,10 +140,16 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // the GPU tests passed with each. 4 were also as fast as 5 (mixtral int4 b128 T = 2048: 3,041-3,058
 // against 3,054-3,058 us). 8-bit weights with three consumers at N = 128 take 4 too (7 of 30 KB
 // would fit; racecheck reported hazards with 6 and 7, none with 4 on the quick subset and --wide).
+// Since the producer issues tensor copies alone, racecheck reports none of those hazards with as many
+// stages as fit everywhere (H100, 2026-11-28: the quick subset and --wide at every width), so they came
+// with its cp.async copies. As many as fit everywhere was not faster for 4-bit weights (mixtral and
+// gpt-oss-20b at T = 2048 0.5-2% slower) but was for 8-bit weights at N = 128, which take 7 of 30 KB
+// (gpt-oss-20b int8 T = 2048 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md, "Every
+// copy a tensor copy").
 constexpr int kWideStages = 4;
 template <int SB, int N, int C>
 constexpr int kStages =
-    C == 3 ? (N == 192 || SB == 8 ? kWideStages : 8)
+    C == 3 ? (N == 192 ? kWideStages : SB == 8 ? 7 : 8)
            : std::min(kBlocksPerSm<N> == 1 ? 16 : 8, (kSmemLimit<N> - 1024 - N * 8) / (kStageBytes<SB, N, C> + 16));
 // [stages][full barriers][empty barriers][N slots (fc2); 2 N ints reserved, as when fc1 kept its rows'
 // offsets there, with which the stage counts above were checked]; + 1 KB to align the base to
