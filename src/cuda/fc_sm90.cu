@@ -142,8 +142,8 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // would fit; racecheck reported hazards with 6 and 7, none with 4 on the quick subset and --wide).
 // Since the producer issues tensor copies alone, racecheck reports none of those hazards with as many
 // stages as fit everywhere (H100, 2026-11-28: the quick subset and --wide at every width), so they came
-// with its cp.async copies. As many as fit everywhere was not faster for 4-bit weights (mixtral and
-// gpt-oss-20b at T = 2048 0.5-2% slower) but was for 8-bit weights at N = 128, which take 7 of 30 KB
+// with its cp.async copies. As many as fit everywhere was not faster for 4-bit weights nor at N = 192
+// (mixtral and gpt-oss-20b at T = 2048: -1% to +2%) but was for 8-bit weights at N = 128, which take 7 of 30 KB
 // (gpt-oss-20b int8 T = 2048 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md, "Every
 // copy a tensor copy").
 constexpr int kWideStages = 4;
