@@ -125,27 +125,17 @@ template <int SB, int N, int C> constexpr int kStageBytes = kScaleOff<SB, N, C> 
 template <int N> constexpr int kBlocksPerSm = N <= kSm90TwoBlockMaxWidth ? 2 : 1;
 // Shared memory a block may take: its share of the SM's 228 KB, less the 1 KB the driver reserves per block.
 template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
-// Stages in flight: as many as fit, at most 16 at one block per SM (N = 128: 10 of 22 KB for 4-bit
-// weights, 8 of 26 KB for 8-bit) and 8 at two. With up to 15 stages at two blocks per SM (30 stage
-// barriers per block), compute-sanitizer racecheck reported hazards between the consumers' weight
-// reads and the producer's refills that it does not report with 8 (nor at one block with 16; H100,
-// same build otherwise, 2026-11-27); 8 were also as fast, so 8 it is.
-// Three consumers take 8, though 9 fit: racecheck (H100, 2026-11-27) reported hazards between the
-// consumers' weight reads and the producer's refills with 9 stages (and, for 8-bit weights, 6 and 7)
-// that it does not report with 8; the GPU tests passed with each. As with two blocks per SM above,
-// the cause was not found, so the configuration racecheck accepts is the one used.
-// Width 192 with three consumers: 7 stages of 32 KB would fit, but compute-sanitizer racecheck
-// reported hazards between the consumers' weight reads and the producer's refills with 7 and with 5
-// (H100, the --wide subset at width 192, 2026-11-27), as with 9 at width 128 above, and none with 4;
-// the GPU tests passed with each. 4 were also as fast as 5 (mixtral int4 b128 T = 2048: 3,041-3,058
-// against 3,054-3,058 us). 8-bit weights with three consumers at N = 128 take 4 too (7 of 30 KB
-// would fit; racecheck reported hazards with 6 and 7, none with 4 on the quick subset and --wide).
-// Since the producer issues tensor copies alone, racecheck reports none of those hazards with as many
-// stages as fit everywhere (H100, 2026-11-28: the quick subset and --wide at every width), so they came
-// with its cp.async copies. As many as fit everywhere was not faster for 4-bit weights nor at N = 192
-// (mixtral and gpt-oss-20b at T = 2048: -1% to +2%) but was for 8-bit weights at N = 128, which take 7 of 30 KB
-// (gpt-oss-20b int8 T = 2048 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md, "Every
-// copy a tensor copy").
+// Stages in flight: as many as fit, at most 16 at one block per SM (N = 128, two consumers: 10 of 22 KB
+// for 4-bit weights, 8 of 26 KB for 8-bit), except where fewer are set below. Those counts were first set,
+// with a producer of cp.async copies, where compute-sanitizer racecheck stopped reporting hazards between
+// the consumers' weight reads and the producer's refills (H100, 2026-11-27: 8 of 15 at two blocks per
+// SM, 8 of 9 for three consumers, 4 of 7 at width 192 and for 8-bit weights with three consumers; the
+// GPU tests passed with each; where measured, the fewer were as fast). Since the producer issues
+// tensor copies alone, racecheck reports none with as many as fit anywhere (H100, 2026-11-28: the
+// quick subset and --wide at every width), so those hazards came with the cp.async copies. As many as fit then did not pay for
+// 4-bit weights nor at N = 192 (mixtral and gpt-oss-20b at T = 2048: -1% to +2%) but did for 8-bit
+// weights at N = 128 with three consumers, which take 7 of 30 KB (gpt-oss-20b int8 T = 2048
+// 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md, "Every copy a tensor copy").
 constexpr int kWideStages = 4;
 template <int SB, int N, int C>
 constexpr int kStages =
