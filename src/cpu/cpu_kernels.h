@@ -77,7 +77,7 @@ using SwigluFn = void (*)(const float* gate, const float* lin, const float* gate
                           float* out, int n, float limit, float alpha, float beta);
 
 struct KernelSet {
-  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni"
+  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni", "avx512-vnni-vbmi"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
   int max_tokens_w8 = 0;  // for 8-bit weights where it differs (0: max_tokens); <= kMaxTokens
@@ -93,7 +93,10 @@ const KernelSet& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/
 // The bf16 compute mode: call only where the CPU also has AVX512_BF16; its jobs must set xb.
 const KernelSet& avx512_bf16_kernels();
 // The int8 compute mode: call only where the CPU also has AVX512_VNNI; its jobs must set xq, xneg_sum, xscale.
+// The kernels transpose the weight codes with AVX512_VBMI where the CPU has it (the same bytes either way);
+// avx512_vnni_kernels(vbmi) picks one (vbmi: only where the CPU has it; tests compare the two).
 const KernelSet& avx512_vnni_kernels();
+const KernelSet& avx512_vnni_kernels(bool vbmi);
 
 // Block b's contribution for lane l (0..15) of tile `tile` and token t, computed as the reference does:
 // sum over the block's columns c < K, in order, of (scale * float(q - z)) * x[c]. Used only where the

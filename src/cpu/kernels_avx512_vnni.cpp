@@ -32,6 +32,12 @@
 //         each 8-column group as its even columns, then its odd ones (int8_column_slot), so the
 //         matching x dwords sit at slots 2j and 2j+4. Two shuffles and three bit operations per
 //         64 code bytes feed 2 x 16 rows x 4 columns, against 2 x MT vpdpbusd.
+// Where the CPU has AVX512_VBMI, one vpermb (any byte of the 64 to any place) does the transpose in
+// place of the two shuffles, both of which issue on the same port as half of the vpdpbusd on Intel
+// cores: 2-vCPU Xeon (AVX512_VBMI), mixtral T = 64, four alternating runs, ms: int4 block 32
+// 73.3-74.5 -> 70.6-71.8, block 128 58.1-59.8 -> 55.8-56.8 (docs/PERF.md). vpermb is written as
+// inline assembly so that the file needs no -mavx512vbmi, which would let the compiler emit VBMI
+// anywhere in it; the VBMI kernels run only where the CPU reports AVX512_VBMI (avx512_vnni_kernels).
 // A row's last step may have only 2 code bytes left (J is even, not a multiple of 4): a masked load
 // reads those and zeros for the rest (codes 0, against x columns past K, which are 0).
 #include <immintrin.h>
@@ -66,17 +72,30 @@ inline __m512i x_dword(const int8_t* xq, int64_t i) {
   return _mm512_set1_epi32(w);
 }
 
+// vpermb's index for the transpose: output byte 4 l + m (row l's byte j+m) is input byte 16 m + l.
+alignas(64) constexpr uint8_t kTransposeBytes[64] = {
+    0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21,
+    37, 53, 6,  22, 38, 54, 7,  23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58,
+    11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
 // Code bytes j..j+3 (or j..j+1 where `full` is false) of a tile's 16 rows, transposed so that dword l
 // holds row l's 4 bytes in increasing j.
+template <bool VBMI>
 inline __m512i load_transposed(const uint8_t* p, bool full) {
-  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
   const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(__mmask64(0xffffffffu), p);
-  return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
+  if constexpr (VBMI) {
+    __m512i t;
+    asm("vpermb %2, %1, %0" : "=v"(t) : "v"(_mm512_load_si512(kTransposeBytes)), "v"(v));
+    return t;
+  } else {
+    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
+  }
 }
 
-// The pair kernel for both widths: BITS 4 or 8.
-template <int BITS, int MT, bool ZP>
+// The pair kernel for both widths: BITS 4 or 8; VBMI: the transpose by vpermb (load_transposed).
+template <int BITS, int MT, bool ZP, bool VBMI>
 void pair_vnni(const PairJob& jb) {
   constexpr int kPack = 8 / BITS;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -111,7 +130,7 @@ void pair_vnni(const PairJob& jb) {
       auto step = [&](int64_t j, bool full) __attribute__((always_inline)) {
         __m512i w[2][2];  // [tile][0: low nibbles or int8 codes, 1: high nibbles]
         for (int tile = 0; tile < 2; ++tile) {
-          const __m512i v = load_transposed(c[tile] + j * kTileRows, full);
+          const __m512i v = load_transposed<VBMI>(c[tile] + j * kTileRows, full);
           if constexpr (BITS == 4) {
             w[tile][0] = _mm512_and_si512(v, low4);
             w[tile][1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -181,19 +200,30 @@ void pair_vnni(const PairJob& jb) {
   }
 }
 
+template <bool VBMI>
 void vnni_w4(const PairJob& jb) {
-  dispatch_pair<kTokensW4>(jb, portable_kernels().w4, "avx512-vnni", [&]<int MT, bool ZP>() { pair_vnni<4, MT, ZP>(jb); });
+  dispatch_pair<kTokensW4>(jb, portable_kernels().w4, "avx512-vnni",
+                           [&]<int MT, bool ZP>() { pair_vnni<4, MT, ZP, VBMI>(jb); });
 }
+template <bool VBMI>
 void vnni_w8(const PairJob& jb) {
-  dispatch_pair<kTokensW8>(jb, portable_kernels().w8, "avx512-vnni", [&]<int MT, bool ZP>() { pair_vnni<8, MT, ZP>(jb); });
+  dispatch_pair<kTokensW8>(jb, portable_kernels().w8, "avx512-vnni",
+                           [&]<int MT, bool ZP>() { pair_vnni<8, MT, ZP, VBMI>(jb); });
 }
 
 }  // namespace
 
-const KernelSet& avx512_vnni_kernels() {
+const KernelSet& avx512_vnni_kernels(bool vbmi) {
   // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens is within its kMaxTokens).
-  static const KernelSet k{"avx512-vnni", portable_kernels().w2, vnni_w4, vnni_w8, kTokensW4, kTokensW8, swiglu16};
-  return k;
+  const PairKernel w2 = portable_kernels().w2;
+  static const KernelSet plain{"avx512-vnni", w2, vnni_w4<false>, vnni_w8<false>, kTokensW4, kTokensW8, swiglu16};
+  static const KernelSet with_vbmi{"avx512-vnni-vbmi", w2, vnni_w4<true>, vnni_w8<true>, kTokensW4, kTokensW8, swiglu16};
+  return vbmi ? with_vbmi : plain;
+}
+
+const KernelSet& avx512_vnni_kernels() {
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  return avx512_vnni_kernels(vbmi);
 }
 
 }  // namespace qmoe::cpu

@@ -25,6 +25,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -138,6 +139,33 @@ TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
           }
       }
   EXPECT_GT(checked, 0);
+}
+
+// The VBMI kernels transpose the weight codes with one byte permute instead of two shuffles: the same
+// bytes, so the same sums, bit for bit, for every width, block, zero points, token count and odd K.
+TEST(CpuInt8Kernel, VbmiTransposeGivesTheSameSums) {
+  if (!has_avx512_vnni() || !__builtin_cpu_supports("avx512vbmi"))
+    GTEST_SKIP() << "this CPU lacks AVX512_VNNI or AVX512_VBMI";
+  std::mt19937_64 rng(base_seed() + 4);
+  int compared = 0;
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256)})
+      for (int rep = 0; rep < 4; ++rep) {
+        PairCase c;
+        c.bits = bits, c.block = block;
+        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
+        c.sdt = std::array{DType::f32, DType::f16, DType::bf16}[rng() % 3];
+        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.tokens = 1 + int(rng() % uint64_t(avx512_vnni_kernels(false).tokens_per_call(bits)));
+        c.make(rng);
+        std::vector<float> plain(size_t(c.tokens * kPairRows)), vbmi(plain.size());
+        test::kernel_of(avx512_vnni_kernels(false), bits)(c.job(plain.data()));
+        test::kernel_of(avx512_vnni_kernels(true), bits)(c.job(vbmi.data()));
+        ASSERT_EQ(std::memcmp(plain.data(), vbmi.data(), plain.size() * sizeof(float)), 0)
+            << c.str() << ": the VBMI kernel's sums differ (base seed " << base_seed() << ")";
+        compared += int(plain.size());
+      }
+  EXPECT_GT(compared, 0);
 }
 
 TEST(CpuInt8Kernel, TokenResultIndependentOfBatch) {
