@@ -94,17 +94,12 @@ PairKernel bf16_kernel(int bits) { return test::kernel_of(avx512_bf16_kernels(),
 TEST(CpuBf16Kernel, WithinBoundOfExactSum) {
   if (!has_avx512_bf16()) GTEST_SKIP() << "this CPU lacks AVX512_BF16";
   std::mt19937_64 rng(base_seed());
-  const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
   int checked = 0;
   for (int bits : {4, 8})
     for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256)})
       for (int rep = 0; rep < 6; ++rep) {
         PairCase c;
-        c.bits = bits, c.block = block;
-        // Odd K, sometimes shorter than one block, sometimes long (up to ~2000 columns).
-        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
-        c.sdt = sdts[rng() % 3];
-        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.random_shape(rng, bits, block, rep);
         c.tokens = 1 + int(rng() % uint64_t(avx512_bf16_kernels().tokens_per_call(bits)));
         c.make(rng);
         std::vector<float> acc(size_t(c.tokens * kPairRows));

@@ -25,7 +25,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -106,17 +105,12 @@ PairKernel int8_kernel(int bits) { return test::kernel_of(avx512_vnni_kernels(),
 TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
   if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
   std::mt19937_64 rng(base_seed());
-  const DType sdts[] = {DType::f32, DType::f16, DType::bf16};
   int checked = 0;
   for (int bits : {4, 8})
     for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256), int64_t(512)})
       for (int rep = 0; rep < 6; ++rep) {
         PairCase c;
-        c.bits = bits, c.block = block;
-        // Odd K, sometimes shorter than one block, sometimes long (up to ~2000 columns).
-        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
-        c.sdt = sdts[rng() % 3];
-        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.random_shape(rng, bits, block, rep);
         c.tokens = 1 + int(rng() % uint64_t(avx512_vnni_kernels().tokens_per_call(bits)));
         c.make(rng);
         std::vector<float> acc(size_t(c.tokens * kPairRows));
@@ -152,10 +146,7 @@ TEST(CpuInt8Kernel, VbmiTransposeGivesTheSameSums) {
     for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256)})
       for (int rep = 0; rep < 4; ++rep) {
         PairCase c;
-        c.bits = bits, c.block = block;
-        c.K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
-        c.sdt = std::array{DType::f32, DType::f16, DType::bf16}[rng() % 3];
-        c.zp[0] = rng() % 2, c.zp[1] = rng() % 2;
+        c.random_shape(rng, bits, block, rep);
         c.tokens = 1 + int(rng() % uint64_t(avx512_vnni_kernels(false).tokens_per_call(bits)));
         c.make(rng);
         std::vector<float> plain(size_t(c.tokens * kPairRows)), vbmi(plain.size());

@@ -36,6 +36,16 @@ struct RandomPairWeights {
     return os.str();
   }
 
+  // A random shape for `bits` and `block`: odd K, short (under 80 columns, sometimes under one block) for
+  // rep < 2, else up to ~2000 columns; random scale type and zero points.
+  void random_shape(std::mt19937_64& rng, int bits_, int64_t block_, int rep) {
+    static constexpr DType kScaleTypes[] = {DType::f32, DType::f16, DType::bf16};
+    bits = bits_, block = block_;
+    K = 2 * int64_t(rng() % (rep < 2 ? 40 : 1000)) + 1;
+    sdt = kScaleTypes[rng() % 3];
+    zp[0] = rng() % 2, zp[1] = rng() % 2;
+  }
+
   // Random codes, signed scales of magnitude ~1/K and zero points for the shape set above.
   void make_weights(std::mt19937_64& rng) {
     const int pack = 8 / bits;
