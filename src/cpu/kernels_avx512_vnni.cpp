@@ -34,10 +34,11 @@
 //         64 code bytes feed 2 x 16 rows x 4 columns, against 2 x MT vpdpbusd.
 // Where the CPU has AVX512_VBMI, one vpermb (any byte of the 64 to any place) does the transpose in
 // place of the two shuffles, both of which issue on the same port as half of the vpdpbusd on Intel
-// cores: 2-vCPU Xeon (AVX512_VBMI), mixtral, three alternating runs, ms: T = 64 int4 block 32 70.0-71.1
-// -> 67.5-70.1, block 128 56.1-56.9 -> 53.9-54.2, int8 81.4-86.5 -> 77.7-79.1 (docs/PERF.md). vpermb is written as
-// inline assembly so that the file needs no -mavx512vbmi, which would let the compiler emit VBMI
-// anywhere in it; the VBMI kernels run only where the CPU reports AVX512_VBMI (avx512_vnni_kernels).
+// cores: 2-vCPU Xeon (AVX512_VBMI), mixtral, three alternating runs, ms: T = 64 int4 block 32
+// 70.0-71.1 -> 67.5-70.1, block 128 56.1-56.9 -> 53.9-54.2, int8 81.4-86.5 -> 77.7-79.1 (docs/PERF.md).
+// vpermb is written as inline assembly so that the file needs no -mavx512vbmi, which would let the
+// compiler emit VBMI anywhere in it; the VBMI kernels run only where the CPU reports AVX512_VBMI
+// (avx512_vnni_kernels).
 // A row's last step may have only 2 code bytes left (J is even, not a multiple of 4): a masked load
 // reads those and zeros for the rest (codes 0, against x columns past K, which are 0).
 #include <immintrin.h>
