@@ -36,9 +36,10 @@
 //    k inside each k-step (lane t's mma columns 2t, 2t+1, 2t+8, 2t+9 are real k 4t..4t+3), B must be
 //    stored with the same renaming: the converted copy is written in that order (mma_order), and fc1
 //    here writes `a` in that order for fc2 here. The two kernels are therefore dispatched together.
-//  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 10 for 4-bit and 8 for 8-bit
-//    weights) of (N x 128 bytes of activations + the block's 4 or 8 KB of packed weights + the
-//    scales and zero points of the stage's scale blocks), each with a full and an empty mbarrier.
+//  * Pipeline: up to 16 shared-memory stages (kStages; at N = 128 with two consumers 10 for 4-bit and
+//    8 for 8-bit weights, with three 8 and 7, at N = 192 4) of (N x 128 bytes of activations + the
+//    block's 4 or 8 KB of packed weights + the scales and zero points of the stage's scale blocks),
+//    each with a full and an empty mbarrier.
 //    The producer refills a stage once the consumers released it, with tensor copies (TMA) that
 //    count their bytes down on the stage's full barrier as they land: one thread issues a stage in a
 //    handful of copies, where 128 threads had issued 1,280 16-byte cp.async (H100, T = 2048, mixtral
@@ -81,9 +82,10 @@ template <int KB, bool DQ> constexpr bool kWideServes = KB == 0 || DQ;
 // Consumer warpgroups per block, 64 weight rows each: three at N = 128 and 192 where kWideServes, so a
 // block's activation stage serves 192 weight rows instead of 128 and a third warpgroup's wgmma cover the
 // other two's drains (H100, T = 2048, A/B in one call: mixtral int4 b128 3.95-3.98 -> 3.38-3.42 ms,
-// int4 b32 4.03 -> 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. For 8-bit weights (4 stages, kStages)
-// three took mixtral int8 from 3,836 to 3,514 us and qwen3-30b-a3b from 768 to 693 at width 128, and
-// width 192 then 3,500 -> 3,085 and 696 -> 612 (H100, T = 2048; docs/PERF-cuda.md, "Prefill at 258300c").
+// int4 b32 4.03 -> 3.48-3.50 ms; docs/PERF-cuda.md, "Three consumer warpgroups"); two elsewhere. For
+// 8-bit weights (then with 4 stages, kStages) three took mixtral int8 from 3,836 to 3,514 us and
+// qwen3-30b-a3b from 768 to 693 at width 128, and width 192 then 3,500 -> 3,085 and 696 -> 612 (H100,
+// T = 2048; docs/PERF-cuda.md, "Prefill at 258300c").
 template <int N, int KB, bool DQ>
 constexpr int kConsumersOf = (N == 128 || N == 192) && kWideServes<KB, DQ> ? 3 : 2;
 // Tokens an item's wgmma cover: the kernel's width N, or 64 at N = 128 for an item of at most 64
@@ -108,6 +110,7 @@ constexpr int kItemGroup = 8;                     // work items whose blocks run
 // N: tokens per block (wgmma's n, 8..128; the host picks it from the tokens per expert).
 template <int N> constexpr int kXBytes = N * kStageK * 2;  // 16 KB at N = 128
 template <int SB> constexpr int kSpansPerStage = SB == 4 ? 1 : 2;
+template <int KB> constexpr int kScaleBlocksPerStage = KB == 2 ? 2 : 1;  // of the stage's 64 k (KB: the kernel's)
 // A stage's scale area (block-wise scales): the scales of the (at most two) scale blocks the stage
 // touches, [tile][block][16 rows] of up to 4 bytes (one tensor-copy box of the packed scales), then at
 // kZeroOff their zero points, [tile][block][16] bytes. The producer copies them with the stage, so a
@@ -132,10 +135,11 @@ template <int N> constexpr int kSmemLimit = 228 * 1024 / kBlocksPerSm<N> - 1024;
 // SM, 8 of 9 for three consumers, 4 of 7 at width 192 and for 8-bit weights with three consumers; the
 // GPU tests passed with each; where measured, the fewer were as fast). Since the producer issues
 // tensor copies alone, racecheck reports none with as many as fit anywhere (H100, 2026-11-28: the
-// quick subset and --wide at every width), so those hazards came with the cp.async copies. As many as fit then did not pay for
-// 4-bit weights nor at N = 192 (mixtral and gpt-oss-20b at T = 2048: -1% to +2%) but did for 8-bit
-// weights at N = 128 with three consumers, which take 7 of 30 KB (gpt-oss-20b int8 T = 2048
-// 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md, "Every copy a tensor copy").
+// quick subset and --wide at every width), so those hazards came with the cp.async copies. As many
+// as fit then did not pay for 4-bit weights nor at N = 192 (mixtral and gpt-oss-20b at T = 2048: -1%
+// to +2%) but did for 8-bit weights at N = 128 with three consumers, which take 7 of 30 KB
+// (gpt-oss-20b int8 T = 2048 1,012-1,014 -> 970 us in two alternating runs; docs/PERF-cuda.md,
+// "Every copy a tensor copy").
 constexpr int kWideStages = 4;
 template <int SB, int N, int C>
 constexpr int kStages =
@@ -230,7 +234,9 @@ __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap& map) {
 template <int C, int BPS> constexpr int kLaunchRegs = 65536 / (kThreadsOf<C> * BPS) / 8 * 8;  // allocated in 8s
 // WIDE: 8-bit weights in blocks of 32, whose fc1 consumers spilled a little with the second
 // partial-sum set of the block-32 loop at 224 registers. Elsewhere the producer keeps 56: at 40 its
-// N = 128 copies were slower (H100, mixtral int4 b32 T = 2048: 4.78 ms at 56/224, 4.96-5.02 at 40/232).
+// N = 128 copies were slower (H100, mixtral int4 b32 T = 2048: 4.78 ms at 56/224, 4.96-5.02 at 40/232),
+// measured when 128 producer threads issued cp.async copies; the one-thread tensor-copy producer has
+// not been measured at 40.
 // Three consumers (no partial sums) hold 64 accumulators and two stages' A fragments in 152.
 template <int BPS, bool WIDE> constexpr int kProducerRegs = BPS == 2 || WIDE ? 40 : 56;
 template <int C, int BPS, bool WIDE> constexpr int kConsumerRegs = C == 3 ? 152 : BPS == 2 ? 96 : WIDE ? 232 : 224;
@@ -375,9 +381,6 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
 #ifdef QMOE_SM90_DEVICE
   constexpr int kConsumers = kConsumersOf<N, KB, DQ>;
   constexpr int kThreads = kThreadsOf<kConsumers>, kTiles = kTilesOf<kConsumers>;
-  // The producer's scale copies (threads [0, 64): scales, [64, 128): zero points) fit two blocks' scales
-  // of 4 bytes only for two consumers; three serve row-wise scales and DQ (2-byte scales).
-  static_assert(kConsumers == 2 || KB == 0 || DQ, "scale copies fit the producer's threads");
   static_assert(smem_bytes<SB, N, kConsumers>() <= kSmemLimit<N>, "the block's stages fit");
   // Block order: groups of kItemGroup work items (1024 token rows) sweep all row blocks before the
   // next group starts, so the blocks in flight share their activations (8 MB at K = 4096) and their
@@ -433,10 +436,10 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
     setmaxnreg_dec<kProducerRegs<kBlocksPerSm<N>, SB == 8 && KB == 2 && !DQ>>();
     if (tid != 128 * kConsumers) return;
     constexpr int kXBox = N < 64 ? N : 64;  // rows per activation box
-    constexpr int kBlocks = KB == 2 ? 2 : 1;  // scale blocks per stage
     const int width = item_width<N>(cnt);
     const int es = a.scale_elt == Elt::f32 ? 4 : 2;
-    const uint32_t scale_tx = KB == 0 ? 0u : uint32_t(kTiles * kBlocks * kTileRows * (es + (a.z ? 1 : 0)));
+    const uint32_t scale_tx =
+        KB == 0 ? 0u : uint32_t(kTiles * kScaleBlocksPerStage<KB> * kTileRows * (es + (a.z ? 1 : 0)));
     const uint32_t stage_tx = uint32_t(kTiles * SPANS * kSpanBytes + width * 128) + scale_tx;
     const int tile0 = int(int64_t(e) * G.MT + mblock * kTiles);
     const uint64_t w_policy = l2_evict_first_policy();
@@ -488,7 +491,7 @@ __global__ void __launch_bounds__(kThreadsOf<kConsumersOf<N, KB, DQ>>, kBlocksPe
     zr.set(a.zdefault, a.zdefault);
   }
   // This thread's first row of scale block h in a stage's scale or zero-point area, [tile][block][16].
-  auto srow_h = [&](int h) { return ((4 * wg + q) * (KB == 2 ? 2 : 1) + h) * kTileRows + g; };
+  auto srow_h = [&](int h) { return ((4 * wg + q) * kScaleBlocksPerStage<KB> + h) * kTileRows + g; };
   const uint32_t smem_sa = static_cast<uint32_t>(__cvta_generic_to_shared(sm90_smem));
   auto area = [&](uint32_t stage) { return sm90_smem + (stage - smem_sa) + kScaleOffN; };
   auto stage_zeros = [&](uint32_t stage, int h) {
@@ -757,7 +760,7 @@ cudaError_t launch_kernel(const FcArgs& a, cudaStream_t st) {
     // The producer's boxes (see the kernel): weights [experts x MT tiles][S spans][128 words];
     // activations [slots][x_ld]; scales and zero points [experts x MT tiles][NBP blocks][16 rows].
     const uint64_t tiles = uint64_t(a.experts * g.MT);
-    constexpr uint32_t kBlocks = KB == 2 ? 2 : 1;
+    constexpr uint32_t kBlocks = kScaleBlocksPerStage<KB>;
     CUtensorMap w_map{}, x_map{}, s_map{}, z_map{};
     bool ok = encode_map<3>(w_map, CU_TENSOR_MAP_DATA_TYPE_UINT32, a.w, {kSpanBytes / 4, uint64_t(g.S), tiles},
                             {kSpanBytes, uint64_t(g.S) * kSpanBytes},
