@@ -138,8 +138,7 @@ TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
 // The VBMI kernels transpose the weight codes with one byte permute instead of two shuffles: the same
 // bytes, so the same sums, bit for bit, for every width, block, zero points, token count and odd K.
 TEST(CpuInt8Kernel, VbmiTransposeGivesTheSameSums) {
-  if (!has_avx512_vnni() || !__builtin_cpu_supports("avx512vbmi"))
-    GTEST_SKIP() << "this CPU lacks AVX512_VNNI or AVX512_VBMI";
+  if (!test::has_avx512_vnni_vbmi()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI or AVX512_VBMI";
   std::mt19937_64 rng(base_seed() + 4);
   int compared = 0;
   for (int bits : {4, 8})

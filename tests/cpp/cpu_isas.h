@@ -12,6 +12,8 @@ inline bool has_avx512() {
 }
 inline bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 inline bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+// What the int8 mode's byte-permute kernels add (avx512_vnni_kernels(true)).
+inline bool has_avx512_vnni_vbmi() { return has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi"); }
 
 inline std::vector<std::string> isas() {
   std::vector<std::string> v{"portable"};
