@@ -84,7 +84,9 @@ std::unique_ptr<Backend> make_reference_backend();
 struct CpuBackendOptions {
   int threads = 0;           // 0 = all cores
   bool prepack = true;       // false: keep raw bytes and run the raw-layout kernels
-  std::string isa = "auto";  // "auto", "portable", "avx2", "avx512"
+  // "auto", "portable", "avx2", "avx512", or "amx" (compute "int8" only: its tile multiplies; "avx512"
+  // then means the int8 mode without them). "auto" takes the best the CPU has, AMX included.
+  std::string isa = "auto";
   // Token rows per chunk, R. A run goes through its T token rows at most R at a time; its scratch is
   // sized for one chunk and kept across runs, so it stays at most
   //   min(T, R) * (4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k) bytes
@@ -105,13 +107,15 @@ struct CpuBackendOptions {
   //           Scratch grows by 2 * (round16(H + 8) + k * round16(I + 8)) bytes per row (bf16 rows).
   //   "int8":  an accuracy option for prefill, faster than bf16. The same activations are quantized once
   //           per chunk to int8 with one fp32 scale per row (sx = max|x| / 127, nearest even) and
-  //           multiplied with the weight codes by vpdpbusd, exactly in int32 within groups of
+  //           multiplied with the weight codes by vpdpbusd (or AMX tile multiplies, the same integers),
+  //           exactly in int32 within groups of
   //           min(block, 256) columns; scales apply in fp32 per group, sx at the end. One output of
   //           one GEMM moves by at most (sx / 2) * sum |s (q - z)| (+ fp32 rounding); whole layers agree
   //           with the reference to a relative L2 error of 4e-2 (typically 1-2e-2; docs/DESIGN.md,
-  //           "Numerics"). Deterministic like bf16. Needs AVX-512 F/BW/VL and AVX512_VNNI (isa "auto"
-  //           or "avx512"); otherwise refused. Scratch grows by X + k * A + 4 * (X / 16 + k * A / 16)
-  //           + 4 * (1 + k) bytes per row (X = round16(H + 8), A = round16(I + 8)).
+  //           "Numerics"). Deterministic like bf16, and bitwise the same with or without AMX. Needs
+  //           AVX-512 F/BW/VL and AVX512_VNNI (isa "auto", "avx512" or "amx"; "amx" also AMX-TILE,
+  //           AMX-INT8 and AVX512_VBMI); otherwise refused. Scratch grows by k * ((X + A) + 4 * (X / 16
+  //           + A / 16) + 16) bytes per row (X = round16(H + 8), A = round16(I + 8)).
   std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.

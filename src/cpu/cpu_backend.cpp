@@ -15,10 +15,14 @@
 // rows and FC1 outputs are also rounded once to bf16 rows (what its kernels read), and the kernels are
 // kernels_avx512_bf16.cpp's. The same arguments make it bitwise deterministic.
 // The int8 compute mode likewise: each chunk's input rows and FC1 outputs are also quantized once to int8
-// rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's.
+// rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's
+// or kernels_amx.cpp's. Its input rows are kept in grouped order (one copy per route, like the FC1
+// activations), so an expert's rows are consecutive: the AMX kernels load a tile of them in place.
 #include "cpu/cpu_backend.h"
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -55,11 +59,29 @@ bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_sup
 bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
+}  // namespace
+
+bool amx_available() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d & (3u << 24)) != (3u << 24)) return false;
+    if (!cpu_has_avx512_vnni() || !__builtin_cpu_supports("avx512vbmi")) return false;
+    // Linux (5.16 and later) hands out the 8 KB tile data state only on request, once per process:
+    // arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18). Elsewhere the call fails.
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+namespace {
+
 // Which activation rows the kernels read besides the fp32 ones (CpuBackendOptions::compute).
 enum class Compute { exact, bf16, int8 };
 
+// The exact kernels for `isa` ("amx" names the int8 mode's tile multiplies; its exact kernels are AVX-512's).
 const KernelSet& select_kernels(const std::string& isa) {
-  if (isa == "auto") {
+  if (isa == "auto" || isa == "amx") {
     if (cpu_has_avx512()) return avx512_kernels();
     if (cpu_has_avx2()) return avx2_kernels();
     return portable_kernels();
@@ -73,7 +95,7 @@ const KernelSet& select_kernels(const std::string& isa) {
     if (!cpu_has_avx512()) throw Error("cpu backend: isa 'avx512' requested, but this CPU lacks AVX-512 F/BW/VL");
     return avx512_kernels();
   }
-  throw Error("cpu backend: isa: expected auto, portable, avx2 or avx512, got '" + isa + "'");
+  throw Error("cpu backend: isa: expected auto, portable, avx2, avx512 or amx, got '" + isa + "'");
 }
 
 Compute parse_compute(const std::string& compute) {
@@ -83,14 +105,17 @@ Compute parse_compute(const std::string& compute) {
   throw Error("cpu backend: compute: expected exact, bf16 or int8, got '" + compute + "'");
 }
 
-// The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels, "int8" only as
-// AVX-512 VNNI kernels.
+// The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels, "int8" as AVX-512
+// VNNI kernels and, where the CPU has AMX (isa "auto" or "amx"), as AMX kernels.
 const KernelSet& select_kernels(const std::string& isa, const std::string& compute) {
+  if (isa == "amx" && compute != "int8")
+    throw Error("cpu backend: isa 'amx' serves only compute 'int8' (its tile multiplies take int8 activations), got "
+                "compute '" + compute + "'");
   const KernelSet& exact = select_kernels(isa);  // validates isa first
   const Compute c = parse_compute(compute);
   if (c == Compute::exact) return exact;
   const char* kernels = c == Compute::bf16 ? "AVX-512 BF16" : "AVX-512 VNNI";
-  if (isa != "auto" && isa != "avx512")
+  if (isa != "auto" && isa != "avx512" && isa != "amx")
     throw Error("cpu backend: compute '" + compute + "' runs only on the " + kernels + " kernels, but isa '" + isa +
                 "' was requested (use isa auto or avx512, or compute exact)");
   if (c == Compute::bf16) {
@@ -99,10 +124,13 @@ const KernelSet& select_kernels(const std::string& isa, const std::string& compu
                   "use compute 'exact'");
     return avx512_bf16_kernels();
   }
+  if (isa == "amx" && !amx_available())
+    throw Error("cpu backend: isa 'amx' requested, but this CPU lacks AMX-TILE, AMX-INT8, AVX512_VNNI or AVX512_VBMI, "
+                "or the OS did not grant the tile state; use isa 'auto' or 'avx512'");
   if (!cpu_has_avx512_vnni())
     throw Error("cpu backend: compute 'int8' requested, but this CPU lacks AVX512_VNNI (or AVX-512 F/BW/VL); "
                 "use compute 'exact' (or 'bf16' where the CPU has AVX512_BF16)");
-  return avx512_vnni_kernels();
+  return isa != "avx512" && amx_available() ? avx512_amx_kernels() : avx512_vnni_kernels();
 }
 
 // Prepack off: the raw tensors, validated, plus the plan that says how to pack a tile on the fly.
@@ -242,10 +270,12 @@ struct RunScratch {
   std::vector<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
   std::vector<uint16_t> Xb, Ab;  // compute bf16 only: X and A rounded to bf16 (what its kernels read)
   // compute int8 only: X and A as int8 rows (int8_rows.h): codes, -(sum) per group (stride width / 16,
-  // enough for groups of >= 16 columns), one scale per row
+  // enough for groups of >= 16 columns), one scale per row; both per grouped position, and the position
+  // of each slot (X's rows are quantized once per token, then copied to the token's other positions)
   std::vector<int8_t> Xq, Aq;
   std::vector<int32_t> Xn, An;
   std::vector<float> Xs, As;
+  std::vector<int64_t> position;
   std::vector<Route> routes;    // slot t*k+j of the chunk
   std::vector<int64_t> order;   // slots grouped by expert
 
@@ -253,7 +283,7 @@ struct RunScratch {
     return (X.capacity() + A.capacity() + Y.capacity() + Xs.capacity() + As.capacity()) * sizeof(float) +
            (Xb.capacity() + Ab.capacity()) * sizeof(uint16_t) + Xq.capacity() + Aq.capacity() +
            (Xn.capacity() + An.capacity()) * sizeof(int32_t) + routes.capacity() * sizeof(Route) +
-           order.capacity() * sizeof(int64_t);
+           (order.capacity() + position.capacity()) * sizeof(int64_t);
   }
 };
 
@@ -278,12 +308,13 @@ struct KernelRows {
   const float* scale;
   int64_t width, groups;  // elements per row; int32 group sums per row
 
-  void put(PairJob& jb, int i, int64_t row) const {
+  // Row `row` of the fp32 and bf16 rows, row `qrow` of the int8 ones.
+  void put(PairJob& jb, int i, int64_t row, int64_t qrow) const {
     jb.x[i] = f + row * width;
     jb.xb[i] = b ? b + row * width : nullptr;
-    jb.xq[i] = q ? q + row * width : nullptr;
-    jb.xneg_sum[i] = nsum ? nsum + row * groups : nullptr;
-    jb.xscale[i] = scale ? scale[row] : 0.f;
+    jb.xq[i] = q ? q + qrow * width : nullptr;
+    jb.xneg_sum[i] = nsum ? nsum + qrow * groups : nullptr;
+    jb.xscale[i] = scale ? scale[qrow] : 0.f;
   }
 };
 
@@ -313,9 +344,14 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   for (int64_t slot = 0; slot < rows * k; ++slot) ++off[size_t(routes[slot].expert) + 1];
   for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] += off[size_t(e)];
   int64_t* order = grow(scratch.order, rows * k);
+  int64_t* position = int8 ? grow(scratch.position, rows * k) : nullptr;
   {
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
-    for (int64_t slot = 0; slot < rows * k; ++slot) order[fill[size_t(routes[slot].expert)]++] = slot;
+    for (int64_t slot = 0; slot < rows * k; ++slot) {
+      const int64_t pos = fill[size_t(routes[slot].expert)]++;
+      order[pos] = slot;
+      if (position) position[slot] = pos;
+    }
   }
   std::vector<int32_t> active;
   for (int64_t e = 0; e < E; ++e)
@@ -329,14 +365,14 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   // bf16 mode: the same rows rounded to bf16 once per chunk (float_to_bf16: nearest even), padding 0.
   uint16_t* Xb = bf16 ? grow(scratch.Xb, rows * XW) : nullptr;
   uint16_t* Ab = bf16 ? grow(scratch.Ab, rows * k * AW) : nullptr;
-  // int8 mode: the same rows quantized (int8_rows.h); X's once here, A's after FC1 (a row's scale needs
-  // all its columns).
+  // int8 mode: the same rows quantized (int8_rows.h), per grouped position; X's once here, A's after FC1
+  // (a row's scale needs all its columns).
   const int64_t XN = XW / 16, AN = AW / 16;
-  int8_t* Xq = int8 ? grow(scratch.Xq, rows * XW) : nullptr;
+  int8_t* Xq = int8 ? grow(scratch.Xq, rows * k * XW) : nullptr;
   int8_t* Aq = int8 ? grow(scratch.Aq, rows * k * AW) : nullptr;
-  int32_t* Xn = int8 ? grow(scratch.Xn, rows * XN) : nullptr;
+  int32_t* Xn = int8 ? grow(scratch.Xn, rows * k * XN) : nullptr;
   int32_t* An = int8 ? grow(scratch.An, rows * k * AN) : nullptr;
-  float* Xs = int8 ? grow(scratch.Xs, rows) : nullptr;
+  float* Xs = int8 ? grow(scratch.Xs, rows * k) : nullptr;
   float* As = int8 ? grow(scratch.As, rows * k) : nullptr;
   const KernelRows xrows{X, Xb, Xq, Xn, Xs, XW, XN}, arows{A, Ab, Aq, An, As, AW, AN};
   const int threads = pool.threads();
@@ -352,7 +388,16 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         for (int64_t i = 0; i < XW; ++i) Xb[t * XW + i] = float_to_bf16(X[t * XW + i]);
         for (int64_t j = 0; j < k; ++j) std::fill(Ab + (t * k + j) * AW + I, Ab + (t * k + j + 1) * AW, uint16_t(0));
       }
-      if (int8) quantize_row_int8(X + t * XW, H, XW, s.bits, s.block_size, Xq + t * XW, Xn + t * XN, Xs + t);
+      if (int8) {
+        const int64_t p0 = position[t * k];
+        quantize_row_int8(X + t * XW, H, XW, s.bits, s.block_size, Xq + p0 * XW, Xn + p0 * XN, Xs + p0);
+        for (int64_t j = 1; j < k; ++j) {
+          const int64_t p = position[t * k + j];
+          std::memcpy(Xq + p * XW, Xq + p0 * XW, size_t(XW));
+          std::memcpy(Xn + p * XN, Xn + p0 * XN, size_t(XN) * sizeof(int32_t));
+          Xs[p] = Xs[p0];
+        }
+      }
     }
   });
 
@@ -377,7 +422,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       const CallSplit split(m, mt);
       for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
         jb.tokens = split.tokens(c);
-        for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k);
+        for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k, o + g + i);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* a = A + (o + g + i) * AW;
@@ -438,7 +483,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       const CallSplit split(m, mt);
       for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
         jb.tokens = split.tokens(c);
-        for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i);
+        for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i, o + g + i);
         kernel(jb);
         for (int i = 0; i < jb.tokens; ++i) {
           float* y = Y + order[o + g + i] * H;
@@ -547,8 +592,9 @@ int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
   const int64_t XW = round_up(s.hidden + 8, 16), AW = round_up(s.inter + 8, 16);
   const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
-  // int8: 1 byte per code, 4 per group sum (XW / 16 and AW / 16 per row), 4 per row scale.
-  const int64_t int8_rows = compute == "int8" ? (XW + s.k * AW) + 4 * (XW / 16 + s.k * AW / 16) + 4 * (1 + s.k) : 0;
+  // int8: k rows of each (grouped positions): 1 byte per code, 4 per group sum (XW / 16 and AW / 16 per
+  // row), 4 per row scale; and 8 per slot for its position.
+  const int64_t int8_rows = compute == "int8" ? s.k * ((XW + AW) + 4 * (XW / 16 + AW / 16) + 8 + 8) : 0;
   return 4 * (XW + s.k * (AW + s.hidden)) + s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows + int8_rows;
 }
 

@@ -22,8 +22,8 @@ inline constexpr int64_t kAutoChunkScratchBytes = int64_t(256) << 20;
 // Scratch bytes per token row: 4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k
 // (fp32 input row, k FC1 activation rows, k FC2 output rows; a Route and an int64 order entry per route);
 // compute "bf16" adds 2 * (round16(H + 8) + k * round16(I + 8)) for the bf16 copies of the first two;
-// compute "int8" adds X + k * A + 4 * (X / 16 + k * A / 16) + 4 * (1 + k) for their int8 copies (codes,
-// group sums, row scales; X = round16(H + 8), A = round16(I + 8)).
+// compute "int8" adds k * ((X + A) + 4 * (X / 16 + A / 16) + 16) for their int8 copies, one per route
+// (codes, group sums, row scales) and each route's position (X = round16(H + 8), A = round16(I + 8)).
 int64_t scratch_bytes_per_row(const MoeSpec& spec, const std::string& compute = "exact");
 
 // Rows per chunk for this spec: opt.max_chunk_rows, or the automatic choice when it is 0.

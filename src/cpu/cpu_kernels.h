@@ -36,7 +36,7 @@
 
 namespace qmoe::cpu {
 
-inline constexpr int kMaxTokens = 8;  // most token rows per kernel call (KernelSet::tokens_per_call <= this)
+inline constexpr int kMaxTokens = 16;  // most token rows per kernel call (KernelSet::tokens_per_call <= this)
 
 struct PairJob {
   const uint8_t* codes[2];        // tile starts: [J][16] bytes each
@@ -77,7 +77,7 @@ using SwigluFn = void (*)(const float* gate, const float* lin, const float* gate
                           float* out, int n, float limit, float alpha, float beta);
 
 struct KernelSet {
-  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni", "avx512-vnni-vbmi"
+  const char* isa;  // "portable", "avx2", "avx512", "avx512-bf16", "avx512-vnni", "avx512-vnni-vbmi", "avx512-amx"
   PairKernel w2, w4, w8;
   int max_tokens;   // token rows one call takes: what fits the ISA's registers
   int max_tokens_w8 = 0;  // for 8-bit weights where it differs (0: max_tokens); <= kMaxTokens
@@ -97,6 +97,13 @@ const KernelSet& avx512_bf16_kernels();
 // avx512_vnni_kernels(vbmi) picks one (vbmi: only where the CPU has it; tests compare the two).
 const KernelSet& avx512_vnni_kernels();
 const KernelSet& avx512_vnni_kernels(bool vbmi);
+// The int8 compute mode's group sums by AMX tile multiplies (kernels_amx.cpp; the same results, bit for
+// bit): call only where amx_available(). Calls of a few tokens go to the VNNI kernels unless every_call
+// (tests).
+const KernelSet& avx512_amx_kernels(bool every_call = false);
+// Whether this CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI (and AVX-512 F/BW/VL) and the OS
+// granted this process the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+bool amx_available();
 
 // Block b's contribution for lane l (0..15) of tile `tile` and token t, computed as the reference does:
 // sum over the block's columns c < K, in order, of (scale * float(q - z)) * x[c]. Used only where the

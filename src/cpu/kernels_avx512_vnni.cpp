@@ -22,23 +22,17 @@
 // scale go to the exact portable kernel (on the fp32 rows, PairJob::x), as in the other AVX-512 kernels;
 // 2-bit weights always take that kernel.
 //
-// The shuffle. One 64-byte load covers code bytes j..j+3 of a tile's 16 rows: 128-bit lane m holds
-// byte j+m of rows 0..15. vpdpbusd wants lane (dword) l to hold 4 bytes of row l, so this is a 4x16
-// byte transpose: vpermd moves dword d of lane m to dword m of lane d (rows 4d..4d+3 of byte j+m), then
-// vpshufb transposes the 4x4 bytes inside each lane. Afterwards dword l = bytes j..j+3 of row l.
+// The codes. load_transposed (kernels_int8_codes.h) turns a 64-byte line of code bytes j..j+3 of a
+// tile's 16 rows into dword l = row l's bytes j..j+3:
 //   int8: those are columns j..j+3, against the x dword at column j.
 //   int4: byte j+m holds columns 2(j+m) (low nibble) and 2(j+m)+1 (high). "& 0x0f" gives columns 2j,
 //         2j+2, 2j+4, 2j+6; "(>> 4) & 0x0f" gives 2j+1, .., 2j+7. The activation rows are stored with
 //         each 8-column group as its even columns, then its odd ones (int8_column_slot), so the
-//         matching x dwords sit at slots 2j and 2j+4. Two shuffles and three bit operations per
+//         matching x dwords sit at slots 2j and 2j+4. One transpose and three bit operations per
 //         64 code bytes feed 2 x 16 rows x 4 columns, against 2 x MT vpdpbusd.
-// Where the CPU has AVX512_VBMI, one vpermb (any byte of the 64 to any place) does the transpose in
-// place of the two shuffles, both of which issue on the same port as half of the vpdpbusd on Intel
-// cores: 2-vCPU Xeon (AVX512_VBMI), mixtral, three alternating runs, ms: T = 64 int4 block 32
-// 70.0-71.1 -> 67.5-70.1, block 128 56.1-56.9 -> 53.9-54.2, int8 81.4-86.5 -> 77.7-79.1 (docs/PERF.md).
-// vpermb is written as inline assembly so that the file needs no -mavx512vbmi, which would let the
-// compiler emit VBMI anywhere in it; the VBMI kernels run only where the CPU reports AVX512_VBMI
-// (avx512_vnni_kernels).
+// Where the CPU has AVX512_VBMI the transpose is one vpermb instead of two shuffles: 2-vCPU Xeon, mixtral,
+// three alternating runs, ms: T = 64 int4 block 32 70.0-71.1 -> 67.5-70.1, block 128 56.1-56.9 ->
+// 53.9-54.2, int8 81.4-86.5 -> 77.7-79.1 (docs/PERF.md).
 // A row's last step may have only 2 code bytes left (J is even, not a multiple of 4): a masked load
 // reads those and zeros for the rest (codes 0, against x columns past K, which are 0).
 #include <immintrin.h>
@@ -50,6 +44,7 @@
 #include "cpu/cpu_layout.h"
 #include "cpu/int8_rows.h"
 #include "cpu/kernels_avx512_common.h"
+#include "cpu/kernels_int8_codes.h"
 
 namespace qmoe::cpu {
 
@@ -71,28 +66,6 @@ inline __m512i x_dword(const int8_t* xq, int64_t i) {
   int32_t w;
   std::memcpy(&w, xq + i, 4);
   return _mm512_set1_epi32(w);
-}
-
-// vpermb's index for the transpose: output byte 4 l + m (row l's byte j+m) is input byte 16 m + l.
-alignas(64) constexpr uint8_t kTransposeBytes[64] = {
-    0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21,
-    37, 53, 6,  22, 38, 54, 7,  23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58,
-    11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-
-// Code bytes j..j+3 (or j..j+1 where `full` is false) of a tile's 16 rows, transposed so that dword l
-// holds row l's 4 bytes in increasing j.
-template <bool VBMI>
-inline __m512i load_transposed(const uint8_t* p, bool full) {
-  const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(__mmask64(0xffffffffu), p);
-  if constexpr (VBMI) {
-    __m512i t;
-    asm("vpermb %2, %1, %0" : "=v"(t) : "v"(_mm512_load_si512(kTransposeBytes)), "v"(v));
-    return t;
-  } else {
-    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
-  }
 }
 
 // The pair kernel for both widths: BITS 4 or 8; VBMI: the transpose by vpermb (load_transposed).

@@ -46,6 +46,7 @@
 #include "bitwise_diff.h"
 #include "cpu_isas.h"
 #include "cpu/cpu_backend.h"
+#include "cpu/cpu_kernels.h"
 #include "qmoe/backend.h"
 #include "qmoe/error.h"
 #include "qmoe/layer.h"
@@ -59,9 +60,16 @@ namespace {
 using namespace qmoe;
 using test::bitwise_diff;
 
+// The int8 mode's rows, one per route: codes, group sums, row scales, and the route's position.
+int64_t int8_extra_scratch(const MoeSpec& s, int64_t XW, int64_t AW) {
+  return s.k * ((XW + AW) + 4 * (XW / 16 + AW / 16) + 4 + 4 + 8);
+}
+
 // What differs between the modes.
 struct Mode {
+  std::string label;       // the test's name
   std::string name;        // the compute option's value
+  std::string isa;         // the isa option's value: "amx" runs the int8 mode's tile multiplies
   std::string cpu_feature; // what the CPU needs beyond AVX-512 F/BW/VL, as the backend's error names it
   bool supported;
   double tolerance;        // see 1. above; also docs/DESIGN.md "Numerics"
@@ -72,18 +80,18 @@ struct Mode {
 };
 
 const Mode kModes[] = {
-    {"bf16", "AVX512_BF16", test::has_avx512_bf16(), 8e-3,
+    {"bf16", "bf16", "auto", "AVX512_BF16", test::has_avx512_bf16(), 8e-3,
      [](const MoeSpec& s, int64_t XW, int64_t AW) { return 2 * (XW + s.k * AW); }, 1168},
-    {"int8", "AVX512_VNNI", test::has_avx512_vnni(), 4e-2,
-     [](const MoeSpec& s, int64_t XW, int64_t AW) {  // codes, group sums, row scales
-       return (XW + s.k * AW) + 4 * (XW / 16 + s.k * AW / 16) + 4 * (1 + s.k);
-     },
-     1308},
+    {"int8_vnni", "int8", "avx512", "AVX512_VNNI", test::has_avx512_vnni(), 4e-2, int8_extra_scratch, 1276},
+    {"int8_amx", "int8", "amx", "AMX-TILE, AMX-INT8", cpu::amx_available(), 4e-2, int8_extra_scratch, 1276},
 };
+
+void PrintTo(const Mode& m, std::ostream* os) { *os << m.label; }
 
 class CpuComputeLayer : public ::testing::TestWithParam<Mode> {
  protected:
   const std::string& mode() const { return GetParam().name; }
+  const std::string& isa() const { return GetParam().isa; }
 };
 // Tests that run the mode's kernels skip on CPUs without its feature.
 #define QMOE_REQUIRE_MODE()                                                                      \
@@ -190,7 +198,7 @@ TEST_P(CpuComputeLayer, AgreesWithReferenceWithinStatedTolerance) {
   for (const LayerCase& c : all_cases()) {
     const SyntheticLayer l = make_layer(c);
     const Tensor ref = reference_forward(l.spec, l.raw, l.inputs());
-    const Tensor got = run_cpu(l, {.threads = 2, .compute = mode()});
+    const Tensor got = run_cpu(l, {.threads = 2, .isa = isa(), .compute = mode()});
     const double err = relative_error(got.view(), ref.view());
     worst = std::max(worst, err);
     EXPECT_LE(err, GetParam().tolerance) << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens
@@ -205,12 +213,12 @@ TEST_P(CpuComputeLayer, BitwiseDeterministicAcrossChunksThreadsAndPrepack) {
   QMOE_REQUIRE_MODE();
   for (const LayerCase& c : all_cases()) {
     const SyntheticLayer l = make_layer(c);
-    const Tensor want = run_cpu(l, {.threads = 2, .max_chunk_rows = c.tokens, .compute = mode()});
+    const Tensor want = run_cpu(l, {.threads = 2, .isa = isa(), .max_chunk_rows = c.tokens, .compute = mode()});
     for (int threads : {1, 2, 3})
       for (bool prepack : {true, false})
         for (int64_t chunk : {int64_t(1), int64_t(7), int64_t(64), int64_t(0)}) {
           const std::string d = bitwise_diff(
-              want, run_cpu(l, {.threads = threads, .prepack = prepack, .max_chunk_rows = chunk, .compute = mode()}));
+              want, run_cpu(l, {.threads = threads, .prepack = prepack, .isa = isa(), .max_chunk_rows = chunk, .compute = mode()}));
           ASSERT_EQ(d, "") << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << " threads=" << threads
                            << " prepack=" << prepack << " max_chunk_rows=" << chunk << ": " << d << " (base seed "
                            << base_seed() << ")";
@@ -224,7 +232,7 @@ TEST_P(CpuComputeLayer, TwoBitLayersRunExact) {
   s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 48, s.bits = 2, s.block_size = 16;
   s.activation = Activation::swiglu, s.swiglu_fusion = SwigluFusion::interleaved, s.fc1_zero_points = true;
   const SyntheticLayer l = make_synthetic_layer(s, {.seed = 3, .tokens = 21});
-  const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .compute = mode()}));
+  const std::string d = bitwise_diff(run_cpu(l, {.threads = 2}), run_cpu(l, {.threads = 2, .isa = isa(), .compute = mode()}));
   EXPECT_EQ(d, "") << "2-bit, compute " << mode() << " vs exact: " << d;
 }
 
@@ -239,12 +247,12 @@ TEST_P(CpuComputeLayer, ScratchWithinDocumentedBound) {
   MoeSpec m;
   m.num_experts = 8, m.k = 2, m.hidden = 4096, m.inter = 14336, m.activation = Activation::swiglu;
   EXPECT_EQ(cpu::scratch_bytes_per_row(m, mode()), per_row(m));
-  EXPECT_EQ(cpu::chunk_rows(m, {.compute = mode()}), GetParam().mixtral_chunk);
+  EXPECT_EQ(cpu::chunk_rows(m, {.isa = isa(), .compute = mode()}), GetParam().mixtral_chunk);
   QMOE_REQUIRE_MODE();
   MoeSpec s;
   s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 96, s.bits = 4, s.block_size = 32, s.activation = Activation::silu;
   const SyntheticLayer l = make_synthetic_layer(s, {.seed = 5, .tokens = 300});
-  auto be = make_cpu_backend({.max_chunk_rows = 100, .compute = mode()});
+  auto be = make_cpu_backend({.isa = isa(), .max_chunk_rows = 100, .compute = mode()});
   auto packed = be->prepack(s, l.raw);
   Tensor y(s.act_dtype, l.input.shape());
   be->run(*packed, l.inputs(), y);
@@ -271,11 +279,30 @@ TEST_P(CpuComputeLayer, OptionErrorsAreClear) {
     EXPECT_NE(e.find("compute '" + m + "'"), std::string::npos) << e;
     EXPECT_NE(e.find("isa '" + std::string(isa) + "'"), std::string::npos) << e;
   }
-  const std::string native = error_of([&] { make_cpu_backend({.compute = m}); });
+  const std::string native = error_of([&] { make_cpu_backend({.isa = isa(), .compute = m}); });
   if (GetParam().supported)
     EXPECT_EQ(native, "");
   else
     EXPECT_NE(native.find("lacks " + GetParam().cpu_feature), std::string::npos) << native;
+}
+
+// The AMX kernels compute the VNNI kernels' integers (kernels_amx.cpp), so whole layers agree bit for bit.
+TEST(CpuCompute, AmxLayersEqualVnniLayersBitwise) {
+  if (!cpu::amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
+  for (const LayerCase& c : all_cases()) {
+    const SyntheticLayer l = make_layer(c);
+    const std::string d = bitwise_diff(run_cpu(l, {.threads = 2, .isa = "avx512", .compute = "int8"}),
+                                       run_cpu(l, {.threads = 2, .isa = "amx", .compute = "int8"}));
+    ASSERT_EQ(d, "") << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << ": " << d << " (base seed "
+                     << base_seed() << ")";
+  }
+}
+
+TEST(CpuCompute, AmxServesOnlyTheInt8Mode) {
+  for (const char* m : {"exact", "bf16"})
+    EXPECT_EQ(error_of([&] { make_cpu_backend({.isa = "amx", .compute = m}); }),
+              "cpu backend: isa 'amx' serves only compute 'int8' (its tile multiplies take int8 activations), got "
+              "compute '" + std::string(m) + "'");
 }
 
 TEST(CpuCompute, UnknownValuesAreRefused) {
@@ -289,6 +316,6 @@ TEST(CpuCompute, UnknownValuesAreRefused) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CpuComputeLayer, ::testing::ValuesIn(kModes),
-                         [](const ::testing::TestParamInfo<Mode>& p) { return p.param.name; });
+                         [](const ::testing::TestParamInfo<Mode>& p) { return p.param.label; });
 
 }  // namespace

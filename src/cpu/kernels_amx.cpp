@@ -1,0 +1,243 @@
+// AMX pair kernels for the "int8" compute mode (CpuBackendOptions::compute): the integer group sums of
+// kernels_avx512_vnni.cpp computed by tile multiplies. Built with -mamx-tile -mamx-int8 and -mavx512vbmi
+// on top of the AVX-512 VNNI flags; the backend selects them only where amx_available() (cpu_kernels.h)
+// says the CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI and the OS gave this process the tile
+// state. Same packed format, same PairJob, same activation rows (int8_rows.h).
+//
+// Why: vpdpbusd does 64 multiply-adds per instruction; one tile multiply (tdpbssd) does tokens x 16 x 64.
+// At prefill an expert's 16 tokens share every weight, so the VNNI kernel spends most of its
+// instructions on vpdpbusd (docs/PERF.md: mixtral int4 block 32 at T = 64 needs 350 million of them).
+//
+// The same integers, so the same results, bit for bit, as the VNNI kernels (tested). Per tile of 16
+// rows, integer group g (int8_rows.h) and token t:
+//   B = the group's weight codes minus the default zero point zd = 2^(bits-1), as signed bytes (int4:
+//       q - 8 in [-8, 7]; int8: q - 128 in [-128, 127]), in the VNNI operand layout (load_transposed:
+//       dword l = row l's 4 columns); A = the tokens' int8 codes of the group's columns (one tile row
+//       per token); C = A x B by tdpbssd (signed x signed), 64 columns per multiply, so
+//   C[t][l] = sum (q - zd) * xq                          exactly, in int32 (|C| < 2^24, int8_rows.h)
+//   isum    = C[t][l] + (z - zd) * nsum_g                (zero points only; nsum_g = -(sum of xq))
+//           = sum (q - z) * xq                           the VNNI kernel's isum_g
+//   acc     = fma(scale_b, float(isum), acc)             groups in increasing column order
+//   y       = acc * sx
+// Tiles are computed one after the other so that the MT fp32 sums live in registers across the row.
+//
+// Token rows: a tile multiply loads its A rows at a fixed stride. The backend hands the int8 mode's rows
+// of one expert as consecutive rows of one array (cpu_backend.cpp), and the kernel then loads them in
+// place; other callers' rows are copied, 64 columns at a time, into a contiguous block first.
+//
+// Below kAmxMinTokens tokens a call goes to the VNNI kernel: a tile multiply costs the same for one row
+// as for 16, while vpdpbusd costs per token.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_layout.h"
+#include "cpu/int8_rows.h"
+#include "cpu/kernels_avx512_common.h"
+#include "cpu/kernels_int8_codes.h"
+
+namespace qmoe::cpu {
+
+namespace {
+
+inline constexpr int kAmxTokens = 16;  // rows of an A tile: tokens per call
+static_assert(kAmxTokens <= kMaxTokens, "PairJob carries kMaxTokens rows");
+// Calls of fewer tokens go to the VNNI kernel. 2-vCPU Xeon (AMX), mixtral, int8 mode, 2 threads: with
+// the tile multiplies from 4 tokens, T = 16 (4 per expert) 15-20% and T = 32 3-10% slower than VNNI
+// alone; from 8, 10, 12 or 14 (two alternating runs each, T = 48 and 64) within the runs' 5% spread of
+// each other and all faster than VNNI alone (docs/PERF.md, "AMX tile multiplies").
+inline constexpr int kAmxMinTokens = 10;
+
+// The tile configuration (palette 1): bytes per row and rows of tiles 0..15, as ldtilecfg reads it.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+// Tile registers: A and B of multiplies of even and odd index (0, 1 and 3, 4), so that loading the next
+// multiply's operands need not wait for the previous one to read them (tile registers are not renamed);
+// C of groups of even and odd index (2 and 5), so that a group's multiplies need not wait for the
+// previous group's C to be stored; A and B of the row's last multiply when it is shorter (6, 7).
+// One function per combination: GCC's tile intrinsics paste the register number into their assembly.
+#define QMOE_AMX_MULTIPLY(A, B, C)  \
+  _tile_loadd(B, b, 64);            \
+  _tile_loadd(A, a, a_stride);      \
+  _tile_dpbssd(C, A, B)
+inline void tile_multiply(int operands, int acc, const void* a, int64_t a_stride, const void* b) {
+  switch (operands * 2 + acc) {
+    case 0: QMOE_AMX_MULTIPLY(0, 1, 2); break;
+    case 1: QMOE_AMX_MULTIPLY(0, 1, 5); break;
+    case 2: QMOE_AMX_MULTIPLY(3, 4, 2); break;
+    case 3: QMOE_AMX_MULTIPLY(3, 4, 5); break;
+    case 4: QMOE_AMX_MULTIPLY(6, 7, 2); break;
+    default: QMOE_AMX_MULTIPLY(6, 7, 5); break;
+  }
+}
+#undef QMOE_AMX_MULTIPLY
+inline void tile_zero_c(int acc) {
+  if (acc) _tile_zero(5); else _tile_zero(2);
+}
+inline void tile_store_c(int acc, void* c) {
+  if (acc) _tile_stored(5, c, 64); else _tile_stored(2, c, 64);
+}
+
+// The tokens' int8 rows as one strided block: in place when the rows are evenly spaced, else copied.
+template <int MT>
+struct ARows {
+  const int8_t* base;
+  int64_t stride;
+  bool copy;
+  alignas(64) int8_t buf[MT][64];
+
+  explicit ARows(const PairJob& jb) : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), copy(stride <= 0) {
+    for (int t = 1; t < MT; ++t) copy = copy || jb.xq[t] != base + t * stride;
+    if (copy) base = buf[0], stride = 64;
+  }
+  // The block's start for columns (slots) [slot, slot + width), width <= 64.
+  const int8_t* at(const PairJob& jb, int64_t slot, int width) {
+    if (!copy) return base + slot;
+    const __mmask64 m = width >= 64 ? ~__mmask64(0) : (__mmask64(1) << width) - 1;
+    for (int t = 0; t < MT; ++t) _mm512_store_si512(buf[t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + slot));
+    return buf[0];
+  }
+};
+
+// Multiplies ahead whose B rows are built (vector stores) before the multiply loads them, and groups a
+// fold lags behind its C's store: a tile load does not take data from vector stores still in flight,
+// nor a vector load from a tile store, so each waits until the stores reach the cache. Building the
+// next multiply's B and folding each group right after its store left the kernel waiting there (perf:
+// a third of its samples on the fold's first load; mixtral int4 block 32 T = 64 slower than VNNI).
+inline constexpr int kBuildAhead = 2, kFoldLag = 2;
+
+template <int BITS, int MT, bool ZP>
+void pair_amx(const PairJob& jb) {
+  constexpr int kPack = 8 / BITS;
+  const int64_t gcols = std::min<int64_t>(jb.block_bytes * kPack, kInt8GroupCols), gbytes = gcols / kPack;
+  // A multiply takes S columns (sbytes code bytes): 64, or the whole group where groups are smaller
+  // (blocks of 16 and 32). Groups are powers of two >= 16, so only the row's last multiply can be
+  // shorter: it takes whole 4-byte steps of codes (the last step may hold 2 bytes, the rest read as 0).
+  // Row-wise groups of a short row (gcols = K rounded to the codes, under 64 and not a power of two)
+  // keep S = 64: their one multiply is the row's last.
+  const int S = gcols < 64 && (gcols & (gcols - 1)) == 0 ? int(gcols) : 64, sbytes = S / kPack;
+  const int64_t multiplies = (jb.jbytes + sbytes - 1) / sbytes;
+  const int64_t tail_bytes = jb.jbytes % sbytes;
+  const int tail_rows = int((tail_bytes + 3) / 4) * kPack;  // B rows of the last multiply (0: none)
+  TileConfig cfg;
+  for (int set : {0, 3}) {
+    cfg.rows[set] = MT, cfg.colsb[set] = uint16_t(S);           // A
+    cfg.rows[set + 1] = uint8_t(S / 4), cfg.colsb[set + 1] = 64;  // B
+  }
+  cfg.rows[2] = cfg.rows[5] = MT, cfg.colsb[2] = cfg.colsb[5] = 64;  // C
+  if (tail_rows) {
+    cfg.rows[6] = MT, cfg.colsb[6] = uint16_t(4 * tail_rows);
+    cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
+  }
+  _tile_loadconfig(&cfg);
+
+  const __m512i low4 = _mm512_set1_epi8(0x0f), zd8 = _mm512_set1_epi8(int8_t(1 << (BITS - 1)));
+  alignas(64) int8_t b[kBuildAhead + 1][16][64];  // B rings: 16 rows of 4 code bytes x 16 weight rows
+  alignas(64) int32_t c[kFoldLag + 1][MT][16];    // C ring, read back by the folds
+  ARows<MT> a(jb);
+  for (int tile = 0; tile < 2; ++tile) {
+    const uint8_t* codes = jb.codes[tile];
+    const bool zp = ZP && jb.zero_points[tile];
+    // Multiply m's B rows (code bytes [m sbytes, (m + 1) sbytes) of the tile's 16 rows) into its ring slot.
+    auto build = [&](int64_t m) __attribute__((always_inline)) {
+      int8_t(*bm)[64] = b[m % (kBuildAhead + 1)];
+      const int64_t js = m * sbytes, je = std::min<int64_t>(js + sbytes, jb.jbytes);
+      int r = 0;
+      for (int64_t j = js; j < je; j += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
+        const __m512i v = load_transposed<true>(codes + j * kTileRows, j + 4 <= je);
+        if constexpr (BITS == 4) {
+          _mm512_store_si512(bm[r++], _mm512_sub_epi8(_mm512_and_si512(v, low4), zd8));
+          _mm512_store_si512(bm[r++], _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), zd8));
+        } else {
+          _mm512_store_si512(bm[r++], _mm512_xor_si512(v, zd8));  // q - 128 as a signed byte
+        }
+      }
+    };
+    __m512 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    // Group g's C into the fp32 sums: its block's scales (and zero points), then one fma per token.
+    auto fold = [&](int64_t g) __attribute__((always_inline)) {
+      const int64_t blk = g * gbytes / jb.block_bytes;
+      if (blk + kScaleBlocksAhead < jb.nb)
+        _mm_prefetch(static_cast<const char*>(jb.scales[tile]) +
+                         size_t((blk + kScaleBlocksAhead) * kTileRows) * dtype_size(jb.scale_dtype),
+                     _MM_HINT_T0);
+      const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], blk * kTileRows);
+      // z - zd per row in the low 16-bit word of each dword (vpdpwssd's operand; the high word 0).
+      const __m512i dz = zp ? _mm512_and_si512(_mm512_sub_epi32(load_codes16(jb.zero_points[tile] + blk * kTileRows),
+                                                                _mm512_set1_epi32(1 << (BITS - 1))),
+                                               _mm512_set1_epi32(0xffff))
+                            : _mm512_setzero_si512();
+      const int32_t(*cg)[16] = c[g % (kFoldLag + 1)];
+      for (int t = 0; t < MT; ++t) {
+        __m512i isum = _mm512_load_si512(cg[t]);
+        if (zp) isum = _mm512_dpwssd_epi32(isum, dz, _mm512_set1_epi32(jb.xneg_sum[t][g]));
+        acc[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc[t]);
+      }
+    };
+    // Group g's C, stored after the next multiply is issued (so that multiply overlaps g's last one),
+    // and the fold kFoldLag groups behind.
+    auto finish = [&](int64_t g) __attribute__((always_inline)) {
+      tile_store_c(int(g & 1), c[g % (kFoldLag + 1)]);
+      if (g >= kFoldLag) fold(g - kFoldLag);
+    };
+    for (int64_t m = 0; m < std::min<int64_t>(kBuildAhead, multiplies); ++m) build(m);
+    int64_t g = 0, done = -1;  // done: a group whose multiplies are all issued and whose C is not stored
+    for (int64_t m = 0; m < multiplies; ++m) {
+      if (m + kBuildAhead < multiplies) build(m + kBuildAhead);
+      const int64_t js = m * sbytes;
+      g = js / gbytes;
+      if (js % gbytes == 0) tile_zero_c(int(g & 1));
+      const bool short_last = m == multiplies - 1 && tail_rows;
+      tile_multiply(short_last ? 2 : int(m & 1), int(g & 1), a.at(jb, js * kPack, short_last ? 4 * tail_rows : S),
+                    a.stride, b[m % (kBuildAhead + 1)]);
+      if (done >= 0) finish(done), done = -1;
+      if ((js + sbytes) % gbytes == 0 || m == multiplies - 1) done = g;  // the group's last multiply
+    }
+    if (done >= 0) finish(done);
+    for (int64_t f = std::max<int64_t>(0, g + 1 - kFoldLag); f <= g; ++f) fold(f);
+    for (int t = 0; t < MT; ++t)
+      _mm512_storeu_ps(jb.acc + t * kPairRows + tile * kTileRows, _mm512_mul_ps(acc[t], _mm512_set1_ps(jb.xscale[t])));
+  }
+}
+
+// MIN: calls of fewer tokens go to `small` (the VNNI kernel); 1 takes every call.
+template <int BITS, int MIN>
+void amx_pair(const PairJob& jb) {
+  if (jb.tokens < MIN) {  // in calls the VNNI kernel takes, sizes as equal as possible (9: 5 + 4)
+    const KernelSet& small = avx512_vnni_kernels(true);
+    const int most = small.tokens_per_call(BITS), calls = (jb.tokens + most - 1) / most;
+    PairJob part = jb;
+    for (int call = 0, t0 = 0; call < calls; ++call, t0 += part.tokens) {
+      part.tokens = jb.tokens / calls + (call < jb.tokens % calls);
+      for (int i = 0; i < part.tokens; ++i)
+        part.x[i] = jb.x[t0 + i], part.xb[i] = jb.xb[t0 + i], part.xq[i] = jb.xq[t0 + i],
+        part.xneg_sum[i] = jb.xneg_sum[t0 + i], part.xscale[i] = jb.xscale[t0 + i];
+      part.acc = jb.acc + t0 * kPairRows;
+      (BITS == 4 ? small.w4 : small.w8)(part);
+    }
+    return;
+  }
+  dispatch_pair<kAmxTokens>(jb, portable_kernels().w4, "avx512-amx",
+                            [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP>(jb); });
+}
+
+}  // namespace
+
+const KernelSet& avx512_amx_kernels(bool every_call) {
+  const PairKernel w2 = portable_kernels().w2;
+  static const KernelSet dispatching{"avx512-amx", w2, amx_pair<4, kAmxMinTokens>, amx_pair<8, kAmxMinTokens>,
+                                     kAmxTokens, kAmxTokens, swiglu16};
+  static const KernelSet always{"avx512-amx", w2, amx_pair<4, 1>, amx_pair<8, 1>, kAmxTokens, kAmxTokens, swiglu16};
+  return every_call ? always : dispatching;
+}
+
+}  // namespace qmoe::cpu
+

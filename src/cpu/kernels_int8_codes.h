@@ -1,0 +1,48 @@
+// The int8 compute mode's view of the packed weight codes, shared by its two kernel sets
+// (kernels_avx512_vnni.cpp: vpdpbusd; kernels_amx.cpp: AMX tile multiplies). Include only from files
+// built with the AVX-512 flags; like kernels_avx512_common.h, everything is in an unnamed namespace so
+// each translation unit compiles its own copy with its own flags.
+//
+// One 64-byte line of a packed tile (cpu_layout.h) holds code bytes j..j+3 of the tile's 16 rows:
+// 128-bit lane m holds byte j+m of rows 0..15. Both kernels want dword l to hold row l's 4 bytes (the
+// operand layout of vpdpbusd, and one row of an AMX B tile), so this is a 4x16 byte transpose: vpermd
+// moves dword d of lane m to dword m of lane d (rows 4d..4d+3 of byte j+m), then vpshufb transposes the
+// 4x4 bytes inside each lane. Where the CPU has AVX512_VBMI, one vpermb (any byte of the 64 to any
+// place) does it instead; both shuffles issue on the same port as half of the vpdpbusd on Intel cores
+// (docs/PERF.md, "The int8 option's transpose by vpermb"). vpermb is inline assembly so that a file
+// needs no -mavx512vbmi, which would let the compiler emit VBMI anywhere in it; the VBMI variants run
+// only where the CPU reports AVX512_VBMI.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace qmoe::cpu {
+namespace {
+
+// vpermb's index for the transpose: output byte 4 l + m (row l's byte j+m) is input byte 16 m + l.
+alignas(64) constexpr uint8_t kTransposeBytes[64] = {
+    0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21,
+    37, 53, 6,  22, 38, 54, 7,  23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58,
+    11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
+// Code bytes j..j+3 (or j..j+1 where `full` is false: a row's last step, J being even but not always a
+// multiple of 4; the missing bytes read as 0) of a tile's 16 rows, transposed so that dword l holds row
+// l's 4 bytes in increasing j.
+template <bool VBMI>
+inline __m512i load_transposed(const uint8_t* p, bool full) {
+  const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(__mmask64(0xffffffffu), p);
+  if constexpr (VBMI) {
+    __m512i t;
+    asm("vpermb %2, %1, %0" : "=v"(t) : "v"(_mm512_load_si512(kTransposeBytes)), "v"(v));
+    return t;
+  } else {
+    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::cpu
