@@ -21,8 +21,8 @@ int cuda_device_count();
 
 // Which FC kernels a run uses. Both read the same packed weights.
 //   automatic: the Hopper wgmma kernels (sm_90a builds on sm_90 GPUs) when experts see enough tokens
-//              on average (the crossover measured by bench/, docs/PERF-cuda.md), else the SM80-family
-//              kernels;
+//              on average, or for some layers when a run routes enough slots (the crossovers measured
+//              by bench/, docs/PERF-cuda.md), else the SM80-family kernels;
 //   sm80:      always the SM80-family (mma.sync) kernels;
 //   sm90:      the wgmma kernels whenever the GPU, the build and the layer allow them (block size 16
 //              is not served by them), whatever the batch.

@@ -199,19 +199,32 @@ struct RunConfig {
 //  - before that, at 16 and 32 tokens per expert the wgmma kernels won all 24 cases, 1.03-1.21x, and
 //    below 16 the SM80 family won in most.
 // Layers measured neither way (4-bit row-wise, 8-bit block-wise, fp16 block-wise) keep 16.
+//  - at one token per expert (NVIDIA H200, both families forced, T = 1, 2, 4, 8 on the four shapes,
+//    `--iters 30`; docs/PERF-cuda.md, "One token per expert on the wgmma kernels"), bf16 layers of 32-k
+//    blocks ran faster on the wgmma kernels wherever a run routed at least 16 slots (8 of 8 cases,
+//    1.03-1.14x: deepseek-v3-like and qwen3-30b-a3b T = 2..8, gpt-oss-20b T = 4, 8) and slower on fewer
+//    (mixtral T = 1..4 0.54-0.96x, gpt-oss-20b T = 1 0.76x), so they take them from kWgmmaSpreadSlots
+//    slots too; 8-bit row-wise layers were mixed there (0.94-1.12x) and keep 2 tokens per expert.
 constexpr int64_t kWgmmaCrossover = 16;
 constexpr int64_t kWgmmaCrossoverEarly = 2;
+constexpr int64_t kWgmmaSpreadSlots = 16;
 
 Elt compute_elt(DType act) { return act == DType::f16 ? Elt::f16 : Elt::bf16; }
 
-// The tokens per touched expert from which CudaGemm::automatic runs a layer on the wgmma kernels (on a
-// GPU that has them); 0 where they cannot serve it.
-int64_t wgmma_crossover(const CudaPacked& p) {
+// Where CudaGemm::automatic runs a layer on the wgmma kernels (on a GPU that has them): from `tokens`
+// per touched expert (0: never, they cannot serve it), and also from `slots` routed slots (0: no such rule).
+struct WgmmaFrom {
+  int64_t tokens = 0, slots = 0;
+  bool operator==(const WgmmaFrom&) const = default;
+  bool pays(int64_t avg, int64_t routed) const { return tokens > 0 && (avg >= tokens || (slots > 0 && routed >= slots)); }
+};
+WgmmaFrom wgmma_from(const CudaPacked& p) {
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
-  if (!cuda::sm90_serves(g1) || !cuda::sm90_serves(g2)) return 0;
+  if (!cuda::sm90_serves(g1) || !cuda::sm90_serves(g2)) return {};
   const bool dq32 = cuda::fc_uses_dq(compute_elt(p.spec().act_dtype), to_elt(p.spec().scale_dtype), g1) && g1.kpb == 2;
   const bool int8_rowwise = g1.sbits == 8 && g1.NBP == 1 && g2.NBP == 1;
-  return dq32 || int8_rowwise ? kWgmmaCrossoverEarly : kWgmmaCrossover;
+  if (dq32) return {kWgmmaCrossoverEarly, kWgmmaSpreadSlots};
+  return {int8_rowwise ? kWgmmaCrossoverEarly : kWgmmaCrossover, 0};
 }
 
 // Whether the wgmma kernels can run the layer at width 192 (fc_sm90.h, sm90_wide_serves).
@@ -228,7 +241,7 @@ bool wgmma_wide_serves(const CudaPacked& p) {
 struct WsKey {
   int64_t E = 0, k = 0, E_local = 0, H = 0, H64 = 0, I64 = 0, MT1 = 0, S1 = 0, MT2 = 0, S2 = 0;
   int sbits = 0;
-  int64_t wgmma_from = 0;  // wgmma_crossover
+  WgmmaFrom wgmma;
   DType act = DType::f32;
   bool operator==(const WsKey&) const = default;
 };
@@ -236,7 +249,7 @@ WsKey ws_key(const CudaPacked& p) {
   const MoeSpec& s = p.spec();
   const MatrixGeom &g1 = p.geom.fc1, &g2 = p.geom.fc2;
   return WsKey{p.route_spec.num_experts, p.route_spec.k, s.num_experts, s.hidden, p.geom.H64, p.geom.I64,
-               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_crossover(p), s.act_dtype};
+               g1.MT, g1.S, g2.MT, g2.S, g1.sbits, wgmma_from(p), s.act_dtype};
 }
 
 // Workspace for up to `rows` tokens of layers with key `key` (a backend serves one layer shape at a
@@ -489,8 +502,8 @@ RunConfig CudaBackend::config_for(const CudaPacked& p, int64_t rows) const {
   const RunCounts n(p, rows);
   const int64_t slots = n.slots, touched_all = n.touched_all;
   const int64_t avg = touched_all ? (slots + touched_all - 1) / touched_all : 0;
-  const int64_t from = wgmma_crossover(p);
-  if (sm90_ && from > 0 && (opt_.gemm == CudaGemm::sm90 || avg >= from)) {
+  const WgmmaFrom from = wgmma_from(p);
+  if (sm90_ && from.tokens > 0 && (opt_.gemm == CudaGemm::sm90 || from.pays(avg, slots))) {
     c.sm90 = true;
     c.chunk = sm90_n_ ? std::min(sm90_n_, 128) : cuda::sm90_width(avg);  // 192: run_config
     c.nt = c.chunk / 8;

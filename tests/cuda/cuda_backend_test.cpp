@@ -411,7 +411,7 @@ std::vector<Case> all_cases() {
   }
   for (int64_t bs : {128, 32}) {
     // The same at 8 tokens per expert, where the two blocks' crossovers differ: block 128 runs the SM80
-    // family, block 32 (DQ) the wgmma kernels (wgmma_crossover).
+    // family, block 32 (DQ) the wgmma kernels (wgmma_from).
     Case c = base(8, 2, 256, 128, 4, bs, Activation::swiglu, DType::bf16);
     c.spec.swiglu_fusion = SwigluFusion::concatenated, c.T = 32;
     cs.push_back(c);
