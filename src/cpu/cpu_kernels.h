@@ -36,7 +36,7 @@
 
 namespace qmoe::cpu {
 
-inline constexpr int kMaxTokens = 16;  // most token rows per kernel call (KernelSet::tokens_per_call <= this)
+inline constexpr int kMaxTokens = 32;  // most token rows per kernel call (KernelSet::tokens_per_call <= this)
 
 struct PairJob {
   const uint8_t* codes[2];        // tile starts: [J][16] bytes each

@@ -42,8 +42,8 @@ namespace qmoe::cpu {
 
 namespace {
 
-inline constexpr int kAmxTokens = 16;  // rows of an A tile: tokens per call
-static_assert(kAmxTokens <= kMaxTokens, "PairJob carries kMaxTokens rows");
+inline constexpr int kAmxTokens = 16;  // rows of an A tile: tokens per tile multiply (32 per call: amx_pair)
+static_assert(2 * kAmxTokens <= kMaxTokens, "PairJob carries kMaxTokens rows");
 // Calls of fewer tokens go to the VNNI kernel. 2-vCPU Xeon (AMX), mixtral, int8 mode, 2 threads: with
 // the tile multiplies from 4 tokens, T = 16 (4 per expert) 15-20% and T = 32 3-10% slower than VNNI
 // alone; from 8, 10, 12 or 14 (two alternating runs each, T = 48 and 64) within the runs' 5% spread of
@@ -58,10 +58,12 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 // Tile registers: A and B of multiplies of even and odd index (0, 1 and 3, 4), so that loading the next
-// multiply's operands need not wait for the previous one to read them (tile registers are not renamed);
-// C of groups of even and odd index (2 and 5), so that a group's multiplies need not wait for the
-// previous group's C to be stored; A and B of the row's last multiply when it is shorter (6, 7).
-// One function per combination: GCC's tile intrinsics paste the register number into their assembly.
+// multiply's operands need not wait for the previous one to read them; C of groups of even and odd index
+// (2 and 5), so that a group's C can be stored after the next group's first multiply is issued (finish()
+// below); A and B of the row's last multiply when it is shorter (6, 7). On the 2-vCPU Xeon of docs/PERF.md
+// neither the alternation alone nor the later store measured faster (within the machine's 5% spread); the
+// build-ahead and fold lag below did. One function per combination: GCC's tile intrinsics paste the
+// register number into their assembly.
 #define QMOE_AMX_MULTIPLY(A, B, C)  \
   _tile_loadd(B, b, 64);            \
   _tile_loadd(A, a, a_stride);      \
@@ -107,9 +109,10 @@ struct ARows {
 
 // Multiplies ahead whose B rows are built (vector stores) before the multiply loads them, and groups a
 // fold lags behind its C's store: a tile load does not take data from vector stores still in flight,
-// nor a vector load from a tile store, so each waits until the stores reach the cache. Building the
-// next multiply's B and folding each group right after its store left the kernel waiting there (perf:
-// a third of its samples on the fold's first load; mixtral int4 block 32 T = 64 slower than VNNI).
+// nor a vector load from a tile store, so each waits until the stores reach the cache. Building each
+// multiply's B right before it and folding each group right after its store left the kernel waiting
+// there (perf: a third of its samples on the fold's first load); with the lags, mixtral int4 block 32
+// T = 64, 2 threads: 86-87 -> 65 ms (VNNI 67).
 inline constexpr int kBuildAhead = 2, kFoldLag = 2;
 
 template <int BITS, int MT, bool ZP>
@@ -208,20 +211,26 @@ void pair_amx(const PairJob& jb) {
   }
 }
 
+// Runs tokens [t0, t0 + n) of jb through `kernel`.
+inline void run_part(const PairJob& jb, int t0, int n, PairKernel kernel) {
+  PairJob part = jb;
+  part.tokens = n;
+  for (int i = 0; i < n; ++i)
+    part.x[i] = jb.x[t0 + i], part.xb[i] = jb.xb[t0 + i], part.xq[i] = jb.xq[t0 + i],
+    part.xneg_sum[i] = jb.xneg_sum[t0 + i], part.xscale[i] = jb.xscale[t0 + i];
+  part.acc = jb.acc + t0 * kPairRows;
+  kernel(part);
+}
+
 // MIN: calls of fewer tokens go to `small` (the VNNI kernel); 1 takes every call.
 template <int BITS, int MIN>
-void amx_pair(const PairJob& jb) {
+void amx_pair16(const PairJob& jb) {
   if (jb.tokens < MIN) {  // in calls the VNNI kernel takes, sizes as equal as possible (9: 5 + 4)
     const KernelSet& small = avx512_vnni_kernels(true);
     const int most = small.tokens_per_call(BITS), calls = (jb.tokens + most - 1) / most;
-    PairJob part = jb;
-    for (int call = 0, t0 = 0; call < calls; ++call, t0 += part.tokens) {
-      part.tokens = jb.tokens / calls + (call < jb.tokens % calls);
-      for (int i = 0; i < part.tokens; ++i)
-        part.x[i] = jb.x[t0 + i], part.xb[i] = jb.xb[t0 + i], part.xq[i] = jb.xq[t0 + i],
-        part.xneg_sum[i] = jb.xneg_sum[t0 + i], part.xscale[i] = jb.xscale[t0 + i];
-      part.acc = jb.acc + t0 * kPairRows;
-      (BITS == 4 ? small.w4 : small.w8)(part);
+    for (int call = 0, t0 = 0, n; call < calls; ++call, t0 += n) {
+      n = jb.tokens / calls + (call < jb.tokens % calls);
+      run_part(jb, t0, n, BITS == 4 ? small.w4 : small.w8);
     }
     return;
   }
@@ -229,13 +238,26 @@ void amx_pair(const PairJob& jb) {
                             [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP>(jb); });
 }
 
+// Up to 2 x kAmxTokens tokens: a full tile's 16, then the rest (tile multiplies from MIN, else VNNI).
+// Why the set takes 32 per call: at T = 64 an expert's 17..32 tokens were split by the backend into two
+// equal calls (17: 9 + 8), both below kAmxMinTokens and so both on VNNI. 16 + rest against equal halves
+// and against calls of at most 16, two alternating runs each (2-vCPU Xeon, mixtral, 2 threads, T = 64, ms):
+// int4 b32 58.4 / 57.0 against 63.0 / 63.3 and 62.1 / 63.0; int4 b128 46.2 / 47.1 against 50.5 / 50.2
+// and 49.2 / 49.6; int8 72.0 / 72.2 against 73.7 / 76.8 and 73.8 / 74.5.
+template <int BITS, int MIN>
+void amx_pair(const PairJob& jb) {
+  if (jb.tokens <= kAmxTokens) return amx_pair16<BITS, MIN>(jb);
+  run_part(jb, 0, kAmxTokens, amx_pair16<BITS, MIN>);
+  run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_pair16<BITS, MIN>);
+}
+
 }  // namespace
 
 const KernelSet& avx512_amx_kernels(bool every_call) {
   const PairKernel w2 = portable_kernels().w2;
   static const KernelSet dispatching{"avx512-amx", w2, amx_pair<4, kAmxMinTokens>, amx_pair<8, kAmxMinTokens>,
-                                     kAmxTokens, kAmxTokens, swiglu16};
-  static const KernelSet always{"avx512-amx", w2, amx_pair<4, 1>, amx_pair<8, 1>, kAmxTokens, kAmxTokens, swiglu16};
+                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+  static const KernelSet always{"avx512-amx", w2, amx_pair<4, 1>, amx_pair<8, 1>, 2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
   return every_call ? always : dispatching;
 }
 

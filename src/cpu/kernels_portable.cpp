@@ -75,7 +75,9 @@ float reference_block_term(const PairJob& jb, int tile, int l, int t, int64_t b)
 }
 
 const KernelSet& portable_kernels() {
-  static const KernelSet k{"portable", pair_portable, pair_portable, pair_portable, kMaxTokens};
+  // 8 tokens per call by choice (it takes up to kMaxTokens, as the SIMD sets' fallback for pairs with an
+  // infinite scale and for 2-bit weights): the calls it was measured with before kMaxTokens grew.
+  static const KernelSet k{"portable", pair_portable, pair_portable, pair_portable, 8};
   return k;
 }
 
