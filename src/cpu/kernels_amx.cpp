@@ -227,10 +227,12 @@ template <int BITS, int MIN>
 void amx_pair16(const PairJob& jb) {
   if (jb.tokens < MIN) {  // in calls the VNNI kernel takes, sizes as equal as possible (9: 5 + 4)
     const KernelSet& small = avx512_vnni_kernels(true);
+    const PairKernel vnni = BITS == 4 ? small.w4 : small.w8;
     const int most = small.tokens_per_call(BITS), calls = (jb.tokens + most - 1) / most;
+    if (calls == 1) return vnni(jb);  // decode: no copy of the job
     for (int call = 0, t0 = 0, n; call < calls; ++call, t0 += n) {
       n = jb.tokens / calls + (call < jb.tokens % calls);
-      run_part(jb, t0, n, BITS == 4 ? small.w4 : small.w8);
+      run_part(jb, t0, n, vnni);
     }
     return;
   }
