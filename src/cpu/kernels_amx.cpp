@@ -49,6 +49,9 @@ static_assert(2 * kAmxTokens <= kMaxTokens, "PairJob carries kMaxTokens rows");
 // alone; from 8, 10, 12 or 14 (two alternating runs each, T = 48 and 64) within the runs' 5% spread of
 // each other and all faster than VNNI alone (docs/PERF.md, "AMX tile multiplies").
 inline constexpr int kAmxMinTokens = 10;
+// Calls of 17..kAmxTwoTiles tokens run as one call on two A tiles (each B loaded once for both); more go
+// as 16 + the rest.
+inline constexpr int kAmxTwoTiles = 24;
 
 // The tile configuration (palette 1): bytes per row and rows of tiles 0..15, as ldtilecfg reads it.
 struct alignas(64) TileConfig {
@@ -84,6 +87,24 @@ inline void tile_zero_c(int acc) {
 }
 inline void tile_store_c(int acc, void* c) {
   if (acc) _tile_stored(5, c, 64); else _tile_stored(2, c, 64);
+}
+// Calls of 17..24 tokens: two A tiles (the first 16 tokens, the rest) share each B, one set only: A 0 and
+// 1, B 2, C 3 and 4; the row's last multiply, when shorter, A 5 and 6, B 7.
+inline void tile_multiply_two(bool last, const int8_t* a, int64_t a_stride, const void* b) {
+  const int8_t* a_hi = a + 16 * a_stride;
+  if (last) {
+    _tile_loadd(7, b, 64);
+    _tile_loadd(5, a, a_stride);
+    _tile_loadd(6, a_hi, a_stride);
+    _tile_dpbssd(3, 5, 7);
+    _tile_dpbssd(4, 6, 7);
+  } else {
+    _tile_loadd(2, b, 64);
+    _tile_loadd(0, a, a_stride);
+    _tile_loadd(1, a_hi, a_stride);
+    _tile_dpbssd(3, 0, 2);
+    _tile_dpbssd(4, 1, 2);
+  }
 }
 
 // The tokens' int8 rows as one strided block: in place when the rows are evenly spaced, else copied.
@@ -128,15 +149,27 @@ void pair_amx(const PairJob& jb) {
   const int64_t multiplies = (jb.jbytes + sbytes - 1) / sbytes;
   const int64_t tail_bytes = jb.jbytes % sbytes;
   const int tail_rows = int((tail_bytes + 3) / 4) * kPack;  // B rows of the last multiply (0: none)
+  constexpr bool kTwo = MT > kAmxTokens;  // two A tiles (tile_multiply_two)
+  constexpr int kLo = kTwo ? kAmxTokens : MT, kHi = MT - kLo;
   TileConfig cfg;
-  for (int set : {0, 3}) {
-    cfg.rows[set] = MT, cfg.colsb[set] = uint16_t(S);           // A
-    cfg.rows[set + 1] = uint8_t(S / 4), cfg.colsb[set + 1] = 64;  // B
-  }
-  cfg.rows[2] = cfg.rows[5] = MT, cfg.colsb[2] = cfg.colsb[5] = 64;  // C
-  if (tail_rows) {
-    cfg.rows[6] = MT, cfg.colsb[6] = uint16_t(4 * tail_rows);
-    cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
+  if constexpr (kTwo) {
+    cfg.rows[0] = kLo, cfg.rows[1] = kHi, cfg.colsb[0] = cfg.colsb[1] = uint16_t(S);  // A
+    cfg.rows[2] = uint8_t(S / 4), cfg.colsb[2] = 64;                                  // B
+    cfg.rows[3] = kLo, cfg.rows[4] = kHi, cfg.colsb[3] = cfg.colsb[4] = 64;           // C
+    if (tail_rows) {
+      cfg.rows[5] = kLo, cfg.rows[6] = kHi, cfg.colsb[5] = cfg.colsb[6] = uint16_t(4 * tail_rows);
+      cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
+    }
+  } else {
+    for (int set : {0, 3}) {
+      cfg.rows[set] = MT, cfg.colsb[set] = uint16_t(S);           // A
+      cfg.rows[set + 1] = uint8_t(S / 4), cfg.colsb[set + 1] = 64;  // B
+    }
+    cfg.rows[2] = cfg.rows[5] = MT, cfg.colsb[2] = cfg.colsb[5] = 64;  // C
+    if (tail_rows) {
+      cfg.rows[6] = MT, cfg.colsb[6] = uint16_t(4 * tail_rows);
+      cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
+    }
   }
   _tile_loadconfig(&cfg);
 
@@ -188,7 +221,12 @@ void pair_amx(const PairJob& jb) {
     // Group g's C, stored after the next multiply is issued (so that multiply overlaps g's last one),
     // and the fold kFoldLag groups behind.
     auto finish = [&](int64_t g) __attribute__((always_inline)) {
-      tile_store_c(int(g & 1), c[g % (kFoldLag + 1)]);
+      if constexpr (kTwo) {
+        _tile_stored(3, c[g % (kFoldLag + 1)][0], 64);
+        _tile_stored(4, c[g % (kFoldLag + 1)][kLo], 64);
+      } else {
+        tile_store_c(int(g & 1), c[g % (kFoldLag + 1)]);
+      }
       if (g >= kFoldLag) fold(g - kFoldLag);
     };
     for (int64_t m = 0; m < std::min<int64_t>(kBuildAhead, multiplies); ++m) build(m);
@@ -197,12 +235,22 @@ void pair_amx(const PairJob& jb) {
       if (m + kBuildAhead < multiplies) build(m + kBuildAhead);
       const int64_t js = m * sbytes;
       g = js / gbytes;
-      if (js % gbytes == 0) tile_zero_c(int(g & 1));
       const bool short_last = m == multiplies - 1 && tail_rows;
-      tile_multiply(short_last ? 2 : int(m & 1), int(g & 1), a.at(jb, js * kPack, short_last ? 4 * tail_rows : S),
-                    a.stride, b[m % (kBuildAhead + 1)]);
+      const int8_t* ap = a.at(jb, js * kPack, short_last ? 4 * tail_rows : S);
+      const bool group_last = (js + sbytes) % gbytes == 0 || m == multiplies - 1;
+      if constexpr (kTwo) {  // one C set: each group's C is stored before the next group's is zeroed
+        if (js % gbytes == 0) {
+          _tile_zero(3);
+          _tile_zero(4);
+        }
+        tile_multiply_two(short_last, ap, a.stride, b[m % (kBuildAhead + 1)]);
+        if (group_last) finish(g);
+        continue;
+      }
+      if (js % gbytes == 0) tile_zero_c(int(g & 1));
+      tile_multiply(short_last ? 2 : int(m & 1), int(g & 1), ap, a.stride, b[m % (kBuildAhead + 1)]);
       if (done >= 0) finish(done), done = -1;
-      if ((js + sbytes) % gbytes == 0 || m == multiplies - 1) done = g;  // the group's last multiply
+      if (group_last) done = g;  // the group's last multiply
     }
     if (done >= 0) finish(done);
     for (int64_t f = std::max<int64_t>(0, g + 1 - kFoldLag); f <= g; ++f) fold(f);
@@ -240,15 +288,29 @@ void amx_pair16(const PairJob& jb) {
                             [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP>(jb); });
 }
 
-// Up to 2 x kAmxTokens tokens: a full tile's 16, then the rest (tile multiplies from MIN, else VNNI).
+// Up to 2 x kAmxTokens tokens: 17..kAmxTwoTiles as one call on two A tiles, more as a full tile's 16 and
+// then the rest (tile multiplies from MIN, else VNNI).
 // Why the set takes 32 per call: at T = 64 an expert's 17..32 tokens were split by the backend into two
 // equal calls (17: 9 + 8), both below kAmxMinTokens and so both on VNNI. 16 + rest against equal halves
 // and against calls of at most 16, two alternating runs each (2-vCPU Xeon, mixtral, 2 threads, T = 64, ms):
 // int4 b32 58.4 / 57.0 against 63.0 / 63.3 and 62.1 / 63.0; int4 b128 46.2 / 47.1 against 50.5 / 50.2
-// and 49.2 / 49.6; int8 72.0 / 72.2 against 73.7 / 76.8 and 73.8 / 74.5.
+// and 49.2 / 49.6; int8 72.0 / 72.2 against 73.7 / 76.8 and 73.8 / 74.5. Then 17..24 tokens on two A tiles
+// instead of 16 + a VNNI call for the rest, three alternating runs: int4 b32 63.5 / 62.5 / 60.1 -> 60.8 /
+// 60.5 / 58.2, int4 b128 50.5 / 49.0 / 48.6 -> 46.2 / 45.1 / 44.6, int8 75.1 / 74.5 / 73.6 -> 68.0 / 72.3 /
+// 66.0 (T = 48 1-3% faster).
 template <int BITS, int MIN>
 void amx_pair(const PairJob& jb) {
   if (jb.tokens <= kAmxTokens) return amx_pair16<BITS, MIN>(jb);
+  if (jb.tokens <= kAmxTwoTiles) {
+    if (!jb.scales_finite && __builtin_expect(any_inf_scale(jb), 0)) return portable_kernels().w4(jb);
+    const bool zp = jb.zero_points[0] || jb.zero_points[1];
+    [&]<int... I>(std::integer_sequence<int, I...>) {
+      ((jb.tokens == kAmxTokens + 1 + I &&
+        (zp ? pair_amx<BITS, kAmxTokens + 1 + I, true>(jb) : pair_amx<BITS, kAmxTokens + 1 + I, false>(jb), true)) ||
+       ...);
+    }(std::make_integer_sequence<int, kAmxTwoTiles - kAmxTokens>{});
+    return;
+  }
   run_part(jb, 0, kAmxTokens, amx_pair16<BITS, MIN>);
   run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_pair16<BITS, MIN>);
 }
