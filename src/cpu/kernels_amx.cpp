@@ -60,51 +60,42 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-// Tile registers: A and B of multiplies of even and odd index (0, 1 and 3, 4), so that loading the next
-// multiply's operands need not wait for the previous one to read them; C of groups of even and odd index
-// (2 and 5), so that a group's C can be stored after the next group's first multiply is issued (finish()
-// below); A and B of the row's last multiply when it is shorter (6, 7). On the 2-vCPU Xeon of docs/PERF.md
-// neither the alternation alone nor the later store measured faster (within the machine's 5% spread); the
-// build-ahead and fold lag below did. One function per combination: GCC's tile intrinsics paste the
-// register number into their assembly.
-#define QMOE_AMX_MULTIPLY(A, B, C)  \
-  _tile_loadd(B, b, 64);            \
-  _tile_loadd(A, a, a_stride);      \
-  _tile_dpbssd(C, A, B)
-inline void tile_multiply(int operands, int acc, const void* a, int64_t a_stride, const void* b) {
-  switch (operands * 2 + acc) {
-    case 0: QMOE_AMX_MULTIPLY(0, 1, 2); break;
-    case 1: QMOE_AMX_MULTIPLY(0, 1, 5); break;
-    case 2: QMOE_AMX_MULTIPLY(3, 4, 2); break;
-    case 3: QMOE_AMX_MULTIPLY(3, 4, 5); break;
-    case 4: QMOE_AMX_MULTIPLY(6, 7, 2); break;
-    default: QMOE_AMX_MULTIPLY(6, 7, 5); break;
-  }
-}
-#undef QMOE_AMX_MULTIPLY
-inline void tile_zero_c(int acc) {
-  if (acc) _tile_zero(5); else _tile_zero(2);
-}
-inline void tile_store_c(int acc, void* c) {
-  if (acc) _tile_stored(5, c, 64); else _tile_stored(2, c, 64);
-}
-// Calls of 17..24 tokens: two A tiles (the first 16 tokens, the rest) share each B, one set only: A 0 and
-// 1, B 2, C 3 and 4; the row's last multiply, when shorter, A 5 and 6, B 7.
-inline void tile_multiply_two(bool last, const int8_t* a, int64_t a_stride, const void* b) {
-  const int8_t* a_hi = a + 16 * a_stride;
+// Tile registers: A 0 (the first 16 tokens) and 1 (the rest, calls of 17..kAmxTwoTiles tokens), B 2, C 3
+// and 4 (the same split); the row's last multiply, when shorter, A 5 and 6, B 7. GCC's tile intrinsics
+// paste the register number into their assembly, so the numbers are written out. (Alternating two
+// register sets between multiplies and groups, so that a group's C could be stored after the next
+// group's first multiply, measured no faster on the 2-vCPU Xeon of docs/PERF.md; the build-ahead and
+// fold lag below did.)
+template <bool TWO>
+inline void tile_multiply(bool last, const int8_t* a, int64_t a_stride, const void* b) {
+  const int8_t* a_hi = a + kAmxTokens * a_stride;
   if (last) {
     _tile_loadd(7, b, 64);
     _tile_loadd(5, a, a_stride);
-    _tile_loadd(6, a_hi, a_stride);
     _tile_dpbssd(3, 5, 7);
-    _tile_dpbssd(4, 6, 7);
+    if constexpr (TWO) {
+      _tile_loadd(6, a_hi, a_stride);
+      _tile_dpbssd(4, 6, 7);
+    }
   } else {
     _tile_loadd(2, b, 64);
     _tile_loadd(0, a, a_stride);
-    _tile_loadd(1, a_hi, a_stride);
     _tile_dpbssd(3, 0, 2);
-    _tile_dpbssd(4, 1, 2);
+    if constexpr (TWO) {
+      _tile_loadd(1, a_hi, a_stride);
+      _tile_dpbssd(4, 1, 2);
+    }
   }
+}
+template <bool TWO>
+inline void tile_zero_c() {
+  _tile_zero(3);
+  if constexpr (TWO) _tile_zero(4);
+}
+template <bool TWO>
+inline void tile_store_c(int32_t (*c)[16]) {
+  _tile_stored(3, c[0], 64);
+  if constexpr (TWO) _tile_stored(4, c[kAmxTokens], 64);
 }
 
 // The tokens' int8 rows as one strided block: in place when the rows are evenly spaced, else copied.
@@ -149,28 +140,19 @@ void pair_amx(const PairJob& jb) {
   const int64_t multiplies = (jb.jbytes + sbytes - 1) / sbytes;
   const int64_t tail_bytes = jb.jbytes % sbytes;
   const int tail_rows = int((tail_bytes + 3) / 4) * kPack;  // B rows of the last multiply (0: none)
-  constexpr bool kTwo = MT > kAmxTokens;  // two A tiles (tile_multiply_two)
+  constexpr bool kTwo = MT > kAmxTokens;  // two A tiles (tile_multiply)
   constexpr int kLo = kTwo ? kAmxTokens : MT, kHi = MT - kLo;
   TileConfig cfg;
-  if constexpr (kTwo) {
-    cfg.rows[0] = kLo, cfg.rows[1] = kHi, cfg.colsb[0] = cfg.colsb[1] = uint16_t(S);  // A
-    cfg.rows[2] = uint8_t(S / 4), cfg.colsb[2] = 64;                                  // B
-    cfg.rows[3] = kLo, cfg.rows[4] = kHi, cfg.colsb[3] = cfg.colsb[4] = 64;           // C
-    if (tail_rows) {
-      cfg.rows[5] = kLo, cfg.rows[6] = kHi, cfg.colsb[5] = cfg.colsb[6] = uint16_t(4 * tail_rows);
-      cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
-    }
+  cfg.rows[0] = cfg.rows[3] = cfg.rows[5] = kLo, cfg.rows[1] = cfg.rows[4] = cfg.rows[6] = kHi;  // A, C, last A
+  cfg.colsb[0] = cfg.colsb[1] = uint16_t(S), cfg.colsb[3] = cfg.colsb[4] = 64;
+  cfg.rows[2] = uint8_t(S / 4), cfg.colsb[2] = 64;  // B
+  if (tail_rows) {
+    cfg.colsb[5] = cfg.colsb[6] = uint16_t(4 * tail_rows);
+    cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
   } else {
-    for (int set : {0, 3}) {
-      cfg.rows[set] = MT, cfg.colsb[set] = uint16_t(S);           // A
-      cfg.rows[set + 1] = uint8_t(S / 4), cfg.colsb[set + 1] = 64;  // B
-    }
-    cfg.rows[2] = cfg.rows[5] = MT, cfg.colsb[2] = cfg.colsb[5] = 64;  // C
-    if (tail_rows) {
-      cfg.rows[6] = MT, cfg.colsb[6] = uint16_t(4 * tail_rows);
-      cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
-    }
+    cfg.rows[5] = cfg.rows[6] = 0;
   }
+  if constexpr (!kTwo) cfg.colsb[1] = cfg.colsb[4] = cfg.colsb[6] = 0;  // unused tiles: 0 rows and 0 bytes
   _tile_loadconfig(&cfg);
 
   const __m512i low4 = _mm512_set1_epi8(0x0f), zd8 = _mm512_set1_epi8(int8_t(1 << (BITS - 1)));
@@ -201,10 +183,7 @@ void pair_amx(const PairJob& jb) {
     // Group g's C into the fp32 sums: its block's scales (and zero points), then one fma per token.
     auto fold = [&](int64_t g) __attribute__((always_inline)) {
       const int64_t blk = g * gbytes / jb.block_bytes;
-      if (blk + kScaleBlocksAhead < jb.nb)
-        _mm_prefetch(static_cast<const char*>(jb.scales[tile]) +
-                         size_t((blk + kScaleBlocksAhead) * kTileRows) * dtype_size(jb.scale_dtype),
-                     _MM_HINT_T0);
+      prefetch_tile_scales(jb, tile, blk);
       const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], blk * kTileRows);
       // z - zd per row in the low 16-bit word of each dword (vpdpwssd's operand; the high word 0).
       const __m512i dz = zp ? _mm512_and_si512(_mm512_sub_epi32(load_codes16(jb.zero_points[tile] + blk * kTileRows),
@@ -218,41 +197,21 @@ void pair_amx(const PairJob& jb) {
         acc[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc[t]);
       }
     };
-    // Group g's C, stored after the next multiply is issued (so that multiply overlaps g's last one),
-    // and the fold kFoldLag groups behind.
-    auto finish = [&](int64_t g) __attribute__((always_inline)) {
-      if constexpr (kTwo) {
-        _tile_stored(3, c[g % (kFoldLag + 1)][0], 64);
-        _tile_stored(4, c[g % (kFoldLag + 1)][kLo], 64);
-      } else {
-        tile_store_c(int(g & 1), c[g % (kFoldLag + 1)]);
-      }
-      if (g >= kFoldLag) fold(g - kFoldLag);
-    };
     for (int64_t m = 0; m < std::min<int64_t>(kBuildAhead, multiplies); ++m) build(m);
-    int64_t g = 0, done = -1;  // done: a group whose multiplies are all issued and whose C is not stored
+    int64_t g = 0;
     for (int64_t m = 0; m < multiplies; ++m) {
       if (m + kBuildAhead < multiplies) build(m + kBuildAhead);
       const int64_t js = m * sbytes;
       g = js / gbytes;
+      if (js % gbytes == 0) tile_zero_c<kTwo>();
       const bool short_last = m == multiplies - 1 && tail_rows;
-      const int8_t* ap = a.at(jb, js * kPack, short_last ? 4 * tail_rows : S);
-      const bool group_last = (js + sbytes) % gbytes == 0 || m == multiplies - 1;
-      if constexpr (kTwo) {  // one C set: each group's C is stored before the next group's is zeroed
-        if (js % gbytes == 0) {
-          _tile_zero(3);
-          _tile_zero(4);
-        }
-        tile_multiply_two(short_last, ap, a.stride, b[m % (kBuildAhead + 1)]);
-        if (group_last) finish(g);
-        continue;
+      tile_multiply<kTwo>(short_last, a.at(jb, js * kPack, short_last ? 4 * tail_rows : S), a.stride,
+                          b[m % (kBuildAhead + 1)]);
+      if ((js + sbytes) % gbytes == 0 || m == multiplies - 1) {  // the group's last multiply
+        tile_store_c<kTwo>(c[g % (kFoldLag + 1)]);
+        if (g >= kFoldLag) fold(g - kFoldLag);
       }
-      if (js % gbytes == 0) tile_zero_c(int(g & 1));
-      tile_multiply(short_last ? 2 : int(m & 1), int(g & 1), ap, a.stride, b[m % (kBuildAhead + 1)]);
-      if (done >= 0) finish(done), done = -1;
-      if (group_last) done = g;  // the group's last multiply
     }
-    if (done >= 0) finish(done);
     for (int64_t f = std::max<int64_t>(0, g + 1 - kFoldLag); f <= g; ++f) fold(f);
     for (int t = 0; t < MT; ++t)
       _mm512_storeu_ps(jb.acc + t * kPairRows + tile * kTileRows, _mm512_mul_ps(acc[t], _mm512_set1_ps(jb.xscale[t])));

@@ -43,11 +43,14 @@ inline __m512 load_scales16(DType t, const void* p, int64_t i) {
 // Three interleaved runs, 2 threads, int4 block 32 T = 1: qwen3 600/573/592 -> 559/560/588 us, mixtral
 // 3.53/3.56/3.62 -> 3.29/3.39/3.38 ms (docs/PERF.md, run 9's notes).
 inline constexpr int kScaleBlocksAhead = 16;
-inline void prefetch_scales(const PairJob& jb, int64_t b) {
+inline void prefetch_tile_scales(const PairJob& jb, int tile, int64_t b) {
   if (b + kScaleBlocksAhead >= jb.nb) return;
   const size_t at = size_t((b + kScaleBlocksAhead) * kTileRows) * dtype_size(jb.scale_dtype);
-  _mm_prefetch(static_cast<const char*>(jb.scales[0]) + at, _MM_HINT_T0);
-  _mm_prefetch(static_cast<const char*>(jb.scales[1]) + at, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(jb.scales[tile]) + at, _MM_HINT_T0);
+}
+inline void prefetch_scales(const PairJob& jb, int64_t b) {
+  prefetch_tile_scales(jb, 0, b);
+  prefetch_tile_scales(jb, 1, b);
 }
 
 // 16 bytes (one code byte or zero point of each of a tile's 16 rows) widened to dwords.
