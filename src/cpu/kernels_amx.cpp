@@ -134,9 +134,11 @@ void pair_amx(const PairJob& jb) {
   // A multiply takes S columns (sbytes code bytes): 64, or the whole group where groups are smaller
   // (blocks of 16 and 32). Groups are powers of two >= 16, so only the row's last multiply can be
   // shorter: it takes whole 4-byte steps of codes (the last step may hold 2 bytes, the rest read as 0).
-  // Row-wise groups of a short row (gcols = K rounded to the codes, under 64 and not a power of two)
-  // keep S = 64: their one multiply is the row's last.
-  const int S = gcols < 64 && (gcols & (gcols - 1)) == 0 ? int(gcols) : 64, sbytes = S / kPack;
+  // Row-wise groups of a short row (gcols = K rounded to the codes, under 64) keep S = 64 unless they
+  // are a block's size (16 or 32): their one multiply is the row's last. (S = gcols under 16 would give
+  // B tiles of no rows at 2 int8 columns, an invalid tile configuration, and 4-bit multiplies of half a
+  // 4-byte step.)
+  const int S = gcols == 16 || gcols == 32 ? int(gcols) : 64, sbytes = S / kPack;
   const int64_t multiplies = (jb.jbytes + sbytes - 1) / sbytes;
   const int64_t tail_bytes = jb.jbytes % sbytes;
   const int tail_rows = int((tail_bytes + 3) / 4) * kPack;  // B rows of the last multiply (0: none)

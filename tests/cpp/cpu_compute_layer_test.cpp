@@ -139,6 +139,12 @@ std::vector<LayerCase> fixed_cases() {
   MoeSpec h = a;
   h.bits = 8, h.block_size = 0;
   v.push_back({"swiglu_int8_all_tokens_on_expert_0_T1", h, 1, 0});
+  // Rows of 2 and 4 columns: shorter than one tile multiply, on the AMX kernels (>= 10 tokens an expert).
+  MoeSpec n = a;
+  n.bits = 8, n.block_size = 0, n.hidden = 2, n.inter = 4, n.fc2_zero_points = true;
+  v.push_back({"swiglu_int8_rowwise_H2_I4_T40_on_expert_1", n, 40, 1});
+  n.bits = 4, n.activation = Activation::relu, n.swiglu_fusion = SwigluFusion::separate, n.hidden = 4, n.inter = 2;
+  v.push_back({"relu_int4_rowwise_H4_I2_T37_on_expert_2", n, 37, 2});
   return v;
 }
 
