@@ -2,8 +2,8 @@
 //
 // Usage: qmoe_bench_cpu [--quick] [--shapes mixtral,qwen3] [--tokens 1,8,64,512]
 //                       [--quants int4b32,int4b128,int8] [--threads N] [--isa auto|avx512|avx2|portable]
-//                       [--no-prepack] [--min-time S] [--scales f32|f16] [--cpu-compute exact|bf16|int8]
-// --cpu-compute picks CpuBackendOptions::compute (bf16, int8: the accuracy options, docs/DESIGN.md).
+//                       [--no-prepack] [--min-time S] [--scales f32|f16] [--cpu-compute exact|bf16|int8|int8x3]
+// --cpu-compute picks CpuBackendOptions::compute (bf16, int8, int8x3: docs/DESIGN.md, "Numerics").
 // Prints the machine's read bandwidth (measured in this run: every thread sums a disjoint part of a
 // 1 GiB buffer, best of 5), then per shape and quantization the prepack rate and resident memory, and
 // per token count: median µs of one layer call (fp32 in/out; fp32 scales by default, as ORT's CPU

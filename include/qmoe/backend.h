@@ -84,8 +84,9 @@ std::unique_ptr<Backend> make_reference_backend();
 struct CpuBackendOptions {
   int threads = 0;           // 0 = all cores
   bool prepack = true;       // false: keep raw bytes and run the raw-layout kernels
-  // "auto", "portable", "avx2", "avx512", or "amx" (compute "int8" only: its tile multiplies; "avx512"
-  // then means the int8 mode without them). "auto" takes the best the CPU has, AMX included.
+  // "auto", "portable", "avx2", "avx512", or "amx" (compute "int8" and "int8x3" only: their tile
+  // multiplies; "avx512" then means the int8 mode without them). "auto" takes the best the CPU has, AMX
+  // included.
   std::string isa = "auto";
   // Token rows per chunk, R. A run goes through its T token rows at most R at a time; its scratch is
   // sized for one chunk and kept across runs, so it stays at most
@@ -116,6 +117,15 @@ struct CpuBackendOptions {
   //           AVX-512 F/BW/VL and AVX512_VNNI (isa "auto", "avx512" or "amx"; "amx" also AMX-TILE,
   //           AMX-INT8 and AVX512_VBMI); otherwise refused. Scratch grows by k * ((X + A) + 4 * (X / 16
   //           + A / 16) + 16) bytes per row (X = round16(H + 8), A = round16(I + 8)).
+  //   "int8x3": fp32-level accuracy at tile-multiply speed, for prefill on CPUs with AMX. Each activation
+  //           row becomes three int8 digits of base 254 under the int8 mode's scale (x ~= sx * (q0 + q1 /
+  //           254 + q2 / 254^2), each element within max|x| * 6.1e-8, the fp32 half-ulp of the row's
+  //           largest value); each digit's group sums are exact int32 tile multiplies, combined in fp32
+  //           per group. Whole layers sit as close to the reference as the exact mode does (relative L2
+  //           1-6e-7 on fp32 layers, tested to 4e-6; docs/DESIGN.md, "Numerics"). Deterministic like
+  //           int8 (every call size runs the tile multiplies). Needs AMX-TILE, AMX-INT8, AVX512_VNNI and
+  //           AVX512_VBMI with the OS's tile grant (isa "auto" or "amx"); otherwise refused. Scratch grows
+  //           by k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16) bytes per row.
   std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.

@@ -14,7 +14,7 @@ struct LayerOptions {
   int threads = 0;               // CPU threads; 0 = all cores
   int64_t chunk_rows = 0;        // CPU: tokens per chunk of a run (0 = as many as fit 256 MiB of scratch)
   std::string cuda_gemm = "auto";  // CUDA: FC kernels, "auto", "sm80" or "sm90" (see CudaGemm)
-  // CPU: kernel arithmetic, "exact" (default), "bf16" or "int8" (accuracy options: CpuBackendOptions::compute).
+  // CPU: kernel arithmetic, "exact" (default), "bf16", "int8" or "int8x3" (CpuBackendOptions::compute).
   // Checked whatever the backend; only the cpu backend uses it.
   std::string cpu_compute = "exact";
 };

@@ -21,8 +21,8 @@ std::vector<std::string> available_backends() {
 std::unique_ptr<Backend> make_backend(const std::string& name, const LayerOptions& opt) {
   if (opt.cuda_gemm != "auto" && opt.cuda_gemm != "sm80" && opt.cuda_gemm != "sm90")
     throw Error("cuda_gemm: expected auto, sm80 or sm90, got '" + opt.cuda_gemm + "'");
-  if (opt.cpu_compute != "exact" && opt.cpu_compute != "bf16" && opt.cpu_compute != "int8")
-    throw Error("cpu_compute: expected exact, bf16 or int8, got '" + opt.cpu_compute + "'");
+  if (opt.cpu_compute != "exact" && opt.cpu_compute != "bf16" && opt.cpu_compute != "int8" && opt.cpu_compute != "int8x3")
+    throw Error("cpu_compute: expected exact, bf16, int8 or int8x3, got '" + opt.cpu_compute + "'");
   const std::string chosen = name == "auto" ? available_backends().front() : name;
   if (chosen == "reference") return make_reference_backend();
   if (chosen == "cpu") return make_cpu_backend(CpuBackendOptions{opt.threads, opt.prepack, "auto", opt.chunk_rows, opt.cpu_compute});

@@ -18,6 +18,8 @@
 // rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's
 // or kernels_amx.cpp's. Its input rows are kept in grouped order (one copy per route, like the FC1
 // activations), so an expert's rows are consecutive: the AMX kernels load a tile of them in place.
+// The int8x3 mode keeps three int8 digit planes per row instead of one (quantize_row_int8_digits) and
+// runs kernels_amx.cpp's digit kernels.
 #include "cpu/cpu_backend.h"
 
 #include <cpuid.h>
@@ -77,7 +79,10 @@ bool amx_available() {
 namespace {
 
 // Which activation rows the kernels read besides the fp32 ones (CpuBackendOptions::compute).
-enum class Compute { exact, bf16, int8 };
+enum class Compute { exact, bf16, int8, int8x3 };
+
+// int8 digit planes per activation row the mode's kernels read (0: no int8 rows).
+int int8_digits(Compute c) { return c == Compute::int8 ? 1 : c == Compute::int8x3 ? kInt8Digits : 0; }
 
 // The exact kernels for `isa` ("amx" names the int8 mode's tile multiplies; its exact kernels are AVX-512's).
 const KernelSet& select_kernels(const std::string& isa) {
@@ -102,18 +107,28 @@ Compute parse_compute(const std::string& compute) {
   if (compute == "exact") return Compute::exact;
   if (compute == "bf16") return Compute::bf16;
   if (compute == "int8") return Compute::int8;
-  throw Error("cpu backend: compute: expected exact, bf16 or int8, got '" + compute + "'");
+  if (compute == "int8x3") return Compute::int8x3;
+  throw Error("cpu backend: compute: expected exact, bf16, int8 or int8x3, got '" + compute + "'");
 }
 
 // The kernels for (isa, compute). compute "bf16" exists only as AVX-512 BF16 kernels, "int8" as AVX-512
-// VNNI kernels and, where the CPU has AMX (isa "auto" or "amx"), as AMX kernels.
+// VNNI kernels and, where the CPU has AMX (isa "auto" or "amx"), as AMX kernels, "int8x3" as AMX kernels.
 const KernelSet& select_kernels(const std::string& isa, const std::string& compute) {
-  if (isa == "amx" && compute != "int8")
-    throw Error("cpu backend: isa 'amx' serves only compute 'int8' (its tile multiplies take int8 activations), got "
-                "compute '" + compute + "'");
+  if (isa == "amx" && compute != "int8" && compute != "int8x3")
+    throw Error("cpu backend: isa 'amx' serves only compute 'int8' and 'int8x3' (its tile multiplies take int8 "
+                "activations), got compute '" + compute + "'");
   const KernelSet& exact = select_kernels(isa);  // validates isa first
   const Compute c = parse_compute(compute);
   if (c == Compute::exact) return exact;
+  if (c == Compute::int8x3) {
+    if (isa != "auto" && isa != "amx")
+      throw Error("cpu backend: compute 'int8x3' runs only on the AMX kernels, but isa '" + isa +
+                  "' was requested (use isa auto or amx)");
+    if (!amx_available())
+      throw Error("cpu backend: compute 'int8x3' requested, but this CPU lacks AMX-TILE, AMX-INT8, AVX512_VNNI or "
+                  "AVX512_VBMI, or the OS did not grant the tile state; use compute 'exact'");
+    return avx512_amx_digits_kernels();
+  }
   const char* kernels = c == Compute::bf16 ? "AVX-512 BF16" : "AVX-512 VNNI";
   if (isa != "auto" && isa != "avx512" && isa != "amx")
     throw Error("cpu backend: compute '" + compute + "' runs only on the " + kernels + " kernels, but isa '" + isa +
@@ -307,14 +322,30 @@ struct KernelRows {
   const int32_t* nsum;
   const float* scale;
   int64_t width, groups;  // elements per row; int32 group sums per row
+  int digits;             // int8 digit planes per row, each `width` codes and `groups` sums (int8_rows.h)
 
   // Row `row` of the fp32 and bf16 rows, row `qrow` of the int8 ones.
   void put(PairJob& jb, int i, int64_t row, int64_t qrow) const {
     jb.x[i] = f + row * width;
     jb.xb[i] = b ? b + row * width : nullptr;
-    jb.xq[i] = q ? q + qrow * width : nullptr;
-    jb.xneg_sum[i] = nsum ? nsum + qrow * groups : nullptr;
+    jb.xq[i] = q ? q + qrow * digits * width : nullptr;
+    jb.xneg_sum[i] = nsum ? nsum + qrow * digits * groups : nullptr;
     jb.xscale[i] = scale ? scale[qrow] : 0.f;
+    jb.xq_digit_stride = width, jb.xneg_digit_stride = groups;
+  }
+  // Quantizes fp32 row `row` (K columns) into int8 row `qrow`.
+  void quantize(const MoeSpec& s, int64_t K, int64_t row, int64_t qrow, int8_t* qw, int32_t* nw, float* sw) const {
+    const int64_t qo = qrow * digits * width, no = qrow * digits * groups;
+    if (digits == 1)
+      quantize_row_int8(f + row * width, K, width, s.bits, s.block_size, qw + qo, nw + no, sw + qrow);
+    else
+      quantize_row_int8_digits(f + row * width, K, width, s.bits, s.block_size, qw + qo, nw + no, groups, sw + qrow);
+  }
+  // Copies int8 row `from` to `to`.
+  void copy(int64_t from, int64_t to, int8_t* qw, int32_t* nw, float* sw) const {
+    std::memcpy(qw + to * digits * width, qw + from * digits * width, size_t(digits * width));
+    std::memcpy(nw + to * digits * groups, nw + from * digits * groups, size_t(digits * groups) * sizeof(int32_t));
+    sw[to] = sw[from];
   }
 };
 
@@ -322,7 +353,8 @@ struct KernelRows {
 template <class Source>
 void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t r0, int64_t r1) {
-  const bool bf16 = mode == Compute::bf16, int8 = mode == Compute::int8;
+  const int digits = int8_digits(mode);
+  const bool bf16 = mode == Compute::bf16, int8 = digits > 0;
   const int64_t rows = r1 - r0, H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   const PairKernel kernel = kernel_for(ks, s.bits);
 
@@ -365,16 +397,16 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   // bf16 mode: the same rows rounded to bf16 once per chunk (float_to_bf16: nearest even), padding 0.
   uint16_t* Xb = bf16 ? grow(scratch.Xb, rows * XW) : nullptr;
   uint16_t* Ab = bf16 ? grow(scratch.Ab, rows * k * AW) : nullptr;
-  // int8 mode: the same rows quantized (int8_rows.h), per grouped position; X's once here, A's after FC1
-  // (a row's scale needs all its columns).
+  // int8 modes: the same rows quantized (int8_rows.h; int8x3: three digit planes), per grouped position;
+  // X's once here, A's after FC1 (a row's scale needs all its columns).
   const int64_t XN = XW / 16, AN = AW / 16;
-  int8_t* Xq = int8 ? grow(scratch.Xq, rows * k * XW) : nullptr;
-  int8_t* Aq = int8 ? grow(scratch.Aq, rows * k * AW) : nullptr;
-  int32_t* Xn = int8 ? grow(scratch.Xn, rows * k * XN) : nullptr;
-  int32_t* An = int8 ? grow(scratch.An, rows * k * AN) : nullptr;
+  int8_t* Xq = int8 ? grow(scratch.Xq, rows * k * digits * XW) : nullptr;
+  int8_t* Aq = int8 ? grow(scratch.Aq, rows * k * digits * AW) : nullptr;
+  int32_t* Xn = int8 ? grow(scratch.Xn, rows * k * digits * XN) : nullptr;
+  int32_t* An = int8 ? grow(scratch.An, rows * k * digits * AN) : nullptr;
   float* Xs = int8 ? grow(scratch.Xs, rows * k) : nullptr;
   float* As = int8 ? grow(scratch.As, rows * k) : nullptr;
-  const KernelRows xrows{X, Xb, Xq, Xn, Xs, XW, XN}, arows{A, Ab, Aq, An, As, AW, AN};
+  const KernelRows xrows{X, Xb, Xq, Xn, Xs, XW, XN, digits}, arows{A, Ab, Aq, An, As, AW, AN, digits};
   const int threads = pool.threads();
   const int64_t row_chunk = std::max<int64_t>(1, rows / (threads * 4));
   pool.parallel_for((rows + row_chunk - 1) / row_chunk, [&](int64_t c) {
@@ -390,13 +422,8 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       }
       if (int8) {
         const int64_t p0 = position[t * k];
-        quantize_row_int8(X + t * XW, H, XW, s.bits, s.block_size, Xq + p0 * XW, Xn + p0 * XN, Xs + p0);
-        for (int64_t j = 1; j < k; ++j) {
-          const int64_t p = position[t * k + j];
-          std::memcpy(Xq + p * XW, Xq + p0 * XW, size_t(XW));
-          std::memcpy(Xn + p * XN, Xn + p0 * XN, size_t(XN) * sizeof(int32_t));
-          Xs[p] = Xs[p0];
-        }
+        xrows.quantize(s, H, t, p0, Xq, Xn, Xs);
+        for (int64_t j = 1; j < k; ++j) xrows.copy(p0, position[t * k + j], Xq, Xn, Xs);
       }
     }
   });
@@ -462,8 +489,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   if (int8) {
     const int64_t positions = rows * k, pos_chunk = std::max<int64_t>(1, positions / (threads * 4));
     pool.parallel_for((positions + pos_chunk - 1) / pos_chunk, [&](int64_t c) {
-      for (int64_t i = c * pos_chunk; i < std::min(positions, (c + 1) * pos_chunk); ++i)
-        quantize_row_int8(A + i * AW, I, AW, s.bits, s.block_size, Aq + i * AW, An + i * AN, As + i);
+      for (int64_t i = c * pos_chunk; i < std::min(positions, (c + 1) * pos_chunk); ++i) arows.quantize(s, I, i, i, Aq, An, As);
     });
   }
 
@@ -578,7 +604,7 @@ class CpuBackend final : public Backend {
  private:
   CpuBackendOptions opt_;
   const KernelSet* kernels_;
-  Compute mode_;  // bf16 / int8: keep bf16 / int8 copies of the activation rows for the kernels
+  Compute mode_;  // bf16 / int8 / int8x3: keep bf16 / int8 copies of the activation rows for the kernels
   std::unique_ptr<ThreadPool> pool_;
   mutable std::mutex mu_;  // one run or prepack at a time: the pool and scratch_ are shared
   RunScratch scratch_;
@@ -592,9 +618,10 @@ int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
   const int64_t XW = round_up(s.hidden + 8, 16), AW = round_up(s.inter + 8, 16);
   const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
-  // int8: k rows of each (grouped positions): 1 byte per code, 4 per group sum (XW / 16 and AW / 16 per
-  // row), 4 per row scale; and 8 per slot for its position.
-  const int64_t int8_rows = compute == "int8" ? s.k * ((XW + AW) + 4 * (XW / 16 + AW / 16) + 8 + 8) : 0;
+  // int8 (D = 1 digit plane) and int8x3 (D = 3): k rows of each (grouped positions): per plane 1 byte
+  // per code and 4 per group sum (XW / 16 and AW / 16 per row); 4 per row scale; 8 per slot for its position.
+  const int64_t D = compute == "int8" ? 1 : compute == "int8x3" ? kInt8Digits : 0;
+  const int64_t int8_rows = D ? s.k * (D * ((XW + AW) + 4 * (XW / 16 + AW / 16)) + 8 + 8) : 0;
   return 4 * (XW + s.k * (AW + s.hidden)) + s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows + int8_rows;
 }
 

@@ -27,7 +27,9 @@
 // The int8 compute mode (compute = "int8", kernels_avx512_vnni.cpp) is the other: it reads activations
 // quantized to int8 with one scale per row (PairJob::xq, int8_rows.h) and multiplies them with the weight
 // codes by vpdpbusd, exactly in int32 within each group, so it too agrees with the others only within
-// the bound stated there, and is deterministic for the same reason; same fallbacks.
+// the bound stated there, and is deterministic for the same reason; same fallbacks. The int8x3 mode
+// (compute = "int8x3", kernels_amx.cpp) reads three int8 digits per activation (PairJob's digit strides)
+// and agrees with the exact kernels to fp32-level rounding; same determinism, same fallbacks.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +63,9 @@ struct PairJob {
   const int8_t* xq[kMaxTokens];
   const int32_t* xneg_sum[kMaxTokens];
   float xscale[kMaxTokens];
+  // int8x3 mode only (quantize_row_int8_digits): digit d of row t at xq[t] + d * xq_digit_stride, its
+  // group sums at xneg_sum[t] + d * xneg_digit_stride.
+  int64_t xq_digit_stride = 0, xneg_digit_stride = 0;
   float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
 };
 
@@ -101,6 +106,10 @@ const KernelSet& avx512_vnni_kernels(bool vbmi);
 // bit): call only where amx_available(). Calls of a few tokens go to the VNNI kernels unless every_call
 // (tests).
 const KernelSet& avx512_amx_kernels(bool every_call = false);
+// The int8x3 compute mode (int8_rows.h: activations as three int8 digits, fp32-level accuracy): tile
+// multiplies for every call, so a token's result never depends on its call's size. Call only where
+// amx_available(); its jobs must set xq, xneg_sum, xscale and the digit strides.
+const KernelSet& avx512_amx_digits_kernels();
 // Whether this CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI (and AVX-512 F/BW/VL) and the OS
 // granted this process the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
 bool amx_available();

@@ -5,6 +5,7 @@
 #include "cpu/int8_rows.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -57,6 +58,45 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
       s -= v;
     }
     nsum[g0 / G] = s;
+  }
+}
+
+void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q,
+                              int32_t* nsum, int64_t nsum_stride, float* sx) {
+  const int64_t G = int8_group_cols(block_size), groups = (W + G - 1) / G;
+  for (int d = 0; d < kInt8Digits; ++d) {
+    std::memset(q + d * W, 0, size_t(W));
+    for (int64_t g = 0; g < groups; ++g) nsum[d * nsum_stride + g] = 0;
+  }
+  float m = 0.f;
+  bool finite = true;
+  for (int64_t c = 0; c < K; ++c) {
+    const float a = std::fabs(x[c]);
+    finite = finite && std::isfinite(x[c]);
+    m = a > m ? a : m;
+  }
+  if (!finite) {
+    *sx = std::nanf("");
+    return;
+  }
+  *sx = m / 127.f;
+  if (m == 0.f || *sx == 0.f) {  // sx 0 (m below 127 * 2^-149): the row reads as zeros
+    *sx = 0.f;
+    return;
+  }
+  // Digits of x / sx with the sx the kernels multiply by; every step is exact in double (x / sx to 2^-53).
+  // A subnormal sx is too coarse for that (x / sx could pass 127): such rows (max|x| < 1.5e-36) take
+  // 127 / m, as quantize_row_int8 does.
+  const double inv = *sx >= FLT_MIN ? 1.0 / double(*sx) : 127.0 / double(m);
+  for (int64_t c = 0; c < K; ++c) {
+    double r = double(x[c]) * inv;
+    const int64_t slot = int8_column_slot(bits, c);
+    for (int d = 0; d < kInt8Digits; ++d) {
+      const double v = round_even(r);
+      q[d * W + slot] = int8_t(v);
+      nsum[d * nsum_stride + c / G] -= int32_t(v);
+      r = (r - v) * kInt8DigitBase;  // exact: r - v is exact and has at most 52 significant bits
+    }
   }
 }
 

@@ -41,4 +41,16 @@ inline int64_t int8_column_slot(int bits, int64_t c) {
 void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q, int32_t* nsum,
                        float* sx);
 
+// The int8x3 compute mode (compute = "int8x3", kernels_amx.cpp): each row as kInt8Digits int8 digits of
+// base kInt8DigitBase with the scale above,
+//   x ~= sx * (q0 + q1 / 254 + q2 / 254^2),   |x - that| <= sx / (2 * 254^2) = max|x| * 6.1e-8 (+ 2^-50 relative),
+// q0 = round(x / sx) in [-127, 127] (quantize_row_int8's codes up to sx's own rounding), q1, q2 in
+// [-127, 127]: 24 bits of the row's largest value, where fp32 keeps 24 of each element. (Base 254 keeps
+// the digits of a residual in [-0.5, 0.5] inside int8; base 256 would need 128.) Digit plane d of the
+// codes is q + d * W and of the group sums nsum + d * nsum_stride, each laid out as above.
+inline constexpr int kInt8Digits = 3;
+inline constexpr int kInt8DigitBase = 254;
+void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q,
+                              int32_t* nsum, int64_t nsum_stride, float* sx);
+
 }  // namespace qmoe::cpu

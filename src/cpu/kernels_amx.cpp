@@ -1,5 +1,5 @@
-// AMX pair kernels for the "int8" compute mode (CpuBackendOptions::compute): the integer group sums of
-// kernels_avx512_vnni.cpp computed by tile multiplies. Built with -mamx-tile -mamx-int8 and -mavx512vbmi
+// AMX pair kernels for the "int8" and "int8x3" compute modes (CpuBackendOptions::compute): the integer
+// group sums of kernels_avx512_vnni.cpp computed by tile multiplies. Built with -mamx-tile -mamx-int8 and -mavx512vbmi
 // on top of the AVX-512 VNNI flags; the backend selects them only where amx_available() (cpu_kernels.h)
 // says the CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI and the OS gave this process the tile
 // state. Same packed format, same PairJob, same activation rows (int8_rows.h).
@@ -27,6 +27,12 @@
 //
 // Below kAmxMinTokens tokens a call goes to the VNNI kernel: a tile multiply costs the same for one row
 // as for 16, while vpdpbusd costs per token.
+//
+// The "int8x3" mode (D = kInt8Digits) runs the same loop on rows of three int8 digits (int8_rows.h): each B
+// is multiplied with each digit's A tile into that digit's C, and the fold combines the digits' exact
+// sums, i0 + i1 / 254 + i2 / 254^2, before the scale's fma: fp32-level accuracy for three tile
+// multiplies per weight tile instead of fp32 FMAs per token. No VNNI kernel takes digits, so every call,
+// of 1 token or 32, runs here (a token's result must not depend on its call's size).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -87,35 +93,66 @@ inline void tile_multiply(bool last, const int8_t* a, int64_t a_stride, const vo
     }
   }
 }
-template <bool TWO>
+// The int8x3 mode (D digits, one A tile of up to 16 tokens): digit d's A rows at a + d * d_stride, its C
+// in tile 3, 4, 1 (d = 0, 1, 2); the full multiplies' A alternate between tiles 0 and 6, so a load need
+// not wait for the multiply still reading the other; the row's last multiply, when shorter, A 5, B 7.
+template <int D>
+inline void tile_multiply_digits(bool last, const int8_t* a, int64_t a_stride, int64_t d_stride, const void* b) {
+  static_assert(D == 3, "tile registers for three digits");
+  if (last) {
+    _tile_loadd(7, b, 64);
+    _tile_loadd(5, a, a_stride);
+    _tile_dpbssd(3, 5, 7);
+    _tile_loadd(5, a + d_stride, a_stride);
+    _tile_dpbssd(4, 5, 7);
+    _tile_loadd(5, a + 2 * d_stride, a_stride);
+    _tile_dpbssd(1, 5, 7);
+  } else {
+    _tile_loadd(2, b, 64);
+    _tile_loadd(0, a, a_stride);
+    _tile_dpbssd(3, 0, 2);
+    _tile_loadd(6, a + d_stride, a_stride);
+    _tile_dpbssd(4, 6, 2);
+    _tile_loadd(0, a + 2 * d_stride, a_stride);
+    _tile_dpbssd(1, 0, 2);
+  }
+}
+// C tiles: 3 (and 4 with two A tiles, or per digit 3, 4, 1); c[i] is C tile i's first row.
+template <int NC>
 inline void tile_zero_c() {
   _tile_zero(3);
-  if constexpr (TWO) _tile_zero(4);
+  if constexpr (NC > 1) _tile_zero(4);
+  if constexpr (NC > 2) _tile_zero(1);
 }
-template <bool TWO>
-inline void tile_store_c(int32_t (*c)[16]) {
+template <int NC>
+inline void tile_store_c(int32_t (*c)[16], int64_t c_stride) {
   _tile_stored(3, c[0], 64);
-  if constexpr (TWO) _tile_stored(4, c[kAmxTokens], 64);
+  if constexpr (NC > 1) _tile_stored(4, c[c_stride], 64);
+  if constexpr (NC > 2) _tile_stored(1, c[2 * c_stride], 64);
 }
 
 // The tokens' int8 rows as one strided block: in place when the rows are evenly spaced, else copied.
-template <int MT>
+// D digit planes (int8x3 mode): each plane's rows at the same stride, plane d at d * digit_stride.
+template <int MT, int D>
 struct ARows {
   const int8_t* base;
-  int64_t stride;
+  int64_t stride, digit_stride;
   bool copy;
-  alignas(64) int8_t buf[MT][64];
+  alignas(64) int8_t buf[D][MT][64];
 
-  explicit ARows(const PairJob& jb) : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), copy(stride <= 0) {
+  explicit ARows(const PairJob& jb)
+      : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), digit_stride(jb.xq_digit_stride), copy(stride <= 0) {
     for (int t = 1; t < MT; ++t) copy = copy || jb.xq[t] != base + t * stride;
-    if (copy) base = buf[0], stride = 64;
+    if (copy) base = buf[0][0], stride = 64, digit_stride = MT * 64;
   }
   // The block's start for columns (slots) [slot, slot + width), width <= 64.
   const int8_t* at(const PairJob& jb, int64_t slot, int width) {
     if (!copy) return base + slot;
     const __mmask64 m = width >= 64 ? ~__mmask64(0) : (__mmask64(1) << width) - 1;
-    for (int t = 0; t < MT; ++t) _mm512_store_si512(buf[t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + slot));
-    return buf[0];
+    for (int d = 0; d < D; ++d)
+      for (int t = 0; t < MT; ++t)
+        _mm512_store_si512(buf[d][t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + d * jb.xq_digit_stride + slot));
+    return buf[0][0];
   }
 };
 
@@ -127,7 +164,8 @@ struct ARows {
 // T = 64, 2 threads: 86-87 -> 65 ms (VNNI 67).
 inline constexpr int kBuildAhead = 2, kFoldLag = 2;
 
-template <int BITS, int MT, bool ZP>
+// D = 1: the int8 mode (one or two A tiles); D = kInt8Digits: the int8x3 mode (one A tile per digit).
+template <int BITS, int MT, bool ZP, int D = 1>
 void pair_amx(const PairJob& jb) {
   constexpr int kPack = 8 / BITS;
   const int64_t gcols = std::min<int64_t>(jb.block_bytes * kPack, kInt8GroupCols), gbytes = gcols / kPack;
@@ -143,24 +181,33 @@ void pair_amx(const PairJob& jb) {
   const int64_t tail_bytes = jb.jbytes % sbytes;
   const int tail_rows = int((tail_bytes + 3) / 4) * kPack;  // B rows of the last multiply (0: none)
   constexpr bool kTwo = MT > kAmxTokens;  // two A tiles (tile_multiply)
+  static_assert(D == 1 || !kTwo, "digits take one A tile");
   constexpr int kLo = kTwo ? kAmxTokens : MT, kHi = MT - kLo;
+  constexpr int kC = D > 1 ? D : kTwo ? 2 : 1;  // C tiles
   TileConfig cfg;
-  cfg.rows[0] = cfg.rows[3] = cfg.rows[5] = kLo, cfg.rows[1] = cfg.rows[4] = cfg.rows[6] = kHi;  // A, C, last A
-  cfg.colsb[0] = cfg.colsb[1] = uint16_t(S), cfg.colsb[3] = cfg.colsb[4] = 64;
+  if constexpr (D == 1) {
+    cfg.rows[0] = cfg.rows[3] = cfg.rows[5] = kLo, cfg.rows[1] = cfg.rows[4] = cfg.rows[6] = kHi;  // A, C, last A
+    cfg.colsb[0] = cfg.colsb[1] = uint16_t(S), cfg.colsb[3] = cfg.colsb[4] = 64;
+  } else {
+    cfg.rows[0] = cfg.rows[6] = cfg.rows[5] = MT, cfg.colsb[0] = cfg.colsb[6] = uint16_t(S);  // A, last A
+    cfg.rows[3] = cfg.rows[4] = cfg.rows[1] = MT, cfg.colsb[3] = cfg.colsb[4] = cfg.colsb[1] = 64;  // C
+  }
   cfg.rows[2] = uint8_t(S / 4), cfg.colsb[2] = 64;  // B
   if (tail_rows) {
-    cfg.colsb[5] = cfg.colsb[6] = uint16_t(4 * tail_rows);
+    cfg.colsb[5] = uint16_t(4 * tail_rows);
+    if constexpr (D == 1) cfg.colsb[6] = uint16_t(4 * tail_rows);
     cfg.rows[7] = uint8_t(tail_rows), cfg.colsb[7] = 64;
   } else {
-    cfg.rows[5] = cfg.rows[6] = 0;
+    cfg.rows[5] = 0;
+    if constexpr (D == 1) cfg.rows[6] = 0;
   }
-  if constexpr (!kTwo) cfg.colsb[1] = cfg.colsb[4] = cfg.colsb[6] = 0;  // unused tiles: 0 rows and 0 bytes
+  if constexpr (D == 1 && !kTwo) cfg.colsb[1] = cfg.colsb[4] = cfg.colsb[6] = 0;  // unused tiles: 0 rows and 0 bytes
   _tile_loadconfig(&cfg);
 
   const __m512i low4 = _mm512_set1_epi8(0x0f), zd8 = _mm512_set1_epi8(int8_t(1 << (BITS - 1)));
   alignas(64) int8_t b[kBuildAhead + 1][16][64];  // B rings: 16 rows of 4 code bytes x 16 weight rows
-  alignas(64) int32_t c[kFoldLag + 1][MT][16];    // C ring, read back by the folds
-  ARows<MT> a(jb);
+  alignas(64) int32_t c[kFoldLag + 1][kC * kLo][16];  // C ring, read back by the folds (C tile i at row i * kLo)
+  ARows<MT, D> a(jb);
   for (int tile = 0; tile < 2; ++tile) {
     const uint8_t* codes = jb.codes[tile];
     const bool zp = ZP && jb.zero_points[tile];
@@ -193,10 +240,27 @@ void pair_amx(const PairJob& jb) {
                                                _mm512_set1_epi32(0xffff))
                             : _mm512_setzero_si512();
       const int32_t(*cg)[16] = c[g % (kFoldLag + 1)];
+      // Token t's sums: row t of C tile 0 (and of tile 1 for t >= 16, at row t there too).
       for (int t = 0; t < MT; ++t) {
-        __m512i isum = _mm512_load_si512(cg[t]);
-        if (zp) isum = _mm512_dpwssd_epi32(isum, dz, _mm512_set1_epi32(jb.xneg_sum[t][g]));
-        acc[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc[t]);
+        if constexpr (D == 1) {
+          __m512i isum = _mm512_load_si512(cg[t]);
+          if (zp) isum = _mm512_dpwssd_epi32(isum, dz, _mm512_set1_epi32(jb.xneg_sum[t][g]));
+          acc[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc[t]);
+        } else {
+          // Digit d's exact sum i_d; the group's sum is i0 + i1 / 254 + i2 / 254^2 (int8_rows.h). 254 i0 +
+          // i1 is exact in int32 (|i_d| <= 256 * 255 * 127, so |254 i0 + i1| <= 2^31 - 2^25), leaving its
+          // conversion, the fma and the constants' rounding (2^-25 relative each): fp32-level.
+          __m512i i[D];
+          for (int d = 0; d < D; ++d) {
+            i[d] = _mm512_load_si512(cg[d * kLo + t]);
+            if (zp) i[d] = _mm512_dpwssd_epi32(i[d], dz, _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g]));
+          }
+          const __m512i i01 = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(i[0], 8), _mm512_slli_epi32(i[0], 1)), i[1]);
+          const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), _mm512_set1_ps(1.f / kInt8DigitBase),
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(i[2]),
+                                                           _mm512_set1_ps(1.f / (kInt8DigitBase * kInt8DigitBase))));
+          acc[t] = _mm512_fmadd_ps(s, sum, acc[t]);
+        }
       }
     };
     for (int64_t m = 0; m < std::min<int64_t>(kBuildAhead, multiplies); ++m) build(m);
@@ -205,12 +269,13 @@ void pair_amx(const PairJob& jb) {
       if (m + kBuildAhead < multiplies) build(m + kBuildAhead);
       const int64_t js = m * sbytes;
       g = js / gbytes;
-      if (js % gbytes == 0) tile_zero_c<kTwo>();
+      if (js % gbytes == 0) tile_zero_c<kC>();
       const bool short_last = m == multiplies - 1 && tail_rows;
-      tile_multiply<kTwo>(short_last, a.at(jb, js * kPack, short_last ? 4 * tail_rows : S), a.stride,
-                          b[m % (kBuildAhead + 1)]);
+      const int8_t* am = a.at(jb, js * kPack, short_last ? 4 * tail_rows : S);
+      if constexpr (D == 1) tile_multiply<kTwo>(short_last, am, a.stride, b[m % (kBuildAhead + 1)]);
+      else tile_multiply_digits<D>(short_last, am, a.stride, a.digit_stride, b[m % (kBuildAhead + 1)]);
       if ((js + sbytes) % gbytes == 0 || m == multiplies - 1) {  // the group's last multiply
-        tile_store_c<kTwo>(c[g % (kFoldLag + 1)]);
+        tile_store_c<kC>(c[g % (kFoldLag + 1)], kLo);
         if (g >= kFoldLag) fold(g - kFoldLag);
       }
     }
@@ -276,7 +341,26 @@ void amx_pair(const PairJob& jb) {
   run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_pair16<BITS, MIN>);
 }
 
+// The int8x3 mode: every call on the tile multiplies (no VNNI kernel takes digits), 16 tokens per
+// multiply, more as 16 + the rest.
+template <int BITS>
+void amx_digits_pair(const PairJob& jb) {
+  if (jb.tokens > kAmxTokens) {
+    run_part(jb, 0, kAmxTokens, amx_digits_pair<BITS>);
+    run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_digits_pair<BITS>);
+    return;
+  }
+  dispatch_pair<kAmxTokens>(jb, portable_kernels().w4, "avx512-amx-int8x3",
+                            [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP, kInt8Digits>(jb); });
+}
+
 }  // namespace
+
+const KernelSet& avx512_amx_digits_kernels() {
+  static const KernelSet set{"avx512-amx-int8x3", portable_kernels().w2, amx_digits_pair<4>, amx_digits_pair<8>,
+                             2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+  return set;
+}
 
 const KernelSet& avx512_amx_kernels(bool every_call) {
   const PairKernel w2 = portable_kernels().w2;

@@ -50,20 +50,31 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // One random pair job: the weights (random_pair.h) and the token rows, fp32 and as quantize_row_int8
 // makes them.
+// digits = kInt8Digits: the int8x3 mode's rows (quantize_row_int8_digits), planes W codes and W / 16 sums apart.
 struct PairCase : test::RandomPairWeights {
   int tokens = 1;
+  int digits = 1;
   int64_t W = 0;  // row width of the quantized rows
   std::vector<float> x[kMaxTokens];
   std::vector<int8_t> xq[kMaxTokens];
   std::vector<int32_t> nsum[kMaxTokens];
   float sx[kMaxTokens] = {};
 
-  std::string str() const { return weights_str() + " tokens=" + std::to_string(tokens); }
+  std::string str() const {
+    return weights_str() + " tokens=" + std::to_string(tokens) + (digits > 1 ? " digits=" + std::to_string(digits) : "");
+  }
 
   void quantize(int t) {
-    xq[t].assign(size_t(W), 0);
-    nsum[t].assign(size_t(W / 16), 0);
-    quantize_row_int8(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), &sx[t]);
+    xq[t].assign(size_t(digits * W), 0);
+    nsum[t].assign(size_t(digits * W / 16), 0);
+    if (digits == 1) quantize_row_int8(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), &sx[t]);
+    else quantize_row_int8_digits(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), W / 16, &sx[t]);
+  }
+  // The value the codes of token t, column c stand for, in float64.
+  double xhat(int t, int64_t c) const {
+    double v = 0, unit = sx[t];
+    for (int d = 0; d < digits; ++d, unit /= kInt8DigitBase) v += unit * xq[t][size_t(d * W + int8_column_slot(bits, c))];
+    return v;
   }
 
   void make(std::mt19937_64& rng) {
@@ -84,6 +95,7 @@ struct PairCase : test::RandomPairWeights {
     jb.tokens = tokens;
     for (int t = 0; t < tokens; ++t)
       jb.x[t] = x[t].data(), jb.xq[t] = xq[t].data(), jb.xneg_sum[t] = nsum[t].data(), jb.xscale[t] = sx[t];
+    jb.xq_digit_stride = W, jb.xneg_digit_stride = W / 16;
     jb.acc = acc;
     return jb;
   }
@@ -93,7 +105,7 @@ struct PairCase : test::RandomPairWeights {
     y = 0, w_abs = 0, m = 0;
     for (int64_t c = 0; c < K; ++c) {
       const double w = weight(tile, l, c);
-      const double xv = quantized ? double(sx[t]) * xq[t][size_t(int8_column_slot(bits, c))] : double(x[t][size_t(c)]);
+      const double xv = quantized ? xhat(t, c) : double(x[t][size_t(c)]);
       y += w * xv, w_abs += std::fabs(w), m = std::max(m, std::fabs(double(x[t][size_t(c)])));
     }
   }
@@ -102,37 +114,66 @@ struct PairCase : test::RandomPairWeights {
 using test::has_avx512_vnni;
 PairKernel int8_kernel(int bits) { return test::kernel_of(avx512_vnni_kernels(), bits); }
 
-TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
-  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
-  std::mt19937_64 rng(base_seed());
+// The bound of the file's header for rows of `digits` digit planes: each column's rounding is sx / 2 /
+// 254^(digits - 1), and the combination of the digits' sums adds up to two fp32 roundings per group and
+// two rounded constants (counted as two more).
+void expect_within_bound(const KernelSet& ks, int digits, std::mt19937_64& rng) {
   int checked = 0;
   for (int bits : {4, 8})
     for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256), int64_t(512)})
       for (int rep = 0; rep < 6; ++rep) {
         PairCase c;
+        c.digits = digits;
         c.random_shape(rng, bits, block, rep);
-        c.tokens = 1 + int(rng() % uint64_t(avx512_vnni_kernels().tokens_per_call(bits)));
+        c.tokens = 1 + int(rng() % uint64_t(ks.tokens_per_call(bits)));
         c.make(rng);
         std::vector<float> acc(size_t(c.tokens * kPairRows));
-        int8_kernel(bits)(c.job(acc.data()));
+        test::kernel_of(ks, bits)(c.job(acc.data()));
         const int64_t groups = (c.K + 255) / 256 + c.nb;  // an upper bound on the integer groups
-        const double n = double(groups + 2), g = n * 0x1p-24 / (1 - n * 0x1p-24) + 0x1p-23;
+        const double n = double((digits > 1 ? 5 : 1) * groups + 2), g = n * 0x1p-24 / (1 - n * 0x1p-24) + 0x1p-23;
+        const double step = 0.5 / std::pow(double(kInt8DigitBase), digits - 1);  // a column's rounding, in units of sx
         for (int t = 0; t < c.tokens; ++t)
           for (int lane = 0; lane < kPairRows; ++lane) {
             double y, w, m, yq, wq, mq;
             c.exact(lane / kTileRows, lane % kTileRows, t, false, y, w, m);
             c.exact(lane / kTileRows, lane % kTileRows, t, true, yq, wq, mq);
             const double got = acc[size_t(t * kPairRows + lane)];
-            ASSERT_LE(std::fabs(got - y), 0.5 * double(c.sx[t]) * w * (1 + 0x1p-22) + g * m * w)
+            ASSERT_LE(std::fabs(got - y), step * double(c.sx[t]) * w * (1 + 0x1p-22) + g * m * w)
                 << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " exact " << y << " (sum |w| "
                 << w << ", sx " << c.sx[t] << ", base seed " << base_seed() << ")";
             ASSERT_LE(std::fabs(got - yq), g * m * w)
-                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " vs sum with sx * xq " << yq
-                << " (sum |w| " << w << ", base seed " << base_seed() << ")";
+                << c.str() << " token " << t << " lane " << lane << ": kernel " << got << " vs sum with the codes' value "
+                << yq << " (sum |w| " << w << ", base seed " << base_seed() << ")";
             ++checked;
           }
       }
   EXPECT_GT(checked, 0);
+}
+
+TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
+  if (!has_avx512_vnni()) GTEST_SKIP() << "this CPU lacks AVX512_VNNI";
+  std::mt19937_64 rng(base_seed());
+  expect_within_bound(avx512_vnni_kernels(), 1, rng);
+}
+
+// The int8x3 mode's kernels: three digit planes on the tile multiplies, every call size; a token's result
+// independent of its call (they serve every call, so determinism rests on them alone); the infinite-scale
+// fallback.
+TEST(CpuInt8Kernel, DigitsWithinBoundOfExactSum) {
+  if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
+  std::mt19937_64 rng(base_seed() + 7);
+  expect_within_bound(avx512_amx_digits_kernels(), kInt8Digits, rng);
+}
+
+struct DigitCase : PairCase {
+  DigitCase() { digits = kInt8Digits; }
+};
+
+TEST(CpuInt8Kernel, DigitsTokenResultIndependentOfBatch) {
+  if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
+  std::mt19937_64 rng(base_seed() + 8);
+  test::expect_tokens_independent<DigitCase>(avx512_amx_digits_kernels(), rng);
+  test::expect_infinite_scale_falls_back<DigitCase>(avx512_amx_digits_kernels(), rng);
 }
 
 // The VBMI kernels transpose the weight codes with one byte permute instead of two shuffles: the same

@@ -77,7 +77,8 @@ def test_cpu_compute_flag_rejects_bad_value():
     assert p.returncode != 0 and "--cpu-compute" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("mode,flag,tol", [("bf16", "avx512_bf16", 8e-3), ("int8", "avx512_vnni", 4e-2)])
+@pytest.mark.parametrize("mode,flag,tol", [("bf16", "avx512_bf16", 8e-3), ("int8", "avx512_vnni", 4e-2),
+                                           ("int8x3", "amx_int8", 4e-6)])
 def test_cpu_compute_flag(mode, flag, tol):
     # --cpu-compute (an accuracy option): the demo's error against the fp32 layer moves by at most the
     # mode's tested layer tolerance (tests/cpp/cpu_compute_layer_test.cpp; docs/DESIGN.md, Numerics),

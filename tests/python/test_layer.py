@@ -251,12 +251,14 @@ def _cpu_flags() -> set:
 # The CPU accuracy options (docs/DESIGN.md, Numerics): value, the CPU flag it needs besides AVX-512
 # F/BW/VL, the name the backend's error gives it, and the C++ layer test's relative L2 tolerance
 # (tests/cpp/cpu_compute_layer_test.cpp says why).
-CPU_COMPUTE_MODES = [("bf16", "avx512_bf16", "AVX512_BF16", 8e-3), ("int8", "avx512_vnni", "AVX512_VNNI", 4e-2)]
+CPU_COMPUTE_MODES = [("bf16", "avx512_bf16", "AVX512_BF16", 8e-3), ("int8", "avx512_vnni", "AVX512_VNNI", 4e-2),
+                     ("int8x3", "amx_int8", "AMX-TILE, AMX-INT8", 4e-6)]
 
 
 @pytest.mark.parametrize("mode,flag,feature,tol", CPU_COMPUTE_MODES)
 def test_cpu_compute_is_close_deterministic_and_checked(mode, flag, feature, tol):
-    # cpu_compute=mode: activations rounded (bf16) or quantized per row (int8) before the FC kernels;
+    # cpu_compute=mode: activations rounded (bf16) or quantized per row (int8; int8x3: three int8 digits)
+    # before the FC kernels;
     # held to the C++ layer test's tolerance against the exact mode, bitwise the same for every chunk
     # size and thread count, and refused with a clear error on a CPU without the instruction.
     supported = {"avx512f", "avx512bw", "avx512vl", flag} <= _cpu_flags()
@@ -281,7 +283,7 @@ def test_cpu_compute_rejects_unknown_values():
     # Checked whatever the backend, like cuda_gemm.
     kwargs, _, _ = build(CONFIGS[5])
     for backend, value in (("reference", "fp8"), ("cpu", "INT8")):
-        with pytest.raises(qmoe.Error, match=f"cpu_compute: expected exact, bf16 or int8, got '{value}'"):
+        with pytest.raises(qmoe.Error, match=f"cpu_compute: expected exact, bf16, int8 or int8x3, got '{value}'"):
             qmoe.Layer(backend=backend, cpu_compute=value, **kwargs)
 
 

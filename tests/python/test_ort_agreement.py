@@ -16,7 +16,8 @@ Tolerances (relative L2 error ||qmoe - ref|| / ||ref||):
 - bf16 (model only): 4e-3 = 2^-8, the worst relative rounding of one bf16 output element.
 
 QMOE_BIN names the binary (default build/tools/qmoe/qmoe); QMOE_BACKENDS the comma-separated
-backend runs (default "reference,cpu,cpu-raw"; cpu-raw is cpu with --no-prepack; add cuda on a GPU, cuda-sm90 on Hopper).
+backend runs (default "reference,cpu,cpu-raw", plus cpu-int8x3 where the CPU has AMX; cpu-raw is cpu with
+--no-prepack, cpu-int8x3 cpu with --cpu-compute int8x3; add cuda on a GPU, cuda-sm90 on Hopper).
 QMOE_WRITE_AGREEMENT=1 writes the results table to docs/AGREEMENT.md.
 """
 
@@ -38,11 +39,24 @@ BACKENDS = {
     "reference": ["--backend", "reference"],
     "cpu": ["--backend", "cpu"],
     "cpu-raw": ["--backend", "cpu", "--no-prepack"],
+    # the int8x3 option (three int8 digits per activation on AMX tile multiplies): held to the fp32 tolerances
+    "cpu-int8x3": ["--backend", "cpu", "--cpu-compute", "int8x3"],
     "cuda": ["--backend", "cuda"],  # only in CUDA builds on a GPU machine: QMOE_BACKENDS=cuda,...
     # the Hopper wgmma kernels wherever they serve the layer, whatever the batch (sm_90 GPUs)
     "cuda-sm90": ["--backend", "cuda", "--cuda-gemm", "sm90"],
 }
-SELECTED = [b for b in os.environ.get("QMOE_BACKENDS", "reference,cpu,cpu-raw").split(",") if b]
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {"amx_tile", "amx_int8", "avx512_vnni", "avx512vbmi"} <= set(f.read().split())
+    except OSError:
+        return False
+
+
+DEFAULT_BACKENDS = "reference,cpu,cpu-raw" + (",cpu-int8x3" if _has_amx() else "")
+SELECTED = [b for b in os.environ.get("QMOE_BACKENDS", DEFAULT_BACKENDS).split(",") if b]
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 4e-3}
 # Backends whose fast path rounds operands below T, with the bound they state (contract §4.3 allows
