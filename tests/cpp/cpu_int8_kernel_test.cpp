@@ -25,6 +25,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -311,6 +312,56 @@ TEST(CpuInt8Kernel, QuantizerContract) {
   std::vector<int32_t> ns(1);
   float sx = 0;
   quantize_row_int8(x.data(), 16, 16, 4, 16, q.data(), ns.data(), &sx);
+  EXPECT_TRUE(std::isnan(sx));
+}
+
+// quantize_row_int8_digits's contract (int8_rows.h): the int8 option's scale, digits in [-127, 127], the three
+// digits within sx / (2 * 254^2) of x (rows of every magnitude, down to subnormal sx), per-plane group sums,
+// zeros past K, slot order, zeros for a zero row, NaN scale for non-finite rows.
+TEST(CpuInt8Kernel, DigitQuantizerContract) {
+  std::mt19937_64 rng(base_seed() + 9);
+  std::uniform_real_distribution<float> xd(-3.f, 3.f);
+  for (int bits : {4, 8})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(128), int64_t(512)})
+      for (float amp : {1.f, 0x1p-100f, 0x1p-130f, 0x1p100f}) {
+        const int64_t K = 2 * int64_t(rng() % 400) + 1, W = round_up(K + 8, 16), G = int8_group_cols(block), N = W / 16;
+        std::vector<float> x(size_t(W), 0.f);
+        for (int64_t c = 0; c < K; ++c) x[size_t(c)] = amp * xd(rng);
+        std::vector<int8_t> q(size_t(kInt8Digits * W), 99);
+        std::vector<int32_t> ns(size_t(kInt8Digits * N), 99);
+        float sx = -1;
+        quantize_row_int8_digits(x.data(), K, W, bits, block, q.data(), ns.data(), N, &sx);
+        float m = 0;
+        for (int64_t c = 0; c < K; ++c) m = std::max(m, std::fabs(x[size_t(c)]));
+        ASSERT_EQ(sx, m / 127.f) << "amp " << amp;
+        std::vector<int32_t> want(size_t(kInt8Digits * N), 0);
+        for (int64_t c = 0; c < W; ++c) {
+          double v = 0, unit = sx;
+          for (int d = 0; d < kInt8Digits; ++d, unit /= kInt8DigitBase) {
+            const int code = q[size_t(d * W + int8_column_slot(bits, c))];
+            ASSERT_LE(std::abs(code), 127) << "column " << c << " digit " << d;
+            if (c >= K) ASSERT_EQ(code, 0) << "column " << c << " past K";
+            v += unit * code;
+            if (c < K) want[size_t(d * N + c / G)] -= code;
+          }
+          if (c < K && sx >= FLT_MIN)  // subnormal sx: the row is within 127 * 2^-126 of zero anyway
+            ASSERT_LE(std::fabs(double(x[size_t(c)]) - v), 0.5 * sx / (kInt8DigitBase * kInt8DigitBase) * (1 + 0x1p-20))
+                << "column " << c << " amp " << amp << " (base seed " << base_seed() << ")";
+        }
+        for (int d = 0; d < kInt8Digits; ++d)
+          for (int64_t g = 0; g < (W + G - 1) / G; ++g)
+            ASSERT_EQ(ns[size_t(d * N + g)], want[size_t(d * N + g)]) << "digit " << d << " group " << g;
+      }
+  std::vector<float> x(16, 0.f);
+  std::vector<int8_t> q(size_t(kInt8Digits * 16), 5);
+  std::vector<int32_t> ns(size_t(kInt8Digits), 5);
+  float sx = -1;
+  quantize_row_int8_digits(x.data(), 16, 16, 8, 16, q.data(), ns.data(), 1, &sx);
+  EXPECT_EQ(sx, 0.f);
+  for (int8_t v : q) EXPECT_EQ(v, 0);
+  for (int32_t v : ns) EXPECT_EQ(v, 0);
+  x[7] = NAN;
+  quantize_row_int8_digits(x.data(), 16, 16, 8, 16, q.data(), ns.data(), 1, &sx);
   EXPECT_TRUE(std::isnan(sx));
 }
 
