@@ -1,6 +1,6 @@
 // AMX pair kernels for the "int8" and "int8x3" compute modes (CpuBackendOptions::compute): the integer
-// group sums of kernels_avx512_vnni.cpp computed by tile multiplies. Built with -mamx-tile -mamx-int8 and -mavx512vbmi
-// on top of the AVX-512 VNNI flags; the backend selects them only where amx_available() (cpu_kernels.h)
+// group sums of kernels_avx512_vnni.cpp computed by tile multiplies. Built with -mamx-tile -mamx-int8 and
+// -mavx512vbmi on top of the AVX-512 VNNI flags; the backend selects them only where amx_available() (cpu_kernels.h)
 // says the CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI and the OS gave this process the tile
 // state. Same packed format, same PairJob, same activation rows (int8_rows.h).
 //
@@ -94,8 +94,9 @@ inline void tile_multiply(bool last, const int8_t* a, int64_t a_stride, const vo
   }
 }
 // The int8x3 mode (D digits, one A tile of up to 16 tokens): digit d's A rows at a + d * d_stride, its C
-// in tile 3, 4, 1 (d = 0, 1, 2); the full multiplies' A alternate between tiles 0 and 6, so a load need
-// not wait for the multiply still reading the other; the row's last multiply, when shorter, A 5, B 7.
+// in tile 3, 4, 1 (d = 0, 1, 2); A 0, B 2, and for the row's last multiply, when shorter, A 5, B 7. (A
+// second A register, so that a load need not wait for the multiply reading the first, measured the
+// same: a loop of loads and multiplies takes ~8.3 ns per A tile either way on the Xeon of docs/PERF.md.)
 template <int D>
 inline void tile_multiply_digits(bool last, const int8_t* a, int64_t a_stride, int64_t d_stride, const void* b) {
   static_assert(D == 3, "tile registers for three digits");
@@ -111,8 +112,8 @@ inline void tile_multiply_digits(bool last, const int8_t* a, int64_t a_stride, i
     _tile_loadd(2, b, 64);
     _tile_loadd(0, a, a_stride);
     _tile_dpbssd(3, 0, 2);
-    _tile_loadd(6, a + d_stride, a_stride);
-    _tile_dpbssd(4, 6, 2);
+    _tile_loadd(0, a + d_stride, a_stride);
+    _tile_dpbssd(4, 0, 2);
     _tile_loadd(0, a + 2 * d_stride, a_stride);
     _tile_dpbssd(1, 0, 2);
   }
@@ -164,7 +165,7 @@ struct ARows {
 // T = 64, 2 threads: 86-87 -> 65 ms (VNNI 67).
 inline constexpr int kBuildAhead = 2, kFoldLag = 2;
 
-// D = 1: the int8 mode (one or two A tiles); D = kInt8Digits: the int8x3 mode (one A tile per digit).
+// D = 1: the int8 mode (one or two A tiles); D = kInt8Digits: the int8x3 mode (one A tile, loaded per digit).
 template <int BITS, int MT, bool ZP, int D = 1>
 void pair_amx(const PairJob& jb) {
   constexpr int kPack = 8 / BITS;
@@ -189,7 +190,7 @@ void pair_amx(const PairJob& jb) {
     cfg.rows[0] = cfg.rows[3] = cfg.rows[5] = kLo, cfg.rows[1] = cfg.rows[4] = cfg.rows[6] = kHi;  // A, C, last A
     cfg.colsb[0] = cfg.colsb[1] = uint16_t(S), cfg.colsb[3] = cfg.colsb[4] = 64;
   } else {
-    cfg.rows[0] = cfg.rows[6] = cfg.rows[5] = MT, cfg.colsb[0] = cfg.colsb[6] = uint16_t(S);  // A, last A
+    cfg.rows[0] = cfg.rows[5] = MT, cfg.colsb[0] = uint16_t(S);  // A, last A
     cfg.rows[3] = cfg.rows[4] = cfg.rows[1] = MT, cfg.colsb[3] = cfg.colsb[4] = cfg.colsb[1] = 64;  // C
   }
   cfg.rows[2] = uint8_t(S / 4), cfg.colsb[2] = 64;  // B
