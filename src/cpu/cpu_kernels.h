@@ -107,9 +107,14 @@ const KernelSet& avx512_vnni_kernels(bool vbmi);
 // (tests).
 const KernelSet& avx512_amx_kernels(bool every_call = false);
 // The int8x3 compute mode (int8_rows.h: activations as three int8 digits, fp32-level accuracy): tile
-// multiplies for every call, so a token's result never depends on its call's size. Call only where
-// amx_available(); its jobs must set xq, xneg_sum, xscale and the digit strides.
-const KernelSet& avx512_amx_digits_kernels();
+// multiplies for calls of more than kVnniDigitTokens tokens (every call where every_call: tests), the rest
+// by avx512_vnni_digits, bitwise the same. Call only where amx_available(); its jobs must set xq, xneg_sum,
+// xscale and the digit strides.
+const KernelSet& avx512_amx_digits_kernels(bool every_call = false);
+// The int8x3 mode's sums by vpdpbusd (with VBMI), for calls of at most kVnniDigitTokens tokens, 4- and
+// 8-bit weights: the same integers and the same fold as the AMX digit kernels, so the same bits.
+inline constexpr int kVnniDigitTokens = 2;
+void avx512_vnni_digits(const PairJob& jb);
 // Whether this CPU has AMX-TILE, AMX-INT8, AVX512_VNNI and AVX512_VBMI (and AVX-512 F/BW/VL) and the OS
 // granted this process the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
 bool amx_available();

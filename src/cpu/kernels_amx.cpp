@@ -30,9 +30,10 @@
 //
 // The "int8x3" mode (D = kInt8Digits) runs the same loop on rows of three int8 digits (int8_rows.h): each B
 // is multiplied with each digit's A tile into that digit's C, and the fold combines the digits' exact
-// sums, i0 + i1 / 254 + i2 / 254^2, before the scale's fma: fp32-level accuracy for three tile
-// multiplies per weight tile instead of fp32 FMAs per token. No VNNI kernel takes digits, so every call,
-// of 1 token or 32, runs here (a token's result must not depend on its call's size).
+// sums, i0 + i1 / 254 + i2 / 254^2 (digits_group_sum), before the scale's fma: fp32-level accuracy for
+// three tile multiplies per weight tile instead of fp32 FMAs per token. Its calls of 1 or 2 tokens go to
+// the VNNI kernel's digit form, which computes the same integers and folds them the same way (tested
+// bitwise), as the int8 mode's small calls do.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -248,18 +249,12 @@ void pair_amx(const PairJob& jb) {
           if (zp) isum = _mm512_dpwssd_epi32(isum, dz, _mm512_set1_epi32(jb.xneg_sum[t][g]));
           acc[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc[t]);
         } else {
-          // Digit d's exact sum i_d; the group's sum is i0 + i1 / 254 + i2 / 254^2 (int8_rows.h). 254 i0 +
-          // i1 is exact in int32 (|i_d| <= 256 * 255 * 127, so |254 i0 + i1| <= 2^31 - 2^25), leaving its
-          // conversion, the fma and the constants' rounding (2^-25 relative each): fp32-level.
           __m512i i[D];
           for (int d = 0; d < D; ++d) {
             i[d] = _mm512_load_si512(cg[d * kLo + t]);
             if (zp) i[d] = _mm512_dpwssd_epi32(i[d], dz, _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g]));
           }
-          const __m512i i01 = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(i[0], 8), _mm512_slli_epi32(i[0], 1)), i[1]);
-          const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), _mm512_set1_ps(1.f / kInt8DigitBase),
-                                             _mm512_mul_ps(_mm512_cvtepi32_ps(i[2]),
-                                                           _mm512_set1_ps(1.f / (kInt8DigitBase * kInt8DigitBase))));
+          const __m512 sum = digits_group_sum(i[0], i[1], i[2]);
           acc[t] = _mm512_fmadd_ps(s, sum, acc[t]);
         }
       }
@@ -342,25 +337,32 @@ void amx_pair(const PairJob& jb) {
   run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_pair16<BITS, MIN>);
 }
 
-// The int8x3 mode: every call on the tile multiplies (no VNNI kernel takes digits), 16 tokens per
-// multiply, more as 16 + the rest.
-template <int BITS>
+// The int8x3 mode: 16 tokens per tile multiply, more as 16 + the rest; with VNNI_SMALL, calls of at most
+// kVnniDigitTokens tokens by vpdpbusd (avx512_vnni_digits: the same bits). Why only those: 2-vCPU Xeon,
+// 2 threads, int8x3, ms, tile multiplies for every call -> 1 and 2 tokens on vpdpbusd: mixtral int4 b128 T = 1
+// 8.8-8.9 -> 6.4-6.5, T = 8 33.5-33.7 -> 28.4-28.5; qwen3 T = 8 6.8-6.9 -> 5.6-5.7; but qwen3 T = 64 (about 4
+// tokens an expert) as 2-token vpdpbusd calls 19.9-20.7 -> 23.9-24.0 (docs/PERF.md, "The int8x3 option").
+template <int BITS, bool VNNI_SMALL>
 void amx_digits_pair(const PairJob& jb) {
   if (jb.tokens > kAmxTokens) {
-    run_part(jb, 0, kAmxTokens, amx_digits_pair<BITS>);
-    run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_digits_pair<BITS>);
+    run_part(jb, 0, kAmxTokens, amx_digits_pair<BITS, VNNI_SMALL>);
+    run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_digits_pair<BITS, VNNI_SMALL>);
     return;
   }
+  if (VNNI_SMALL && jb.tokens <= kVnniDigitTokens) return avx512_vnni_digits(jb);
   dispatch_pair<kAmxTokens>(jb, portable_kernels().w4, "avx512-amx-int8x3",
                             [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP, kInt8Digits>(jb); });
 }
 
 }  // namespace
 
-const KernelSet& avx512_amx_digits_kernels() {
-  static const KernelSet set{"avx512-amx-int8x3", portable_kernels().w2, amx_digits_pair<4>, amx_digits_pair<8>,
-                             2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
-  return set;
+const KernelSet& avx512_amx_digits_kernels(bool every_call) {
+  const PairKernel w2 = portable_kernels().w2;
+  static const KernelSet dispatching{"avx512-amx-int8x3", w2, amx_digits_pair<4, true>, amx_digits_pair<8, true>,
+                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+  static const KernelSet always{"avx512-amx-int8x3", w2, amx_digits_pair<4, false>, amx_digits_pair<8, false>,
+                                2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+  return every_call ? always : dispatching;
 }
 
 const KernelSet& avx512_amx_kernels(bool every_call) {

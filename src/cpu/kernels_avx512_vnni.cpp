@@ -68,8 +68,10 @@ inline __m512i x_dword(const int8_t* xq, int64_t i) {
   return _mm512_set1_epi32(w);
 }
 
-// The pair kernel for both widths: BITS 4 or 8; VBMI: the transpose by vpermb (load_transposed).
-template <int BITS, int MT, bool ZP, bool VBMI>
+// The pair kernel for both widths: BITS 4 or 8; VBMI: the transpose by vpermb (load_transposed). D = 1: the
+// int8 mode; D = kInt8Digits: the int8x3 mode's small calls (the digits' sums side by side, combined as
+// kernels_amx.cpp combines them, so both give the same bits).
+template <int BITS, int MT, bool ZP, bool VBMI, int D = 1>
 void pair_vnni(const PairJob& jb) {
   constexpr int kPack = 8 / BITS;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -98,9 +100,12 @@ void pair_vnni(const PairJob& jb) {
       const int64_t je = std::min(jg + gbytes, jb1);
       // Without zero points z is the same for every row, so z * nsum_g is one int32 per token: the
       // sums start there instead of taking a vpdpwssd per tile at the fold (the same integers).
-      __m512i isum[MT][2];
+      __m512i isum[MT][2][D];
       for (int t = 0; t < MT; ++t)
-        isum[t][0] = isum[t][1] = ZP ? _mm512_setzero_si512() : _mm512_set1_epi32(jb.xneg_sum[t][g] * (1 << (BITS - 1)));
+        for (int d = 0; d < D; ++d)
+          isum[t][0][d] = isum[t][1][d] =
+              ZP ? _mm512_setzero_si512()
+                 : _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g] * (1 << (BITS - 1)));
       auto step = [&](int64_t j, bool full) __attribute__((always_inline)) {
         __m512i w[2][2];  // [tile][0: low nibbles or int8 codes, 1: high nibbles]
         for (int tile = 0; tile < 2; ++tile) {
@@ -112,16 +117,19 @@ void pair_vnni(const PairJob& jb) {
             w[tile][0] = v;
           }
         }
-        for (int t = 0; t < MT; ++t) {
-          if constexpr (BITS == 4) {
-            const __m512i x0 = x_dword(jb.xq[t], 2 * j), x1 = x_dword(jb.xq[t], 2 * j + 4);
-            for (int tile = 0; tile < 2; ++tile)
-              isum[t][tile] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[t][tile], w[tile][0], x0), w[tile][1], x1);
-          } else {
-            const __m512i x0 = x_dword(jb.xq[t], j);
-            for (int tile = 0; tile < 2; ++tile) isum[t][tile] = _mm512_dpbusd_epi32(isum[t][tile], w[tile][0], x0);
+        for (int t = 0; t < MT; ++t)
+          for (int d = 0; d < D; ++d) {
+            const int8_t* xq = jb.xq[t] + d * jb.xq_digit_stride;
+            if constexpr (BITS == 4) {
+              const __m512i x0 = x_dword(xq, 2 * j), x1 = x_dword(xq, 2 * j + 4);
+              for (int tile = 0; tile < 2; ++tile)
+                isum[t][tile][d] =
+                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[t][tile][d], w[tile][0], x0), w[tile][1], x1);
+            } else {
+              const __m512i x0 = x_dword(xq, j);
+              for (int tile = 0; tile < 2; ++tile) isum[t][tile][d] = _mm512_dpbusd_epi32(isum[t][tile][d], w[tile][0], x0);
+            }
           }
-        }
       };
       int64_t j = jg;
       // 4-bit weights in blocks of 32: each group is 4 steps, run unrolled whole rather than as two turns
@@ -155,16 +163,20 @@ void pair_vnni(const PairJob& jb) {
       // of the kernel's samples on the instruction after a fold's last store). 2 threads, mixtral
       // int4 block 32 T=64, four alternating runs: 50.6-52.0 -> 42.2-44.9 ms (docs/PERF.md).
       asm volatile("" ::: "memory");
-      for (int t = 0; t < MT; ++t) {
-        const int32_t nsum = jb.xneg_sum[t][g];
+      for (int t = 0; t < MT; ++t)
         for (int tile = 0; tile < 2; ++tile) {
-          __m512i exact = isum[t][tile];
-          if constexpr (ZP)  // + z * -(sum xq), which the start value does not hold here
-            exact = _mm512_dpwssd_epi32(exact, z[tile], _mm512_set1_epi32(nsum));
+          __m512i exact[D];
+          for (int d = 0; d < D; ++d) {
+            exact[d] = isum[t][tile][d];
+            if constexpr (ZP)  // + z * -(sum xq), which the start value does not hold here
+              exact[d] = _mm512_dpwssd_epi32(exact[d], z[tile], _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g]));
+          }
+          __m512 sum;
+          if constexpr (D == 1) sum = _mm512_cvtepi32_ps(exact[0]);
+          else sum = digits_group_sum(exact[0], exact[1], exact[2]);
           float* a = acc + t * kPairRows + tile * kTileRows;
-          _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], _mm512_cvtepi32_ps(exact), _mm512_loadu_ps(a)));
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], sum, _mm512_loadu_ps(a)));
         }
-      }
     }
   }
   for (int t = 0; t < MT; ++t) {
@@ -186,6 +198,15 @@ void vnni_w8(const PairJob& jb) {
 }
 
 }  // namespace
+
+// 2 tokens: their 2 x 2 x 3 digit sums and the codes fit the 32 registers.
+void avx512_vnni_digits(const PairJob& jb) {
+  const auto run = [&]<int BITS>() {
+    dispatch_pair<kVnniDigitTokens>(jb, portable_kernels().w4, "avx512-vnni-int8x3",
+                                    [&]<int MT, bool ZP>() { pair_vnni<BITS, MT, ZP, true, kInt8Digits>(jb); });
+  };
+  jb.bits == 4 ? run.template operator()<4>() : run.template operator()<8>();
+}
 
 const KernelSet& avx512_vnni_kernels(bool vbmi) {
   // 2-bit weights take the exact portable kernel on the fp32 rows (max_tokens is within its kMaxTokens).

@@ -1,5 +1,6 @@
-// The int8 compute mode's view of the packed weight codes, shared by its two kernel sets
-// (kernels_avx512_vnni.cpp: vpdpbusd; kernels_amx.cpp: AMX tile multiplies). Include only from files
+// The int8 compute modes' view of the packed weight codes, shared by their two kernel sets
+// (kernels_avx512_vnni.cpp: vpdpbusd; kernels_amx.cpp: AMX tile multiplies), and the int8x3 mode's digit
+// combination, which both compute the same way so that their results agree bit for bit. Include only from files
 // built with the AVX-512 flags; like kernels_avx512_common.h, everything is in an unnamed namespace so
 // each translation unit compiles its own copy with its own flags.
 //
@@ -17,6 +18,8 @@
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "cpu/int8_rows.h"
 
 namespace qmoe::cpu {
 namespace {
@@ -42,6 +45,16 @@ inline __m512i load_transposed(const uint8_t* p, bool full) {
     const __m512i shuf = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
     return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
   }
+}
+
+// The int8x3 mode's group sum from its three digits' exact sums i0, i1, i2 (int8_rows.h): i0 + i1 / 254 + i2 /
+// 254^2. 254 i0 + i1 is exact in int32 (|i_d| <= 256 * 255 * 127, so |254 i0 + i1| <= 2^31 - 2^25), leaving
+// its conversion, the fma and the constants' rounding (2^-25 relative each): fp32-level.
+inline __m512 digits_group_sum(__m512i i0, __m512i i1, __m512i i2) {
+  static_assert(kInt8Digits == 3 && kInt8DigitBase == 254, "the combination below");
+  const __m512i i01 = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(i0, 8), _mm512_slli_epi32(i0, 1)), i1);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), _mm512_set1_ps(1.f / kInt8DigitBase),
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(i2), _mm512_set1_ps(1.f / (kInt8DigitBase * kInt8DigitBase))));
 }
 
 }  // namespace

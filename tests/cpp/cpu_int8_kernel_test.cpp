@@ -200,34 +200,36 @@ TEST(CpuInt8Kernel, VbmiTransposeGivesTheSameSums) {
   EXPECT_GT(compared, 0);
 }
 
-// The AMX kernels (every call on the tile multiplies, 1..16 tokens) give the VNNI kernels' sums bit for
+// The AMX kernels (every call on the tile multiplies, 1..32 tokens) give the VNNI kernels' sums bit for
 // bit: with the token rows apart (copied into a block by the kernel) and as one strided block (loaded in
-// place, as the backend hands them).
-TEST(CpuInt8Kernel, AmxGivesTheVnniSums) {
-  if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
-  std::mt19937_64 rng(base_seed() + 5);
+// place, as the backend hands them). digits = kInt8Digits: the int8x3 mode's kernels of both kinds.
+void expect_amx_equals_vnni(int digits, std::mt19937_64& rng) {
+  const KernelSet& amx_set = digits == 1 ? avx512_amx_kernels(true) : avx512_amx_digits_kernels(true);
   int compared = 0;
   for (int bits : {4, 8})
     for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(64), int64_t(128), int64_t(256), int64_t(512)})
       for (int rep = 0; rep < 6; ++rep) {
         PairCase c;
+        c.digits = digits;
         c.random_shape(rng, bits, block, rep);
-        c.tokens = 1 + int(rng() % uint64_t(avx512_amx_kernels(true).tokens_per_call(bits)));
+        c.tokens = 1 + int(rng() % uint64_t(amx_set.tokens_per_call(bits)));
         c.make(rng);
         std::vector<float> vnni(size_t(c.tokens * kPairRows));
         for (int t = 0; t < c.tokens; ++t) {  // one token per call: a token's sums do not depend on the others
           PairJob jb = c.job(vnni.data() + t * kPairRows);
           jb.tokens = 1, jb.x[0] = jb.x[t], jb.xq[0] = jb.xq[t], jb.xneg_sum[0] = jb.xneg_sum[t], jb.xscale[0] = jb.xscale[t];
-          int8_kernel(bits)(jb);
+          if (digits == 1) int8_kernel(bits)(jb);
+          else avx512_vnni_digits(jb);
         }
-        std::vector<int8_t> block_rows(size_t(c.tokens * c.W));
-        for (int t = 0; t < c.tokens; ++t) std::memcpy(block_rows.data() + t * c.W, c.xq[t].data(), size_t(c.W));
+        const int64_t row = digits * c.W;  // one token's codes, its digit planes W apart
+        std::vector<int8_t> block_rows(size_t(c.tokens * row));
+        for (int t = 0; t < c.tokens; ++t) std::memcpy(block_rows.data() + t * row, c.xq[t].data(), size_t(row));
         for (bool strided : {false, true}) {
           std::vector<float> amx(vnni.size());
           PairJob jb = c.job(amx.data());
           if (strided)
-            for (int t = 0; t < c.tokens; ++t) jb.xq[t] = block_rows.data() + t * c.W;
-          test::kernel_of(avx512_amx_kernels(true), bits)(jb);
+            for (int t = 0; t < c.tokens; ++t) jb.xq[t] = block_rows.data() + t * row;
+          test::kernel_of(amx_set, bits)(jb);
           ASSERT_EQ(std::memcmp(vnni.data(), amx.data(), vnni.size() * sizeof(float)), 0)
               << c.str() << (strided ? " (rows as one block)" : " (rows apart)")
               << ": the AMX kernel's sums differ from the VNNI kernel's (base seed " << base_seed() << ")";
@@ -235,6 +237,18 @@ TEST(CpuInt8Kernel, AmxGivesTheVnniSums) {
         }
       }
   EXPECT_GT(compared, 0);
+}
+
+TEST(CpuInt8Kernel, AmxGivesTheVnniSums) {
+  if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
+  std::mt19937_64 rng(base_seed() + 5);
+  expect_amx_equals_vnni(1, rng);
+}
+
+TEST(CpuInt8Kernel, AmxDigitsGiveTheVnniDigitSums) {
+  if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
+  std::mt19937_64 rng(base_seed() + 10);
+  expect_amx_equals_vnni(kInt8Digits, rng);
 }
 
 TEST(CpuInt8Kernel, AmxTokenResultIndependentOfBatch) {
