@@ -123,9 +123,9 @@ struct CpuBackendOptions {
   //           largest value); each digit's group sums are exact int32 tile multiplies, combined in fp32
   //           per group. Whole layers sit as close to the reference as the exact mode does (relative L2
   //           1-6e-7 on fp32 layers, tested to 4e-6; docs/DESIGN.md, "Numerics"). Deterministic like
-  //           int8 (every call size runs the tile multiplies). Needs AMX-TILE, AMX-INT8, AVX512_VNNI and
-  //           AVX512_VBMI with the OS's tile grant (isa "auto" or "amx"); otherwise refused. Scratch grows
-  //           by k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16) bytes per row.
+  //           int8 (calls of 1-2 tokens take vpdpbusd, bitwise the same). Needs AMX-TILE, AMX-INT8,
+  //           AVX512_VNNI and AVX512_VBMI with the OS's tile grant (isa "auto" or "amx"); otherwise
+  //           refused. Scratch grows by k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16) bytes per row.
   std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.
