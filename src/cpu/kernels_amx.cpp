@@ -242,7 +242,7 @@ void pair_amx(const PairJob& jb) {
                                                _mm512_set1_epi32(0xffff))
                             : _mm512_setzero_si512();
       const int32_t(*cg)[16] = c[g % (kFoldLag + 1)];
-      // Token t's sums: row t of C tile 0 (and of tile 1 for t >= 16, at row t there too).
+      // Token t's sums: row t of the C ring (two A tiles: tile 4 stored from row 16 on; digit d at row d * kLo + t).
       for (int t = 0; t < MT; ++t) {
         if constexpr (D == 1) {
           __m512i isum = _mm512_load_si512(cg[t]);
