@@ -165,15 +165,14 @@ void pair_vnni(const PairJob& jb) {
       asm volatile("" ::: "memory");
       for (int t = 0; t < MT; ++t)
         for (int tile = 0; tile < 2; ++tile) {
-          __m512i exact[D];
-          for (int d = 0; d < D; ++d) {
-            exact[d] = isum[t][tile][d];
-            if constexpr (ZP)  // + z * -(sum xq), which the start value does not hold here
-              exact[d] = _mm512_dpwssd_epi32(exact[d], z[tile], _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g]));
-          }
+          // Digit d's sum + z * -(sum of its xq), which the start value does not hold with zero points.
+          const auto exact = [&](int d) __attribute__((always_inline)) {
+            if constexpr (!ZP) return isum[t][tile][d];
+            return _mm512_dpwssd_epi32(isum[t][tile][d], z[tile], _mm512_set1_epi32(jb.xneg_sum[t][d * jb.xneg_digit_stride + g]));
+          };
           __m512 sum;
-          if constexpr (D == 1) sum = _mm512_cvtepi32_ps(exact[0]);
-          else sum = digits_group_sum(exact[0], exact[1], exact[2]);
+          if constexpr (D == 1) sum = _mm512_cvtepi32_ps(exact(0));
+          else sum = digits_group_sum(exact(0), exact(1), exact(2));
           float* a = acc + t * kPairRows + tile * kTileRows;
           _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], sum, _mm512_loadu_ps(a)));
         }
