@@ -620,7 +620,7 @@ int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
   // int8 (D = 1 digit plane) and int8x3 (D = 3): k rows of each (grouped positions): per plane 1 byte
   // per code and 4 per group sum (XW / 16 and AW / 16 per row); 4 per row scale; 8 per slot for its position.
-  const int64_t D = compute == "int8" ? 1 : compute == "int8x3" ? kInt8Digits : 0;
+  const int64_t D = int8_digits(parse_compute(compute));
   const int64_t int8_rows = D ? s.k * (D * ((XW + AW) + 4 * (XW / 16 + AW / 16)) + 8 + 8) : 0;
   return 4 * (XW + s.k * (AW + s.hidden)) + s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows + int8_rows;
 }

@@ -19,6 +19,17 @@ inline double round_even(double d) {
   constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
   return (d + kShift) - kShift;
 }
+// max|x[0..K)|, or NaN where the row holds Inf or NaN.
+inline float abs_max_finite(const float* x, int64_t K) {
+  float m = 0.f;
+  bool finite = true;
+  for (int64_t c = 0; c < K; ++c) {
+    const float a = std::fabs(x[c]);
+    finite = finite && std::isfinite(x[c]);
+    m = a > m ? a : m;  // fmax without a libm call: a NaN never wins
+  }
+  return finite ? m : std::nanf("");
+}
 }  // namespace
 
 void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q, int32_t* nsum,
@@ -26,15 +37,9 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
   const int64_t G = int8_group_cols(block_size), groups = (W + G - 1) / G;
   std::memset(q, 0, size_t(W));
   for (int64_t g = 0; g < groups; ++g) nsum[g] = 0;
-  float m = 0.f;
-  bool finite = true;
-  for (int64_t c = 0; c < K; ++c) {
-    const float a = std::fabs(x[c]);
-    finite = finite && std::isfinite(x[c]);
-    m = a > m ? a : m;  // fmax without a libm call: a NaN never wins; a row with Inf or NaN returns below
-  }
-  if (!finite) {
-    *sx = std::nanf("");
+  const float m = abs_max_finite(x, K);
+  if (m != m) {  // a row with Inf or NaN
+    *sx = m;
     return;
   }
   *sx = m / 127.f;
@@ -68,15 +73,9 @@ void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, in
     std::memset(q + d * W, 0, size_t(W));
     for (int64_t g = 0; g < groups; ++g) nsum[d * nsum_stride + g] = 0;
   }
-  float m = 0.f;
-  bool finite = true;
-  for (int64_t c = 0; c < K; ++c) {
-    const float a = std::fabs(x[c]);
-    finite = finite && std::isfinite(x[c]);
-    m = a > m ? a : m;
-  }
-  if (!finite) {
-    *sx = std::nanf("");
+  const float m = abs_max_finite(x, K);
+  if (m != m) {  // a row with Inf or NaN
+    *sx = m;
     return;
   }
   *sx = m / 127.f;

@@ -68,30 +68,37 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 // Tile registers: A 0 (the first 16 tokens) and 1 (the rest, calls of 17..kAmxTwoTiles tokens), B 2, C 3
-// and 4 (the same split); the row's last multiply, when shorter, A 5 and 6, B 7. GCC's tile intrinsics
-// paste the register number into their assembly, so the numbers are written out. (Alternating two
+// and 4 (the same split); the row's last multiply, when shorter, A 5 and 6, B 7. (Alternating two
 // register sets between multiplies and groups, so that a group's C could be stored after the next
 // group's first multiply, measured no faster on the 2-vCPU Xeon of docs/PERF.md; the build-ahead and
 // fold lag below did.)
+//
+// One multiply's tile instructions with B in register B_ and A (its first 16 rows) in A_, the rest of A
+// (TWO) in AHI_; the digits' with digit d's A loaded into A_ in turn. Macros: the register numbers must
+// be literals in GCC's tile intrinsics, and the row's last multiply takes other registers (its shape).
+#define QMOE_AMX_MULTIPLY(A_, AHI_, B_)      \
+  _tile_loadd(B_, b, 64);                    \
+  _tile_loadd(A_, a, a_stride);              \
+  _tile_dpbssd(3, A_, B_);                   \
+  if constexpr (TWO) {                       \
+    _tile_loadd(AHI_, a_hi, a_stride);       \
+    _tile_dpbssd(4, AHI_, B_);               \
+  }
+#define QMOE_AMX_MULTIPLY_DIGITS(A_, B_)            \
+  _tile_loadd(B_, b, 64);                           \
+  _tile_loadd(A_, a, a_stride);                     \
+  _tile_dpbssd(3, A_, B_);                          \
+  _tile_loadd(A_, a + d_stride, a_stride);          \
+  _tile_dpbssd(4, A_, B_);                          \
+  _tile_loadd(A_, a + 2 * d_stride, a_stride);      \
+  _tile_dpbssd(1, A_, B_)
 template <bool TWO>
 inline void tile_multiply(bool last, const int8_t* a, int64_t a_stride, const void* b) {
   const int8_t* a_hi = a + kAmxTokens * a_stride;
   if (last) {
-    _tile_loadd(7, b, 64);
-    _tile_loadd(5, a, a_stride);
-    _tile_dpbssd(3, 5, 7);
-    if constexpr (TWO) {
-      _tile_loadd(6, a_hi, a_stride);
-      _tile_dpbssd(4, 6, 7);
-    }
+    QMOE_AMX_MULTIPLY(5, 6, 7);
   } else {
-    _tile_loadd(2, b, 64);
-    _tile_loadd(0, a, a_stride);
-    _tile_dpbssd(3, 0, 2);
-    if constexpr (TWO) {
-      _tile_loadd(1, a_hi, a_stride);
-      _tile_dpbssd(4, 1, 2);
-    }
+    QMOE_AMX_MULTIPLY(0, 1, 2);
   }
 }
 // The int8x3 mode (D digits, one A tile of up to 16 tokens): digit d's A rows at a + d * d_stride, its C
@@ -102,23 +109,14 @@ template <int D>
 inline void tile_multiply_digits(bool last, const int8_t* a, int64_t a_stride, int64_t d_stride, const void* b) {
   static_assert(D == 3, "tile registers for three digits");
   if (last) {
-    _tile_loadd(7, b, 64);
-    _tile_loadd(5, a, a_stride);
-    _tile_dpbssd(3, 5, 7);
-    _tile_loadd(5, a + d_stride, a_stride);
-    _tile_dpbssd(4, 5, 7);
-    _tile_loadd(5, a + 2 * d_stride, a_stride);
-    _tile_dpbssd(1, 5, 7);
+    QMOE_AMX_MULTIPLY_DIGITS(5, 7);
   } else {
-    _tile_loadd(2, b, 64);
-    _tile_loadd(0, a, a_stride);
-    _tile_dpbssd(3, 0, 2);
-    _tile_loadd(0, a + d_stride, a_stride);
-    _tile_dpbssd(4, 0, 2);
-    _tile_loadd(0, a + 2 * d_stride, a_stride);
-    _tile_dpbssd(1, 0, 2);
+    QMOE_AMX_MULTIPLY_DIGITS(0, 2);
   }
 }
+#undef QMOE_AMX_MULTIPLY
+#undef QMOE_AMX_MULTIPLY_DIGITS
+
 // C tiles: 3 (and 4 with two A tiles, or per digit 3, 4, 1); c[i] is C tile i's first row.
 template <int NC>
 inline void tile_zero_c() {
@@ -323,16 +321,9 @@ void amx_pair16(const PairJob& jb) {
 template <int BITS, int MIN>
 void amx_pair(const PairJob& jb) {
   if (jb.tokens <= kAmxTokens) return amx_pair16<BITS, MIN>(jb);
-  if (jb.tokens <= kAmxTwoTiles) {
-    if (!jb.scales_finite && __builtin_expect(any_inf_scale(jb), 0)) return portable_kernels().w4(jb);
-    const bool zp = jb.zero_points[0] || jb.zero_points[1];
-    [&]<int... I>(std::integer_sequence<int, I...>) {
-      ((jb.tokens == kAmxTokens + 1 + I &&
-        (zp ? pair_amx<BITS, kAmxTokens + 1 + I, true>(jb) : pair_amx<BITS, kAmxTokens + 1 + I, false>(jb), true)) ||
-       ...);
-    }(std::make_integer_sequence<int, kAmxTwoTiles - kAmxTokens>{});
-    return;
-  }
+  if (jb.tokens <= kAmxTwoTiles)
+    return dispatch_pair<kAmxTwoTiles, kAmxTokens + 1>(jb, portable_kernels().w4, "avx512-amx",
+                                                      [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP>(jb); });
   run_part(jb, 0, kAmxTokens, amx_pair16<BITS, MIN>);
   run_part(jb, kAmxTokens, jb.tokens - kAmxTokens, amx_pair16<BITS, MIN>);
 }

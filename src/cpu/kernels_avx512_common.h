@@ -125,20 +125,21 @@ inline void swiglu16(const float* gate, const float* lin, const float* gate_bias
 }
 
 // A pair kernel's entry point: pairs with an infinite scale go to the portable kernel `fallback`
-// (see any_inf_scale); otherwise calls kernel.operator()<MT, ZP>() with MT = jb.tokens (1..MaxTokens,
+// (see any_inf_scale); otherwise calls kernel.operator()<MT, ZP>() with MT = jb.tokens (MinTokens..MaxTokens,
 // each a compile-time instance) and ZP = whether the pair has zero points.
-template <int MaxTokens, class Kernel>
+template <int MaxTokens, int MinTokens = 1, class Kernel>
 void dispatch_pair(const PairJob& jb, PairKernel fallback, const char* isa, Kernel&& kernel) {
   if (!jb.scales_finite && __builtin_expect(any_inf_scale(jb), 0)) return fallback(jb);
   const bool zp = jb.zero_points[0] || jb.zero_points[1];
   const bool done = [&]<int... I>(std::integer_sequence<int, I...>) {
-    return ((jb.tokens == I + 1 &&
-             (zp ? kernel.template operator()<I + 1, true>() : kernel.template operator()<I + 1, false>(), true)) ||
+    constexpr int M = MinTokens;
+    return ((jb.tokens == I + M &&
+             (zp ? kernel.template operator()<I + M, true>() : kernel.template operator()<I + M, false>(), true)) ||
             ...);
-  }(std::make_integer_sequence<int, MaxTokens>{});
+  }(std::make_integer_sequence<int, MaxTokens - MinTokens + 1>{});
   if (!done)
-    throw Error(std::string(isa) + " kernel: tokens per call must be 1.." + std::to_string(MaxTokens) + ", got " +
-                std::to_string(jb.tokens));
+    throw Error(std::string(isa) + " kernel: tokens per call must be " + std::to_string(MinTokens) + ".." +
+                std::to_string(MaxTokens) + ", got " + std::to_string(jb.tokens));
 }
 
 }  // namespace

@@ -157,9 +157,9 @@ TEST(CpuInt8Kernel, WithinBoundOfExactSum) {
   expect_within_bound(avx512_vnni_kernels(), 1, rng);
 }
 
-// The int8x3 mode's kernels: three digit planes on the tile multiplies, every call size; a token's result
-// independent of its call (they serve every call, so determinism rests on them alone); the infinite-scale
-// fallback.
+// The int8x3 mode's kernels (three digit planes; tile multiplies, and vpdpbusd for calls of 1-2 tokens):
+// within the bound, a token's result independent of its call (the two kinds' sums bitwise equal: below),
+// the infinite-scale fallback.
 TEST(CpuInt8Kernel, DigitsWithinBoundOfExactSum) {
   if (!amx_available()) GTEST_SKIP() << "this CPU (or OS) gives no AMX tile multiplies";
   std::mt19937_64 rng(base_seed() + 7);

@@ -1,5 +1,5 @@
 """Shared helpers for the Python tests: a NumPy quantizer and float64 model of the QMoE contract,
-one-node ONNX model builders, and runners for ONNX Runtime and the `qmoe` CLI.
+one-node ONNX model builders, runners for ONNX Runtime and the `qmoe` CLI, and this CPU's flags.
 
 This file is the tests' single, independent statement of the contract
 (/work/shared/docs/qmoe-contract.md): it never imports qmoe, so a bug in qmoe cannot hide by being
@@ -613,3 +613,13 @@ def to_ort_cuda_layout(packed_raw: np.ndarray, bits: int) -> np.ndarray:
     """Raw weights [E, N, K/pack] -> ORT CUDA layout [E, K, N/pack]."""
     codes = unpack_codes(packed_raw, bits)
     return np.stack([ort_cuda_pack_expert(codes[e], bits) for e in range(codes.shape[0])])
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read): which of the
+    CPU backend's instruction-set paths and compute options the tests can run here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()

@@ -83,9 +83,8 @@ def test_cpu_compute_flag(mode, flag, tol):
     # --cpu-compute (an accuracy option): the demo's error against the fp32 layer moves by at most the
     # mode's tested layer tolerance (tests/cpp/cpu_compute_layer_test.cpp; docs/DESIGN.md, Numerics),
     # far below int4's own error, and it does move (the mode is on).
-    with open("/proc/cpuinfo") as f:
-        if flag not in f.read().split():
-            pytest.skip(f"this CPU lacks {flag}")
+    if flag not in ob.cpu_flags():
+        pytest.skip(f"this CPU lacks {flag}")
     a = demo_json("--seed", "3", "--backend", "cpu")
     b = demo_json("--seed", "3", "--backend", "cpu", "--cpu-compute", mode)
     for i in range(2):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +31,9 @@ import pytest
 if importlib.util.find_spec("qmoe") is None:
     pytest.skip("the qmoe Python module is not built (pip install . or -DQMOE_PYTHON=ON)", allow_module_level=True)
 import qmoe  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import onnx_builders as ob  # noqa: E402
 
 BACKENDS = [b for b in qmoe.available_backends() if b != "cuda"]
 
@@ -240,13 +245,6 @@ def test_chunk_rows_gives_bitwise_the_same_output_and_bad_options_are_refused():
         qmoe.Layer(backend="cpu", chunk_rows=-1, **kwargs)
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
 
 # The CPU accuracy options (docs/DESIGN.md, Numerics): value, the CPU flag it needs besides AVX-512
 # F/BW/VL, the name the backend's error gives it, and the C++ layer test's relative L2 tolerance
@@ -261,7 +259,7 @@ def test_cpu_compute_is_close_deterministic_and_checked(mode, flag, feature, tol
     # before the FC kernels;
     # held to the C++ layer test's tolerance against the exact mode, bitwise the same for every chunk
     # size and thread count, and refused with a clear error on a CPU without the instruction.
-    supported = {"avx512f", "avx512bw", "avx512vl", flag} <= _cpu_flags()
+    supported = {"avx512f", "avx512bw", "avx512vl", flag} <= ob.cpu_flags()
     for cfg in (dataclasses.replace(CONFIGS[5], rows=37), dataclasses.replace(CONFIGS[6], rows=19)):
         kwargs, _, _ = build(cfg)
         x, lg, rw = inputs(cfg)

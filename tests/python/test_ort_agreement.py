@@ -46,16 +46,8 @@ BACKENDS = {
     "cuda-sm90": ["--backend", "cuda", "--cuda-gemm", "sm90"],
 }
 
-
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {"amx_tile", "amx_int8", "avx512_vnni", "avx512vbmi"} <= set(f.read().split())
-    except OSError:
-        return False
-
-
-DEFAULT_BACKENDS = "reference,cpu,cpu-raw" + (",cpu-int8x3" if _has_amx() else "")
+_AMX = {"amx_tile", "amx_int8", "avx512_vnni", "avx512vbmi"} <= ob.cpu_flags()
+DEFAULT_BACKENDS = "reference,cpu,cpu-raw" + (",cpu-int8x3" if _AMX else "")
 SELECTED = [b for b in os.environ.get("QMOE_BACKENDS", DEFAULT_BACKENDS).split(",") if b]
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 4e-3}
