@@ -90,9 +90,9 @@ struct CpuBackendOptions {
   std::string isa = "auto";
   // Token rows per chunk, R. A run goes through its T token rows at most R at a time; its scratch is
   // sized for one chunk and kept across runs, so it stays at most
-  //   min(T, R) * (4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k) bytes
+  //   min(T, R) * (4 * (round64(H + 8) + k * (round64(I + 8) + H)) + 16 * k) bytes
   // (T: the largest run so far) however large T is. Outputs are bitwise the same for every R.
-  // 0 = as many rows as fit in 256 MiB, at least 1: 1636 rows for Mixtral-8x7B (H 4096, I 14336, k 2).
+  // 0 = as many rows as fit in 256 MiB, at least 1: 1630 rows for Mixtral-8x7B (H 4096, I 14336, k 2).
   int64_t max_chunk_rows = 0;
   // Arithmetic of the kernels (int4 and int8 weights; 2-bit always runs exact):
   //   "exact" (default): fp32 throughout, the contract of src/cpu/cpu_kernels.h; agrees with the
@@ -105,7 +105,7 @@ struct CpuBackendOptions {
   //           reference to a relative L2 error of 8e-3 (typically 2-3.5e-3; docs/DESIGN.md,
   //           "Numerics"). Deterministic: bitwise the same for every chunk size and thread count.
   //           Needs AVX-512 F/BW/VL and AVX512_BF16 (isa "auto" or "avx512"); otherwise refused.
-  //           Scratch grows by 2 * (round16(H + 8) + k * round16(I + 8)) bytes per row (bf16 rows).
+  //           Scratch grows by 2 * (round64(H + 8) + k * round64(I + 8)) bytes per row (bf16 rows).
   //   "int8":  an accuracy option for prefill, faster than bf16. The same activations are quantized once
   //           per chunk to int8 with one fp32 scale per row (sx = max|x| / 127, nearest even) and
   //           multiplied with the weight codes by vpdpbusd (or AMX tile multiplies, the same integers),
@@ -116,7 +116,7 @@ struct CpuBackendOptions {
   //           "Numerics"). Deterministic like bf16, and bitwise the same with or without AMX. Needs
   //           AVX-512 F/BW/VL and AVX512_VNNI (isa "auto", "avx512" or "amx"; "amx" also AMX-TILE,
   //           AMX-INT8 and AVX512_VBMI); otherwise refused. Scratch grows by k * ((X + A) + 4 * (X / 16
-  //           + A / 16) + 16) bytes per row (X = round16(H + 8), A = round16(I + 8)).
+  //           + A / 16) + 16) bytes per row (X = round64(H + 8), A = round64(I + 8)).
   //   "int8x3": fp32-level accuracy at tile-multiply speed, for prefill on CPUs with AMX. Each activation
   //           row becomes three int8 digits of base 254 under the int8 mode's scale (x ~= sx * (q0 + q1 /
   //           254 + q2 / 254^2), each element within max|x| * 6.1e-8, the fp32 half-ulp of the row's

@@ -4,8 +4,9 @@
 //   expert (counting sort; idle experts get no work) -> FC1 + activation -> FC2 + bias -> combine each
 //   token's k routes in selection order, round to T once.
 // FC1 and FC2 are each one parallel_for over (active expert x chunk of 32-row pairs), so at decode two
-// threads split one expert's rows; within a pair, tokens go through the kernel tokens_per_call at a time,
-// so a pair's weights (L1/L2 resident) are reused across all the expert's tokens at prefill. Every
+// threads split one expert's rows; a task takes its pairs in blocks (kPairBlock), and per block each call of
+// tokens_per_call tokens goes through all the block's pairs, so at prefill the block's weights (L2
+// resident) are reused across all the expert's tokens and a call's activation rows across the block. Every
 // output element is computed by exactly one task in a fixed order, so results are bitwise identical
 // for any thread count, and the prepack-off path (which packs each pair into scratch with the same
 // pack_tile right before the same kernel) is bitwise identical to the prepacked one. Chunking changes
@@ -27,6 +28,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -177,8 +179,15 @@ struct Scratch {
   std::vector<float> bias[2];
 };
 
+// Pairs whose tiles a task reads together: for each token call in turn, the block's pairs one after another,
+// so that one call's activation rows stay in L2 across the block (at prefill an expert's rows are megabytes:
+// taken pair by pair, every call re-read them from L3) while the block's weights stay there across the calls.
+inline constexpr int64_t kPairBlock = 16;
+using PairBlock = std::array<std::pair<TileRef, TileRef>, kPairBlock>;
+
 struct PackedSource {
   const CpuPackedExperts& p;
+  static int64_t pair_block() { return kPairBlock; }
   TileRef tile(const PartPlan& part, int64_t e, int64_t t, Scratch&, int) const {
     const MatGeom& g = part.geom;
     const PackedMat& m = p.mat(g.part);
@@ -194,6 +203,7 @@ struct PackedSource {
 
 struct RawSource {
   const CpuRawExperts& r;
+  static int64_t pair_block() { return 1; }  // the tiles are packed into a task's scratch of two, pair by pair
   TileRef tile(const PartPlan& part, int64_t e, int64_t t, Scratch& sc, int slot) const {
     const MatGeom& g = part.geom;
     const RawExperts& raw = r.raw();
@@ -278,17 +288,34 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
   return tasks;
 }
 
+// Scratch storage aligned to 64 bytes: with rows of a multiple of 64 elements (run_chunk's XW, AW) every row
+// of every copy starts on a cache line, so the AMX kernels' tile loads of A rows take whole lines (a loop of
+// tile loads of rows that straddle lines took 2-3x as long: docs/PERF.md, "Rows on cache lines, pair blocks").
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+template <class T>
+using ScratchVec = std::vector<T, Aligned64<T>>;
+
 // Run scratch for one chunk of rows, kept across calls: a fresh 50 MB allocation per call (T=512)
 // costs a page fault per 4 KB, measured at ~20% of the layer on this VM. Sized by the largest chunk
 // run so far (at most the chunk size), never by T. Every element a chunk reads is written by it.
 struct RunScratch {
-  std::vector<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
-  std::vector<uint16_t> Xb, Ab;  // compute bf16 only: X and A rounded to bf16 (what its kernels read)
+  ScratchVec<float> X, A, Y;   // fp32 inputs, FC1 activations per grouped position, FC2 output per slot
+  ScratchVec<uint16_t> Xb, Ab;  // compute bf16 only: X and A rounded to bf16 (what its kernels read)
   // compute int8 only: X and A as int8 rows (int8_rows.h): codes, -(sum) per group (stride width / 16,
   // enough for groups of >= 16 columns), one scale per row; both per grouped position, and the position
   // of each slot (X's rows are quantized once per token, then copied to the token's other positions)
-  std::vector<int8_t> Xq, Aq;
-  std::vector<int32_t> Xn, An;
+  ScratchVec<int8_t> Xq, Aq;
+  ScratchVec<int32_t> Xn, An;
   std::vector<float> Xs, As;
   std::vector<int64_t> position;
   std::vector<Route> routes;    // slot t*k+j of the chunk
@@ -304,8 +331,8 @@ struct RunScratch {
 
 // Grows v to n elements, allocating exactly n (resize alone may double the capacity, which would
 // break the documented bound).
-template <class T>
-T* grow(std::vector<T>& v, int64_t n) {
+template <class V>
+typename V::value_type* grow(V& v, int64_t n) {
   if (int64_t(v.size()) < n) {
     v.reserve(size_t(n));
     v.resize(size_t(n));
@@ -318,9 +345,9 @@ T* grow(std::vector<T>& v, int64_t n) {
 struct KernelRows {
   const float* f;
   const uint16_t* b;
-  const int8_t* q;
-  const int32_t* nsum;
-  const float* scale;
+  int8_t* q;
+  int32_t* nsum;
+  float* scale;
   int64_t width, groups;  // elements per row; int32 group sums per row
   int digits;             // int8 digit planes per row, each `width` codes and `groups` sums (int8_rows.h)
 
@@ -334,18 +361,19 @@ struct KernelRows {
     jb.xq_digit_stride = width, jb.xneg_digit_stride = groups;
   }
   // Quantizes fp32 row `row` (K columns) into int8 row `qrow`.
-  void quantize(const MoeSpec& s, int64_t K, int64_t row, int64_t qrow, int8_t* qw, int32_t* nw, float* sw) const {
+  void quantize(const MoeSpec& s, int64_t K, int64_t row, int64_t qrow) const {
+    const float* x = f + row * width;
     const int64_t qo = qrow * digits * width, no = qrow * digits * groups;
     if (digits == 1)
-      quantize_row_int8(f + row * width, K, width, s.bits, s.block_size, qw + qo, nw + no, sw + qrow);
+      quantize_row_int8(x, K, width, s.bits, s.block_size, q + qo, nsum + no, scale + qrow);
     else
-      quantize_row_int8_digits(f + row * width, K, width, s.bits, s.block_size, qw + qo, nw + no, groups, sw + qrow);
+      quantize_row_int8_digits(x, K, width, s.bits, s.block_size, q + qo, nsum + no, groups, scale + qrow);
   }
   // Copies int8 row `from` to `to`.
-  void copy(int64_t from, int64_t to, int8_t* qw, int32_t* nw, float* sw) const {
-    std::memcpy(qw + to * digits * width, qw + from * digits * width, size_t(digits * width));
-    std::memcpy(nw + to * digits * groups, nw + from * digits * groups, size_t(digits * groups) * sizeof(int32_t));
-    sw[to] = sw[from];
+  void copy(int64_t from, int64_t to) const {
+    std::memcpy(q + to * digits * width, q + from * digits * width, size_t(digits * width));
+    std::memcpy(nsum + to * digits * groups, nsum + from * digits * groups, size_t(digits * groups) * sizeof(int32_t));
+    scale[to] = scale[from];
   }
 };
 
@@ -389,8 +417,9 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   for (int64_t e = 0; e < E; ++e)
     if (off[size_t(e + 1)] > off[size_t(e)]) active.push_back(int32_t(e));
 
-  // fp32 activations, zero-padded: the kernels read up to jbytes*pack (<= K + 8) columns.
-  const int64_t XW = round_up(H + 8, 16), AW = round_up(I + 8, 16);
+  // fp32 activations, zero-padded: the kernels read up to jbytes*pack (<= K + 8) columns; rows of a multiple
+  // of 64 elements (ScratchVec).
+  const int64_t XW = round_up(H + 8, 64), AW = round_up(I + 8, 64);
   float* X = grow(scratch.X, rows * XW);
   float* A = grow(scratch.A, rows * k * AW);  // FC1 activations per grouped position
   float* Y = grow(scratch.Y, rows * k * H);   // FC2 output per slot (every slot written)
@@ -422,8 +451,8 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
       }
       if (int8) {
         const int64_t p0 = position[t * k];
-        xrows.quantize(s, H, t, p0, Xq, Xn, Xs);
-        for (int64_t j = 1; j < k; ++j) xrows.copy(p0, position[t * k + j], Xq, Xn, Xs);
+        xrows.quantize(s, H, t, p0);
+        for (int64_t j = 1; j < k; ++j) xrows.copy(p0, position[t * k + j]);
       }
     }
   });
@@ -441,44 +470,50 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     Scratch sc;
     alignas(64) float acc[kMaxTokens * kPairRows];
     const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
-    for (int64_t p = task.p0; p < task.p1; ++p) {
-      const TileRef ta = src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0);
-      const TileRef tb = src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1);
-      PairJob jb = job_for(pa.geom, ta, tb);
-      jb.acc = acc;
-      const CallSplit split(m, mt);
-      for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
-        jb.tokens = split.tokens(c);
-        for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k, o + g + i);
-        kernel(jb);
-        for (int i = 0; i < jb.tokens; ++i) {
-          float* a = A + (o + g + i) * AW;
-          uint16_t* ab = bf16 ? Ab + (o + g + i) * AW : nullptr;
-          const float* h = acc + i * kPairRows;
-          if (swiglu) {
-            const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
-            float* ar = a + p * kTileRows;
-            if (vswiglu) {
-              vswiglu(h, h + kTileRows, ta.bias, tb.bias, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
-            } else {
-              for (int l = 0; l < n; ++l) {
-                float g = h[l], u = h[kTileRows + l];  // no "+ 0.f" without a bias: it would turn -0 into +0
-                if (ta.bias) g += ta.bias[l];
-                if (tb.bias) u += tb.bias[l];
-                ar[l] = swiglu_scalar(s, g, u);
+    const CallSplit split(m, mt);
+    PairBlock tiles;
+    for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
+      const int64_t np = std::min(task.p1 - p0, src.pair_block());
+      for (int64_t i = 0; i < np; ++i)
+        tiles[i] = {src.tile(pa, task.e, swiglu ? p0 + i : 2 * (p0 + i), sc, 0),
+                    src.tile(pb, task.e, swiglu ? p0 + i : 2 * (p0 + i) + 1, sc, 1)};
+      for (int64_t c = 0, g = 0; c < split.calls; g += split.tokens(c), ++c) {
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const TileRef &ta = tiles[p - p0].first, &tb = tiles[p - p0].second;
+          PairJob jb = job_for(pa.geom, ta, tb);
+          jb.acc = acc;
+          jb.tokens = split.tokens(c);
+          for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k, o + g + i);
+          kernel(jb);
+          for (int i = 0; i < jb.tokens; ++i) {
+            float* a = A + (o + g + i) * AW;
+            uint16_t* ab = bf16 ? Ab + (o + g + i) * AW : nullptr;
+            const float* h = acc + i * kPairRows;
+            if (swiglu) {
+              const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
+              float* ar = a + p * kTileRows;
+              if (vswiglu) {
+                vswiglu(h, h + kTileRows, ta.bias, tb.bias, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+              } else {
+                for (int l = 0; l < n; ++l) {
+                  float g = h[l], u = h[kTileRows + l];  // no "+ 0.f" without a bias: it would turn -0 into +0
+                  if (ta.bias) g += ta.bias[l];
+                  if (tb.bias) u += tb.bias[l];
+                  ar[l] = swiglu_scalar(s, g, u);
+                }
               }
-            }
-            if (ab)
-              for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);
-          } else {
-            for (int l = 0; l < kPairRows; ++l) {
-              const int64_t r = p * kPairRows + l;
-              if (r >= I) break;
-              const TileRef& tr = l < kTileRows ? ta : tb;
-              float v = h[l];
-              if (tr.bias) v += tr.bias[l % kTileRows];
-              a[r] = activation_scalar(s.activation, v);
-              if (ab) ab[r] = float_to_bf16(a[r]);
+              if (ab)
+                for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);
+            } else {
+              for (int l = 0; l < kPairRows; ++l) {
+                const int64_t r = p * kPairRows + l;
+                if (r >= I) break;
+                const TileRef& tr = l < kTileRows ? ta : tb;
+                float v = h[l];
+                if (tr.bias) v += tr.bias[l % kTileRows];
+                a[r] = activation_scalar(s.activation, v);
+                if (ab) ab[r] = float_to_bf16(a[r]);
+              }
             }
           }
         }
@@ -489,7 +524,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   if (int8) {
     const int64_t positions = rows * k, pos_chunk = std::max<int64_t>(1, positions / (threads * 4));
     pool.parallel_for((positions + pos_chunk - 1) / pos_chunk, [&](int64_t c) {
-      for (int64_t i = c * pos_chunk; i < std::min(positions, (c + 1) * pos_chunk); ++i) arows.quantize(s, I, i, i, Aq, An, As);
+      for (int64_t i = c * pos_chunk; i < std::min(positions, (c + 1) * pos_chunk); ++i) arows.quantize(s, I, i, i);
     });
   }
 
@@ -501,24 +536,29 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     Scratch sc;
     alignas(64) float acc[kMaxTokens * kPairRows];
     const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
-    for (int64_t p = task.p0; p < task.p1; ++p) {
-      const TileRef ta = src.tile(p2, task.e, 2 * p, sc, 0);
-      const TileRef tb = src.tile(p2, task.e, 2 * p + 1, sc, 1);
-      PairJob jb = job_for(p2.geom, ta, tb);
-      jb.acc = acc;
-      const CallSplit split(m, mt);
-      for (int64_t c = 0, g = 0; c < split.calls; g += jb.tokens, ++c) {
-        jb.tokens = split.tokens(c);
-        for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i, o + g + i);
-        kernel(jb);
-        for (int i = 0; i < jb.tokens; ++i) {
-          float* y = Y + order[o + g + i] * H;
-          const float* h = acc + i * kPairRows;
-          for (int l = 0; l < kPairRows; ++l) {
-            const int64_t r = p * kPairRows + l;
-            if (r >= H) break;
-            const TileRef& tr = l < kTileRows ? ta : tb;
-            y[r] = tr.bias ? h[l] + tr.bias[l % kTileRows] : h[l];
+    const CallSplit split(m, mt);
+    PairBlock tiles;
+    for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
+      const int64_t np = std::min(task.p1 - p0, src.pair_block());
+      for (int64_t i = 0; i < np; ++i)
+        tiles[i] = {src.tile(p2, task.e, 2 * (p0 + i), sc, 0), src.tile(p2, task.e, 2 * (p0 + i) + 1, sc, 1)};
+      for (int64_t c = 0, g = 0; c < split.calls; g += split.tokens(c), ++c) {
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const TileRef &ta = tiles[p - p0].first, &tb = tiles[p - p0].second;
+          PairJob jb = job_for(p2.geom, ta, tb);
+          jb.acc = acc;
+          jb.tokens = split.tokens(c);
+          for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i, o + g + i);
+          kernel(jb);
+          for (int i = 0; i < jb.tokens; ++i) {
+            float* y = Y + order[o + g + i] * H;
+            const float* h = acc + i * kPairRows;
+            for (int l = 0; l < kPairRows; ++l) {
+              const int64_t r = p * kPairRows + l;
+              if (r >= H) break;
+              const TileRef& tr = l < kTileRows ? ta : tb;
+              y[r] = tr.bias ? h[l] + tr.bias[l % kTileRows] : h[l];
+            }
           }
         }
       }
@@ -616,7 +656,7 @@ static_assert(sizeof(Route) == 8, "cpu_backend.h and backend.h state 16 bytes pe
 
 int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
-  const int64_t XW = round_up(s.hidden + 8, 16), AW = round_up(s.inter + 8, 16);
+  const int64_t XW = round_up(s.hidden + 8, 64), AW = round_up(s.inter + 8, 64);
   const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
   // int8 (D = 1 digit plane) and int8x3 (D = 3): k rows of each (grouped positions): per plane 1 byte
   // per code and 4 per group sum (XW / 16 and AW / 16 per row); 4 per row scale; 8 per slot for its position.

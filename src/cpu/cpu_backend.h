@@ -19,11 +19,12 @@ namespace qmoe::cpu {
 // What max_chunk_rows = 0 aims for: R = max(1, floor(kAutoChunkScratchBytes / bytes per row)).
 inline constexpr int64_t kAutoChunkScratchBytes = int64_t(256) << 20;
 
-// Scratch bytes per token row: 4 * (round16(H + 8) + k * (round16(I + 8) + H)) + 16 * k
+// Scratch bytes per token row: 4 * (round64(H + 8) + k * (round64(I + 8) + H)) + 16 * k
 // (fp32 input row, k FC1 activation rows, k FC2 output rows; a Route and an int64 order entry per route);
-// compute "bf16" adds 2 * (round16(H + 8) + k * round16(I + 8)) for the bf16 copies of the first two;
+// compute "bf16" adds 2 * (round64(H + 8) + k * round64(I + 8)) for the bf16 copies of the first two;
 // compute "int8" adds k * ((X + A) + 4 * (X / 16 + A / 16) + 16) for their int8 copies, one per route
-// (codes, group sums, row scales) and each route's position (X = round16(H + 8), A = round16(I + 8)).
+// (codes, group sums, row scales) and each route's position (X = round64(H + 8), A = round64(I + 8));
+// "int8x3" k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16).
 int64_t scratch_bytes_per_row(const MoeSpec& spec, const std::string& compute = "exact");
 
 // Rows per chunk for this spec: opt.max_chunk_rows, or the automatic choice when it is 0.

@@ -80,7 +80,7 @@ struct PairCase : test::RandomPairWeights {
 
   void make(std::mt19937_64& rng) {
     make_weights(rng);
-    W = round_up(K + 8, 16);  // as the backend's rows: readable and zero past K
+    W = round_up(K + 8, 64);  // as the backend's rows: readable and zero past K
     std::uniform_real_distribution<float> xd(-2.f, 2.f);
     for (int t = 0; t < tokens; ++t) {
       x[t].assign(size_t(W), 0.f);
