@@ -377,6 +377,33 @@ struct KernelRows {
   }
 };
 
+// A task's pairs through `kernel`: in blocks of src.pair_block() pairs, each token call of the expert's m rows
+// (at most mt a call) through all of a block's pairs before the next call (kPairBlock says why).
+// tiles_of(p, sc): pair p's two tiles; put(jb, i, r): the call's row i is the expert's row r; done(p, ta, tb,
+// r0, jb): the call's sums (rows r0.. of the expert) are in jb.acc.
+template <class Source, class TilesOf, class Put, class Done>
+void run_pairs(const Source& src, const Task& task, const MatGeom& geom, int64_t m, int64_t mt, PairKernel kernel,
+               TilesOf&& tiles_of, Put&& put, Done&& done) {
+  Scratch sc;
+  alignas(64) float acc[kMaxTokens * kPairRows];
+  const CallSplit split(m, mt);
+  PairBlock tiles;
+  for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
+    const int64_t np = std::min(task.p1 - p0, src.pair_block());
+    for (int64_t i = 0; i < np; ++i) tiles[i] = tiles_of(p0 + i, sc);
+    for (int64_t c = 0, r0 = 0; c < split.calls; r0 += split.tokens(c), ++c)
+      for (int64_t p = p0; p < p0 + np; ++p) {
+        const TileRef &ta = tiles[p - p0].first, &tb = tiles[p - p0].second;
+        PairJob jb = job_for(geom, ta, tb);
+        jb.acc = acc;
+        jb.tokens = split.tokens(c);
+        for (int i = 0; i < jb.tokens; ++i) put(jb, i, r0 + i);
+        kernel(jb);
+        done(p, ta, tb, r0, jb);
+      }
+  }
+}
+
 // Rows [r0, r1) of the layer: reads those rows of the inputs, writes those rows of `out`.
 template <class Source>
 void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
@@ -467,58 +494,45 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   const std::vector<Task> t1 = make_tasks(active, plan.fc1_pairs(), threads);
   pool.parallel_for(int64_t(t1.size()), [&](int64_t ti) {
     const Task& task = t1[size_t(ti)];
-    Scratch sc;
-    alignas(64) float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
-    const CallSplit split(m, mt);
-    PairBlock tiles;
-    for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
-      const int64_t np = std::min(task.p1 - p0, src.pair_block());
-      for (int64_t i = 0; i < np; ++i)
-        tiles[i] = {src.tile(pa, task.e, swiglu ? p0 + i : 2 * (p0 + i), sc, 0),
-                    src.tile(pb, task.e, swiglu ? p0 + i : 2 * (p0 + i) + 1, sc, 1)};
-      for (int64_t c = 0, g = 0; c < split.calls; g += split.tokens(c), ++c) {
-        for (int64_t p = p0; p < p0 + np; ++p) {
-          const TileRef &ta = tiles[p - p0].first, &tb = tiles[p - p0].second;
-          PairJob jb = job_for(pa.geom, ta, tb);
-          jb.acc = acc;
-          jb.tokens = split.tokens(c);
-          for (int i = 0; i < jb.tokens; ++i) xrows.put(jb, i, order[o + g + i] / k, o + g + i);
-          kernel(jb);
-          for (int i = 0; i < jb.tokens; ++i) {
-            float* a = A + (o + g + i) * AW;
-            uint16_t* ab = bf16 ? Ab + (o + g + i) * AW : nullptr;
-            const float* h = acc + i * kPairRows;
-            if (swiglu) {
-              const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
-              float* ar = a + p * kTileRows;
-              if (vswiglu) {
-                vswiglu(h, h + kTileRows, ta.bias, tb.bias, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
-              } else {
-                for (int l = 0; l < n; ++l) {
-                  float g = h[l], u = h[kTileRows + l];  // no "+ 0.f" without a bias: it would turn -0 into +0
-                  if (ta.bias) g += ta.bias[l];
-                  if (tb.bias) u += tb.bias[l];
-                  ar[l] = swiglu_scalar(s, g, u);
-                }
-              }
-              if (ab)
-                for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);
-            } else {
-              for (int l = 0; l < kPairRows; ++l) {
-                const int64_t r = p * kPairRows + l;
-                if (r >= I) break;
-                const TileRef& tr = l < kTileRows ? ta : tb;
-                float v = h[l];
-                if (tr.bias) v += tr.bias[l % kTileRows];
-                a[r] = activation_scalar(s.activation, v);
-                if (ab) ab[r] = float_to_bf16(a[r]);
-              }
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    auto tiles_of = [&](int64_t p, Scratch& sc) {
+      return std::pair{src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0), src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1)};
+    };
+    auto put = [&](PairJob& jb, int i, int64_t r) { xrows.put(jb, i, order[o + r] / k, o + r); };
+    auto done = [&](int64_t p, const TileRef& ta, const TileRef& tb, int64_t r0, const PairJob& jb) {
+      for (int i = 0; i < jb.tokens; ++i) {
+        float* a = A + (o + r0 + i) * AW;
+        uint16_t* ab = bf16 ? Ab + (o + r0 + i) * AW : nullptr;
+        const float* h = jb.acc + i * kPairRows;
+        if (swiglu) {
+          const int n = int(std::min<int64_t>(kTileRows, I - p * kTileRows));
+          float* ar = a + p * kTileRows;
+          if (vswiglu) {
+            vswiglu(h, h + kTileRows, ta.bias, tb.bias, ar, n, s.swiglu_limit, s.activation_alpha, s.activation_beta);
+          } else {
+            for (int l = 0; l < n; ++l) {
+              float g = h[l], u = h[kTileRows + l];  // no "+ 0.f" without a bias: it would turn -0 into +0
+              if (ta.bias) g += ta.bias[l];
+              if (tb.bias) u += tb.bias[l];
+              ar[l] = swiglu_scalar(s, g, u);
             }
+          }
+          if (ab)
+            for (int l = 0; l < n; ++l) ab[p * kTileRows + l] = float_to_bf16(ar[l]);
+        } else {
+          for (int l = 0; l < kPairRows; ++l) {
+            const int64_t r = p * kPairRows + l;
+            if (r >= I) break;
+            const TileRef& tr = l < kTileRows ? ta : tb;
+            float v = h[l];
+            if (tr.bias) v += tr.bias[l % kTileRows];
+            a[r] = activation_scalar(s.activation, v);
+            if (ab) ab[r] = float_to_bf16(a[r]);
           }
         }
       }
-    }
+    };
+    run_pairs(src, task, pa.geom, m, ks.tokens_per_call(s.bits), kernel, tiles_of, put, done);
   });
 
   if (int8) {
@@ -533,36 +547,24 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   const std::vector<Task> t2 = make_tasks(active, plan.fc2_pairs(), threads);
   pool.parallel_for(int64_t(t2.size()), [&](int64_t ti) {
     const Task& task = t2[size_t(ti)];
-    Scratch sc;
-    alignas(64) float acc[kMaxTokens * kPairRows];
-    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o, mt = ks.tokens_per_call(s.bits);
-    const CallSplit split(m, mt);
-    PairBlock tiles;
-    for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
-      const int64_t np = std::min(task.p1 - p0, src.pair_block());
-      for (int64_t i = 0; i < np; ++i)
-        tiles[i] = {src.tile(p2, task.e, 2 * (p0 + i), sc, 0), src.tile(p2, task.e, 2 * (p0 + i) + 1, sc, 1)};
-      for (int64_t c = 0, g = 0; c < split.calls; g += split.tokens(c), ++c) {
-        for (int64_t p = p0; p < p0 + np; ++p) {
-          const TileRef &ta = tiles[p - p0].first, &tb = tiles[p - p0].second;
-          PairJob jb = job_for(p2.geom, ta, tb);
-          jb.acc = acc;
-          jb.tokens = split.tokens(c);
-          for (int i = 0; i < jb.tokens; ++i) arows.put(jb, i, o + g + i, o + g + i);
-          kernel(jb);
-          for (int i = 0; i < jb.tokens; ++i) {
-            float* y = Y + order[o + g + i] * H;
-            const float* h = acc + i * kPairRows;
-            for (int l = 0; l < kPairRows; ++l) {
-              const int64_t r = p * kPairRows + l;
-              if (r >= H) break;
-              const TileRef& tr = l < kTileRows ? ta : tb;
-              y[r] = tr.bias ? h[l] + tr.bias[l % kTileRows] : h[l];
-            }
-          }
+    const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
+    auto tiles_of = [&](int64_t p, Scratch& sc) {
+      return std::pair{src.tile(p2, task.e, 2 * p, sc, 0), src.tile(p2, task.e, 2 * p + 1, sc, 1)};
+    };
+    auto put = [&](PairJob& jb, int i, int64_t r) { arows.put(jb, i, o + r, o + r); };
+    auto done = [&](int64_t p, const TileRef& ta, const TileRef& tb, int64_t r0, const PairJob& jb) {
+      for (int i = 0; i < jb.tokens; ++i) {
+        float* y = Y + order[o + r0 + i] * H;
+        const float* h = jb.acc + i * kPairRows;
+        for (int l = 0; l < kPairRows; ++l) {
+          const int64_t r = p * kPairRows + l;
+          if (r >= H) break;
+          const TileRef& tr = l < kTileRows ? ta : tb;
+          y[r] = tr.bias ? h[l] + tr.bias[l % kTileRows] : h[l];
         }
       }
-    }
+    };
+    run_pairs(src, task, p2.geom, m, ks.tokens_per_call(s.bits), kernel, tiles_of, put, done);
   });
 
   // Combine in selection order (as the reference does), round to T once.
