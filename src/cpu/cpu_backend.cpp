@@ -290,7 +290,7 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
 
 // Scratch storage aligned to 64 bytes: with rows of a multiple of 64 elements (run_chunk's XW, AW) every row
 // of every copy starts on a cache line, so the AMX kernels' tile loads of A rows take whole lines (a loop of
-// tile loads of rows that straddle lines took 2-3x as long: docs/PERF.md, "Rows on cache lines, pair blocks").
+// tile loads of rows that straddle lines took 2-3x as long: docs/PERF.md, "Rows on cache lines and pair blocks").
 template <class T>
 struct Aligned64 {
   using value_type = T;
@@ -496,7 +496,8 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
     const Task& task = t1[size_t(ti)];
     const int64_t o = off[size_t(task.e)], m = off[size_t(task.e) + 1] - o;
     auto tiles_of = [&](int64_t p, Scratch& sc) {
-      return std::pair{src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0), src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1)};
+      return std::pair{src.tile(pa, task.e, swiglu ? p : 2 * p, sc, 0),
+                       src.tile(pb, task.e, swiglu ? p : 2 * p + 1, sc, 1)};
     };
     auto put = [&](PairJob& jb, int i, int64_t r) { xrows.put(jb, i, order[o + r] / k, o + r); };
     auto done = [&](int64_t p, const TileRef& ta, const TileRef& tb, int64_t r0, const PairJob& jb) {
