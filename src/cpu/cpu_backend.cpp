@@ -289,8 +289,8 @@ std::vector<Task> make_tasks(const std::vector<int32_t>& active, int64_t pairs, 
 }
 
 // Scratch storage aligned to 64 bytes: with rows of a multiple of 64 elements (run_chunk's XW, AW) every row
-// of every copy starts on a cache line, so the AMX kernels' tile loads of A rows take whole lines (a loop of
-// tile loads of rows that straddle lines took 2-3x as long: docs/PERF.md, "Rows on cache lines and pair blocks").
+// of every copy starts on a cache line, so the AMX kernels' tile loads of A rows take whole lines (tile loads
+// of rows that straddle lines took about twice as long: docs/PERF.md, "Rows on cache lines and pair blocks").
 template <class T>
 struct Aligned64 {
   using value_type = T;

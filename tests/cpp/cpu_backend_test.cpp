@@ -299,6 +299,20 @@ TEST(CpuBackend, EdgeCases) {
       c.spec.fc1_bias = c.spec.fc2_bias = c.spec.fc3_bias = true;
       cases.push_back(c);
     }
+  for (bool fc2 : {false, true}) {
+    // One expert holding every token, and more pairs per task than a pair block (kPairBlock = 16: with 2
+    // threads a task holds a sixteenth of a stage's pairs, here 17 or more), so tasks run several blocks,
+    // each through several token calls (70 rows, at most 32 a call): FC1's pairs (I = 4400, 275 SwiGLU
+    // pairs) or FC2's (H = 8800, 275 pairs).
+    Case c = base();
+    c.spec.num_experts = 1;
+    c.spec.k = 1;
+    c.spec.hidden = fc2 ? 8800 : 72;
+    c.spec.inter = fc2 ? 48 : 4400;
+    c.spec.activation = Activation::swiglu;
+    c.rows = 70;
+    cases.push_back(c);
+  }
   for (DType dt : {DType::f16, DType::bf16}) {
     Case c = base();
     c.spec.act_dtype = dt;

@@ -245,7 +245,6 @@ def test_chunk_rows_gives_bitwise_the_same_output_and_bad_options_are_refused():
         qmoe.Layer(backend="cpu", chunk_rows=-1, **kwargs)
 
 
-
 # The CPU accuracy options (docs/DESIGN.md, Numerics): value, the CPU flag it needs besides AVX-512
 # F/BW/VL, the name the backend's error gives it, and the C++ layer test's relative L2 tolerance
 # (tests/cpp/cpu_compute_layer_test.cpp says why).
