@@ -261,15 +261,25 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
   return jb;
 }
 
-// Token rows of call c when an expert's m tokens go through the kernel in calls of at most mt: the
-// fewest calls, sizes as equal as possible (m = 13, mt = 6: 5, 4, 4 rather than 6, 6, 1). A kernel's
-// cost per call falls less than in proportion to its tokens (its weight shuffles are per call, and
-// few tokens leave the vpdpbusd/FMA chains latency-bound), so a 1-token tail costs nearly a full call.
+// Token rows of call c when an expert's m tokens go through the kernel in calls of at most mt.
+// Without tile rows: the fewest calls, sizes as equal as possible (m = 13, mt = 6: 5, 4, 4 rather than 6, 6,
+// 1). A vector kernel's cost per call falls less than in proportion to its tokens (its weight shuffles are
+// per call, and few tokens leave the vpdpbusd/FMA chains latency-bound), so a 1-token tail costs nearly a
+// full call. With tile rows (KernelSet::tile_rows): full calls and the rest in the last (m = 130, mt = 32:
+// 32, 32, 32, 32, 2), because a tile multiply costs the same for any number of rows: equal calls of 26
+// would take 10 tile multiplies of 16 and 10 rows per weight tile where 8 full ones and a 2-token
+// vpdpbusd call do.
 struct CallSplit {
   int64_t calls, base, extra;
-  CallSplit(int64_t m, int64_t mt)
-      : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0) {}
-  int tokens(int64_t c) const { return int(base + (c < extra)); }
+  bool full;
+  CallSplit(int64_t m, int64_t mt, bool tiles)
+      : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0), full(tiles) {
+    if (full) base = mt, extra = m - mt * (calls - 1);
+  }
+  int tokens(int64_t c) const {
+    if (full) return int(c + 1 < calls ? base : extra);
+    return int(base + (c < extra));
+  }
 };
 
 struct Task {
@@ -377,16 +387,15 @@ struct KernelRows {
   }
 };
 
-// A task's pairs through `kernel`: in blocks of src.pair_block() pairs, each token call of the expert's m rows
-// (at most mt a call) through all of a block's pairs before the next call (kPairBlock says why).
+// A task's pairs through `kernel`: in blocks of src.pair_block() pairs, each token call of the expert's rows
+// (`split`) through all of a block's pairs before the next call (kPairBlock says why).
 // tiles_of(p, sc): pair p's two tiles; put(jb, i, r): the call's row i is the expert's row r; done(p, ta, tb,
 // r0, jb): the call's sums (rows r0.. of the expert) are in jb.acc.
 template <class Source, class TilesOf, class Put, class Done>
-void run_pairs(const Source& src, const Task& task, const MatGeom& geom, int64_t m, int64_t mt, PairKernel kernel,
+void run_pairs(const Source& src, const Task& task, const MatGeom& geom, const CallSplit& split, PairKernel kernel,
                TilesOf&& tiles_of, Put&& put, Done&& done) {
   Scratch sc;
   alignas(64) float acc[kMaxTokens * kPairRows];
-  const CallSplit split(m, mt);
   PairBlock tiles;
   for (int64_t p0 = task.p0; p0 < task.p1; p0 += src.pair_block()) {
     const int64_t np = std::min(task.p1 - p0, src.pair_block());
@@ -533,7 +542,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         }
       }
     };
-    run_pairs(src, task, pa.geom, m, ks.tokens_per_call(s.bits), kernel, tiles_of, put, done);
+    run_pairs(src, task, pa.geom, CallSplit(m, ks.tokens_per_call(s.bits), ks.tile_rows > 0), kernel, tiles_of, put, done);
   });
 
   if (int8) {
@@ -565,7 +574,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
         }
       }
     };
-    run_pairs(src, task, p2.geom, m, ks.tokens_per_call(s.bits), kernel, tiles_of, put, done);
+    run_pairs(src, task, p2.geom, CallSplit(m, ks.tokens_per_call(s.bits), ks.tile_rows > 0), kernel, tiles_of, put, done);
   });
 
   // Combine in selection order (as the reference does), round to T once.

@@ -89,6 +89,9 @@ struct KernelSet {
   // The FC1 epilogue's SwiGLU for the accuracy options (bf16, int8 compute); null in the exact sets,
   // which call swiglu_scalar so that every backend's activations stay bitwise equal.
   SwigluFn swiglu = nullptr;
+  // Token rows of one tile multiply (the AMX sets: 16), or 0. Where set, an expert's tokens go in full calls
+  // and one shorter call (CallSplit, cpu_backend.cpp): a tile multiply costs the same for 10 rows as for 16.
+  int tile_rows = 0;
   int tokens_per_call(int bits) const { return bits == 8 && max_tokens_w8 > 0 ? max_tokens_w8 : max_tokens; }
 };
 

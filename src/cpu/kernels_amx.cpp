@@ -350,17 +350,17 @@ void amx_digits_pair(const PairJob& jb) {
 const KernelSet& avx512_amx_digits_kernels(bool every_call) {
   const PairKernel w2 = portable_kernels().w2;
   static const KernelSet dispatching{"avx512-amx-int8x3", w2, amx_digits_pair<4, true>, amx_digits_pair<8, true>,
-                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16, kAmxTokens};
   static const KernelSet always{"avx512-amx-int8x3", w2, amx_digits_pair<4, false>, amx_digits_pair<8, false>,
-                                2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+                                2 * kAmxTokens, 2 * kAmxTokens, swiglu16, kAmxTokens};
   return every_call ? always : dispatching;
 }
 
 const KernelSet& avx512_amx_kernels(bool every_call) {
   const PairKernel w2 = portable_kernels().w2;
   static const KernelSet dispatching{"avx512-amx", w2, amx_pair<4, kAmxMinTokens>, amx_pair<8, kAmxMinTokens>,
-                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
-  static const KernelSet always{"avx512-amx", w2, amx_pair<4, 1>, amx_pair<8, 1>, 2 * kAmxTokens, 2 * kAmxTokens, swiglu16};
+                                     2 * kAmxTokens, 2 * kAmxTokens, swiglu16, kAmxTokens};
+  static const KernelSet always{"avx512-amx", w2, amx_pair<4, 1>, amx_pair<8, 1>, 2 * kAmxTokens, 2 * kAmxTokens, swiglu16, kAmxTokens};
   return every_call ? always : dispatching;
 }
 
