@@ -19,7 +19,8 @@
 // rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's
 // or kernels_amx.cpp's. Its input rows are kept in grouped order (one copy per route, like the FC1
 // activations), so an expert's rows are consecutive: the AMX kernels load a tile of them in place.
-// The int8x3 mode keeps three int8 digit planes per row instead of one (quantize_row_int8_digits) and
+// The int8x3 mode keeps three int8 digit planes per row instead of one (four, as two pairs, for 4-bit weights in
+// blocks of 16 or 32: quantize_row_int8_digits) and
 // runs kernels_amx.cpp's digit kernels.
 #include "cpu/cpu_backend.h"
 
@@ -83,8 +84,11 @@ namespace {
 // Which activation rows the kernels read besides the fp32 ones (CpuBackendOptions::compute).
 enum class Compute { exact, bf16, int8, int8x3 };
 
-// int8 digit planes per activation row the mode's kernels read (0: no int8 rows).
-int int8_digits(Compute c) { return c == Compute::int8 ? 1 : c == Compute::int8x3 ? kInt8Digits : 0; }
+// int8 digit planes per activation row the mode's kernels read for layer s (0: no int8 rows; int8x3: three
+// digits, or two pairs of digits for 4-bit weights in blocks of 16 or 32, int8_rows.h).
+int int8_digits(Compute c, const MoeSpec& s) {
+  return c == Compute::int8 ? 1 : c == Compute::int8x3 ? int8_digit_count(s.bits, s.block_size) : 0;
+}
 
 // The exact kernels for `isa` ("amx" names the int8 mode's tile multiplies; its exact kernels are AVX-512's).
 const KernelSet& select_kernels(const std::string& isa) {
@@ -369,6 +373,7 @@ struct KernelRows {
     jb.xneg_sum[i] = nsum ? nsum + qrow * digits * groups : nullptr;
     jb.xscale[i] = scale ? scale[qrow] : 0.f;
     jb.xq_digit_stride = width, jb.xneg_digit_stride = groups;
+    jb.xq_pairs = digits == kInt8PairDigits;
   }
   // Quantizes fp32 row `row` (K columns) into int8 row `qrow`.
   void quantize(const MoeSpec& s, int64_t K, int64_t row, int64_t qrow) const {
@@ -417,7 +422,7 @@ void run_pairs(const Source& src, const Task& task, const MatGeom& geom, const C
 template <class Source>
 void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const KernelSet& ks, Compute mode, ThreadPool& pool,
                const MoeInputs& in, Tensor& out, RunScratch& scratch, int64_t r0, int64_t r1) {
-  const int digits = int8_digits(mode);
+  const int digits = int8_digits(mode, s);
   const bool bf16 = mode == Compute::bf16, int8 = digits > 0;
   const int64_t rows = r1 - r0, H = s.hidden, I = s.inter, k = s.k, E = s.num_experts;
   const PairKernel kernel = kernel_for(ks, s.bits);
@@ -670,9 +675,10 @@ int64_t scratch_bytes_per_row(const MoeSpec& s, const std::string& compute) {
   // H, I <= 2^24 and k <= 2^16 (MoeSpec::validate), so this stays below 2^44.
   const int64_t XW = round_up(s.hidden + 8, 64), AW = round_up(s.inter + 8, 64);
   const int64_t bf16_rows = compute == "bf16" ? 2 * (XW + s.k * AW) : 0;
-  // int8 (D = 1 digit plane) and int8x3 (D = 3): k rows of each (grouped positions): per plane 1 byte
-  // per code and 4 per group sum (XW / 16 and AW / 16 per row); 4 per row scale; 8 per slot for its position.
-  const int64_t D = int8_digits(parse_compute(compute));
+  // int8 (D = 1 digit plane) and int8x3 (D = 3, or 4 for 4-bit weights in blocks of 16 or 32): k rows of
+  // each (grouped positions): per plane 1 byte per code and 4 per group sum (XW / 16 and AW / 16 per row); 4
+  // per row scale; 8 per slot for its position.
+  const int64_t D = int8_digits(parse_compute(compute), s);
   const int64_t int8_rows = D ? s.k * (D * ((XW + AW) + 4 * (XW / 16 + AW / 16)) + 8 + 8) : 0;
   return 4 * (XW + s.k * (AW + s.hidden)) + s.k * int64_t(sizeof(Route) + sizeof(int64_t)) + bf16_rows + int8_rows;
 }

@@ -63,9 +63,11 @@ struct PairJob {
   const int8_t* xq[kMaxTokens];
   const int32_t* xneg_sum[kMaxTokens];
   float xscale[kMaxTokens];
-  // int8x3 mode only (quantize_row_int8_digits): digit d of row t at xq[t] + d * xq_digit_stride, its
-  // group sums at xneg_sum[t] + d * xneg_digit_stride.
+  // int8x3 mode only (quantize_row_int8_digits): digit plane d of row t at xq[t] + d * xq_digit_stride, its
+  // group sums at xneg_sum[t] + d * xneg_digit_stride; xq_pairs: the rows hold the four digits in two
+  // pairs (int8_pair_digits(bits, block size) for the layer), else three digits.
   int64_t xq_digit_stride = 0, xneg_digit_stride = 0;
+  bool xq_pairs = false;
   float* acc;                     // out: [tokens][32], lanes 0..15 = tile 0, 16..31 = tile 1
 };
 

@@ -69,31 +69,46 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
 void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q,
                               int32_t* nsum, int64_t nsum_stride, float* sx) {
   const int64_t G = int8_group_cols(block_size), groups = (W + G - 1) / G;
-  for (int d = 0; d < kInt8Digits; ++d) {
-    std::memset(q + d * W, 0, size_t(W));
+  const bool pairs = int8_pair_digits(bits, block_size);
+  const int D = int8_digit_count(bits, block_size);
+  std::memset(q, 0, size_t(D * W));
+  for (int d = 0; d < D; ++d)
     for (int64_t g = 0; g < groups; ++g) nsum[d * nsum_stride + g] = 0;
-  }
   const float m = abs_max_finite(x, K);
   if (m != m) {  // a row with Inf or NaN
     *sx = m;
     return;
   }
-  *sx = m / 127.f;
-  if (m == 0.f || *sx == 0.f) {  // sx 0 (m below 127 * 2^-149): the row reads as zeros
+  const double full = pairs ? 8388608.0 : 127.0;  // |x / sx| <= 2^23, or <= 127
+  *sx = float(double(m) / full);  // exact for the pairs (a power of two) unless subnormal
+  if (m == 0.f || *sx == 0.f) {  // sx 0 (m below full * 2^-149): the row reads as zeros
     *sx = 0.f;
     return;
   }
   // Digits of x / sx with the sx the kernels multiply by; every step is exact in double (x / sx to 2^-53).
-  // A subnormal sx is too coarse for that (x / sx could pass 127): such rows (max|x| < 1.5e-36) take
-  // 127 / m, as quantize_row_int8 does.
-  const double inv = *sx >= FLT_MIN ? 1.0 / double(*sx) : 127.0 / double(m);
+  // A subnormal sx is too coarse for that (x / sx could pass the range): such rows (max|x| < 1.5e-36 or
+  // < 1.4e-31) take full / m, as quantize_row_int8 does.
+  const double inv = *sx >= FLT_MIN ? 1.0 / double(*sx) : full / double(m);
+  auto put = [&](int d, int64_t c, double v) {
+    const int64_t slot = int8_column_slot(bits, c);
+    q[int8_digit_offset(pairs, W, G, d, slot)] = int8_t(v);
+    nsum[d * nsum_stride + c / G] -= int32_t(v);
+  };
   for (int64_t c = 0; c < K; ++c) {
     double r = double(x[c]) * inv;
-    const int64_t slot = int8_column_slot(bits, c);
+    if (pairs) {  // v = 4096 h + l, then each of h, l as 16 a + b (a within [-127, 127], b the rest)
+      const double v = round_even(r), h = round_even(v / 4096), l = v - 4096 * h;
+      int d = 0;
+      for (const double p : {h, l}) {
+        const double hi = std::clamp(round_even(p / 16), -127.0, 127.0);
+        put(d++, c, hi);
+        put(d++, c, p - 16 * hi);
+      }
+      continue;
+    }
     for (int d = 0; d < kInt8Digits; ++d) {
       const double v = round_even(r);
-      q[d * W + slot] = int8_t(v);
-      nsum[d * nsum_stride + c / G] -= int32_t(v);
+      put(d, c, v);
       r = (r - v) * kInt8DigitBase;  // exact: r - v is exact and has at most 52 significant bits
     }
   }

@@ -41,15 +41,39 @@ inline int64_t int8_column_slot(int bits, int64_t c) {
 void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q, int32_t* nsum,
                        float* sx);
 
-// The int8x3 compute mode (compute = "int8x3", kernels_amx.cpp): each row as kInt8Digits int8 digits of
-// base kInt8DigitBase with the scale above,
+// The int8x3 compute mode (compute = "int8x3", kernels_amx.cpp): each row as int8 digits that keep 24 bits of
+// the row's largest value, where fp32 keeps 24 of each element. Two forms, by the weights:
+//
+// Three digits (kInt8Digits) of base kInt8DigitBase under the scale above,
 //   x ~= sx * (q0 + q1 / 254 + q2 / 254^2),   |x - that| <= sx / (2 * 254^2) = max|x| * 6.1e-8 (+ 2^-50 relative),
 // q0 = round(x / sx) in [-127, 127] (quantize_row_int8's codes up to sx's own rounding), q1, q2 in
-// [-127, 127]: 24 bits of the row's largest value, where fp32 keeps 24 of each element. (Base 254 keeps
-// the digits of a residual in [-0.5, 0.5] inside int8; base 256 would need 128.) Digit plane d of the
-// codes is q + d * W and of the group sums nsum + d * nsum_stride, each laid out as above.
+// [-127, 127]. (Base 254 keeps the digits of a residual in [-0.5, 0.5] inside int8; base 256 would need
+// 128.) Digit plane d of the codes is q + d * W and of the group sums nsum + d * nsum_stride, each laid
+// out as above.
+//
+// Four digits in two 12-bit pairs (kInt8PairDigits; 4-bit weights in blocks of 16 or 32, int8_pair_digits):
+//   sx = max|x| / 2^23,   v = round(x / sx) = 4096 h + l,   h = 16 a + b,   l = 16 c + d,
+// |h|, |l| <= 2048, a, c in [-127, 127], b, d in [-128, 127]: |x - sx * v| <= sx / 2 = max|x| * 6.0e-8. Why:
+// a tile multiply of 64 columns then takes one block's a and b together against a B tile of 16 (q - 8) and
+// (q - 8), 16 (q - 8) fitting int8 for 4-bit weights only, so a block costs two full multiplies (h, l) where
+// the three digits cost three of half a tile's columns, and its fold two sums instead of three (docs/PERF.md,
+// "Twelve-bit digit pairs"). Layout: the pairs' planes h (a, b) at q and l (c, d) at q + 2W; in a plane,
+// group g's G a-codes at g * 2G, then its G b-codes, each in int8_column_slot order; the four digits' group
+// sums at nsum + d * nsum_stride (d = a, b, c, d).
 inline constexpr int kInt8Digits = 3;
 inline constexpr int kInt8DigitBase = 254;
+inline constexpr int kInt8PairDigits = 4;
+inline bool int8_pair_digits(int bits, int64_t block_size) { return bits == 4 && (block_size == 16 || block_size == 32); }
+inline int int8_digit_count(int bits, int64_t block_size) {
+  return int8_pair_digits(bits, block_size) ? kInt8PairDigits : kInt8Digits;
+}
+// Digit d's code of column slot s (int8_column_slot) in a row of either form: its offset from q.
+inline int64_t int8_digit_offset(bool pairs, int64_t W, int64_t G, int d, int64_t s) {
+  if (!pairs) return d * W + s;
+  return (d >> 1) * 2 * W + (s / G) * 2 * G + (d & 1) * G + s % G;
+}
+// Quantizes x[0..K) into int8_digit_count(bits, block_size) planes of W codes at q and their group sums (W >= K,
+// a multiple of 64; zeros past K), and *sx.
 void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q,
                               int32_t* nsum, int64_t nsum_stride, float* sx);
 

@@ -138,11 +138,14 @@ struct ARows {
   const int8_t* base;
   int64_t stride, digit_stride;
   bool copy;
+  int64_t plane_stride_;
   alignas(64) int8_t buf[D][MT][64];
 
-  explicit ARows(const PairJob& jb)
-      : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), digit_stride(jb.xq_digit_stride), copy(stride <= 0) {
+  // plane_stride: bytes from one digit plane of a row to the next (int8_rows.h).
+  ARows(const PairJob& jb, int64_t plane_stride)
+      : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), digit_stride(plane_stride), copy(stride <= 0) {
     for (int t = 1; t < MT; ++t) copy = copy || jb.xq[t] != base + t * stride;
+    plane_stride_ = plane_stride;
     if (copy) base = buf[0][0], stride = 64, digit_stride = MT * 64;
   }
   // The block's start for columns (slots) [slot, slot + width), width <= 64.
@@ -151,7 +154,7 @@ struct ARows {
     const __mmask64 m = width >= 64 ? ~__mmask64(0) : (__mmask64(1) << width) - 1;
     for (int d = 0; d < D; ++d)
       for (int t = 0; t < MT; ++t)
-        _mm512_store_si512(buf[d][t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + d * jb.xq_digit_stride + slot));
+        _mm512_store_si512(buf[d][t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + d * plane_stride_ + slot));
     return buf[0][0];
   }
 };
@@ -207,7 +210,7 @@ void pair_amx(const PairJob& jb) {
   const __m512i low4 = _mm512_set1_epi8(0x0f), zd8 = _mm512_set1_epi8(int8_t(1 << (BITS - 1)));
   alignas(64) int8_t b[kBuildAhead + 1][16][64];  // B rings: 16 rows of 4 code bytes x 16 weight rows
   alignas(64) int32_t c[kFoldLag + 1][kC * kLo][16];  // C ring, read back by the folds (C tile i at row i * kLo)
-  ARows<MT, D> a(jb);
+  ARows<MT, D> a(jb, jb.xq_digit_stride);
   for (int tile = 0; tile < 2; ++tile) {
     const uint8_t* codes = jb.codes[tile];
     const bool zp = ZP && jb.zero_points[tile];
@@ -279,6 +282,88 @@ void pair_amx(const PairJob& jb) {
   }
 }
 
+
+// The int8x3 mode's digit pairs (int8_rows.h, kInt8PairDigits: 4-bit weights in blocks of G = 16 or 32
+// columns): per group one B of 2G rows' worth of K, 16 (q - 8) against the a-codes, then q - 8 against
+// the b-codes, and two multiplies of 2G columns, the h-plane's A into C 3 and the l-plane's into C 4:
+//   C3[t][l] = sum (q - 8) * h,   C4[t][l] = sum (q - 8) * l        exactly (|C| <= 32 * 8 * 2048)
+//   e        = C + (z - 8) * nsum(h or l)                              (zero points only)
+//   acc      = fma(scale_b, pair_digits_group_sum(eh, el), acc)
+// Every group is one multiply pair of full tiles: columns past K have a-, b-codes 0 (whatever B's rows
+// there hold), and a row's group of 2G codes never passes its plane (W is a multiple of 64). A 0, B 2,
+// C 3 and 4.
+template <int MT, bool ZP>
+void pair_amx_pairs(const PairJob& jb) {
+  const int64_t G = jb.block_bytes * 2, gbytes = jb.block_bytes, groups = (jb.jbytes + gbytes - 1) / gbytes;
+  const int brows = int(G / 2);  // B rows: 2G columns of K, 4 a row
+  TileConfig cfg;
+  cfg.rows[0] = MT, cfg.colsb[0] = uint16_t(2 * G);
+  cfg.rows[2] = uint8_t(brows), cfg.colsb[2] = 64;
+  cfg.rows[3] = cfg.rows[4] = MT, cfg.colsb[3] = cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+
+  const __m512i low4 = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), sign = _mm512_set1_epi8(int8_t(0x80));
+  alignas(64) int8_t b[kBuildAhead + 1][16][64] = {};  // rows past a short group's codes stay 0
+  alignas(64) int32_t c[kFoldLag + 1][2 * MT][16];      // C ring: C 3 at rows 0.., C 4 at rows MT..
+  ARows<MT, 2> a(jb, 2 * jb.xq_digit_stride);
+  for (int tile = 0; tile < 2; ++tile) {
+    const uint8_t* codes = jb.codes[tile];
+    const bool zp = ZP && jb.zero_points[tile];
+    // Group m's B: per 4 code bytes (8 columns: low nibbles the even, high the odd, as the rows' slots),
+    // 16 (q - 8) = (q << 4) ^ 0x80 in the a half (rows 0..), q - 8 in the b half (rows brows / 2..).
+    auto build = [&](int64_t m) __attribute__((always_inline)) {
+      int8_t(*bm)[64] = b[m % (kBuildAhead + 1)];
+      const int64_t js = m * gbytes, je = std::min<int64_t>(js + gbytes, jb.jbytes);
+      for (int64_t j = js, r = 0; j < je; j += 4, r += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + j * kTileRows + kPrefetchAhead), _MM_HINT_T0);
+        const __m512i v = load_transposed<true>(codes + j * kTileRows, j + 4 <= je);
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        _mm512_store_si512(bm[r], _mm512_xor_si512(_mm512_slli_epi16(lo, 4), sign));
+        _mm512_store_si512(bm[r + 1], _mm512_xor_si512(_mm512_slli_epi16(hi, 4), sign));
+        _mm512_store_si512(bm[brows / 2 + r], _mm512_sub_epi8(lo, eight));
+        _mm512_store_si512(bm[brows / 2 + r + 1], _mm512_sub_epi8(hi, eight));
+      }
+    };
+    __m512 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    auto fold = [&](int64_t g) __attribute__((always_inline)) {
+      prefetch_tile_scales(jb, tile, g);
+      const __m512 s = load_scales16(jb.scale_dtype, jb.scales[tile], g * kTileRows);
+      const __m512i dz = zp ? _mm512_sub_epi32(load_codes16(jb.zero_points[tile] + g * kTileRows), _mm512_set1_epi32(8))
+                            : _mm512_setzero_si512();
+      const int32_t(*cg)[16] = c[g % (kFoldLag + 1)];
+      for (int t = 0; t < MT; ++t) {
+        __m512i eh = _mm512_load_si512(cg[t]), el = _mm512_load_si512(cg[MT + t]);
+        if (zp) {  // nsum of h = 16 nsum(a) + nsum(b): |.| <= 32 * 2048, beyond vpdpwssd's int16
+          const int32_t* ns = jb.xneg_sum[t] + g;
+          const int64_t st = jb.xneg_digit_stride;
+          eh = _mm512_add_epi32(eh, _mm512_mullo_epi32(dz, _mm512_set1_epi32(16 * ns[0] + ns[st])));
+          el = _mm512_add_epi32(el, _mm512_mullo_epi32(dz, _mm512_set1_epi32(16 * ns[2 * st] + ns[3 * st])));
+        }
+        acc[t] = _mm512_fmadd_ps(s, pair_digits_group_sum(eh, el), acc[t]);
+      }
+    };
+    for (int64_t m = 0; m < std::min<int64_t>(kBuildAhead, groups); ++m) build(m);
+    for (int64_t m = 0; m < groups; ++m) {
+      if (m + kBuildAhead < groups) build(m + kBuildAhead);
+      const int8_t* am = a.at(jb, m * 2 * G, int(2 * G));
+      _tile_zero(3);
+      _tile_zero(4);
+      _tile_loadd(2, b[m % (kBuildAhead + 1)], 64);
+      _tile_loadd(0, am, a.stride);
+      _tile_dpbssd(3, 0, 2);
+      _tile_loadd(0, am + a.digit_stride, a.stride);
+      _tile_dpbssd(4, 0, 2);
+      _tile_stored(3, c[m % (kFoldLag + 1)][0], 64);
+      _tile_stored(4, c[m % (kFoldLag + 1)][MT], 64);
+      if (m >= kFoldLag) fold(m - kFoldLag);
+    }
+    for (int64_t f = std::max<int64_t>(0, groups - kFoldLag); f < groups; ++f) fold(f);
+    for (int t = 0; t < MT; ++t)
+      _mm512_storeu_ps(jb.acc + t * kPairRows + tile * kTileRows, _mm512_mul_ps(acc[t], _mm512_set1_ps(jb.xscale[t])));
+  }
+}
+
 // Runs tokens [t0, t0 + n) of jb through `kernel`.
 inline void run_part(const PairJob& jb, int t0, int n, PairKernel kernel) {
   PairJob part = jb;
@@ -341,6 +426,9 @@ void amx_digits_pair(const PairJob& jb) {
     return;
   }
   if (VNNI_SMALL && jb.tokens <= kVnniDigitTokens) return avx512_vnni_digits(jb);
+  if (jb.xq_pairs)
+    return dispatch_pair<kAmxTokens>(jb, portable_kernels().w4, "avx512-amx-int8x3",
+                                     [&]<int MT, bool ZP>() { pair_amx_pairs<MT, ZP>(jb); });
   dispatch_pair<kAmxTokens>(jb, portable_kernels().w4, "avx512-amx-int8x3",
                             [&]<int MT, bool ZP>() { pair_amx<BITS, MT, ZP, kInt8Digits>(jb); });
 }

@@ -70,7 +70,8 @@ inline __m512i x_dword(const int8_t* xq, int64_t i) {
 
 // The pair kernel for both widths: BITS 4 or 8; VBMI: the transpose by vpermb (load_transposed). D = 1: the
 // int8 mode; D = kInt8Digits: the int8x3 mode's small calls (the digits' sums side by side, combined as
-// kernels_amx.cpp combines them, so both give the same bits).
+// kernels_amx.cpp combines them, so both give the same bits); D = kInt8PairDigits: the same for the rows of digit
+// pairs (4-bit weights only).
 template <int BITS, int MT, bool ZP, bool VBMI, int D = 1>
 void pair_vnni(const PairJob& jb) {
   constexpr int kPack = 8 / BITS;
@@ -119,7 +120,9 @@ void pair_vnni(const PairJob& jb) {
         }
         for (int t = 0; t < MT; ++t)
           for (int d = 0; d < D; ++d) {
-            const int8_t* xq = jb.xq[t] + d * jb.xq_digit_stride;
+            // Digit d's codes, placed so that slot 2j (4-bit) or j of this group is at xq + that (int8_rows.h).
+            const int8_t* xq = jb.xq[t] + (D == kInt8PairDigits ? (d >> 1) * 2 * jb.xq_digit_stride + (g + (d & 1)) * gcols
+                                                                : d * jb.xq_digit_stride);
             if constexpr (BITS == 4) {
               const __m512i x0 = x_dword(xq, 2 * j), x1 = x_dword(xq, 2 * j + 4);
               for (int tile = 0; tile < 2; ++tile)
@@ -172,6 +175,9 @@ void pair_vnni(const PairJob& jb) {
           };
           __m512 sum;
           if constexpr (D == 1) sum = _mm512_cvtepi32_ps(exact(0));
+          else if constexpr (D == kInt8PairDigits)  // h = 16 a + b, l = 16 c + d
+            sum = pair_digits_group_sum(_mm512_add_epi32(_mm512_slli_epi32(exact(0), 4), exact(1)),
+                                        _mm512_add_epi32(_mm512_slli_epi32(exact(2), 4), exact(3)));
           else sum = digits_group_sum(exact(0), exact(1), exact(2));
           float* a = acc + t * kPairRows + tile * kTileRows;
           _mm512_storeu_ps(a, _mm512_fmadd_ps(s[tile], sum, _mm512_loadu_ps(a)));
@@ -198,8 +204,11 @@ void vnni_w8(const PairJob& jb) {
 
 }  // namespace
 
-// 2 tokens: their 2 x 2 x 3 digit sums and the codes fit the 32 registers.
+// 2 tokens: their 2 x 2 x 3 (or 4) digit sums and the codes fit the 32 registers.
 void avx512_vnni_digits(const PairJob& jb) {
+  if (jb.xq_pairs)
+    return dispatch_pair<kVnniDigitTokens>(jb, portable_kernels().w4, "avx512-vnni-int8x3",
+                                           [&]<int MT, bool ZP>() { pair_vnni<4, MT, ZP, true, kInt8PairDigits>(jb); });
   const auto run = [&]<int BITS>() {
     dispatch_pair<kVnniDigitTokens>(jb, portable_kernels().w4, "avx512-vnni-int8x3",
                                     [&]<int MT, bool ZP>() { pair_vnni<BITS, MT, ZP, true, kInt8Digits>(jb); });

@@ -57,5 +57,11 @@ inline __m512 digits_group_sum(__m512i i0, __m512i i1, __m512i i2) {
                          _mm512_mul_ps(_mm512_cvtepi32_ps(i2), _mm512_set1_ps(1.f / (kInt8DigitBase * kInt8DigitBase))));
 }
 
+// The digit pairs' group sum (int8_rows.h, kInt8PairDigits) from the exact sums eh = sum (q - z) h and
+// el = sum (q - z) l: 4096 eh + el, rounded once. Both convert exactly (|eh|, |el| <= 32 * 15 * 2048 < 2^24).
+inline __m512 pair_digits_group_sum(__m512i eh, __m512i el) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(eh), _mm512_set1_ps(4096.f), _mm512_cvtepi32_ps(el));
+}
+
 }  // namespace
 }  // namespace qmoe::cpu

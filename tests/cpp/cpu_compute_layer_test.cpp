@@ -73,9 +73,11 @@ int64_t int8_extra_scratch(const MoeSpec& s, int64_t XW, int64_t AW) {
   return s.k * ((XW + AW) + 4 * (XW / 16 + AW / 16) + 4 + 4 + 8);
 }
 
-// The int8x3 mode's: three digit planes of codes and group sums per row, one scale, one position.
+// The int8x3 mode's: three digit planes of codes and group sums per row (four for 4-bit weights in blocks of
+// 16 or 32), one scale, one position.
 int64_t int8x3_extra_scratch(const MoeSpec& s, int64_t XW, int64_t AW) {
-  return s.k * (3 * ((XW + AW) + 4 * (XW / 16 + AW / 16)) + 4 + 4 + 8);
+  const int64_t D = s.bits == 4 && (s.block_size == 16 || s.block_size == 32) ? 4 : 3;
+  return s.k * (D * ((XW + AW) + 4 * (XW / 16 + AW / 16)) + 4 + 4 + 8);
 }
 
 // What differs between the modes.
@@ -274,6 +276,11 @@ TEST_P(CpuComputeLayer, ScratchWithinDocumentedBound) {
   m.num_experts = 8, m.k = 2, m.hidden = 4096, m.inter = 14336, m.activation = Activation::swiglu;
   EXPECT_EQ(cpu::scratch_bytes_per_row(m, mode()), per_row(m));
   EXPECT_EQ(cpu::chunk_rows(m, {.isa = isa(), .compute = mode()}), GetParam().mixtral_chunk);
+  for (int64_t block : {16, 32, 64}) {  // int8x3 keeps four digit planes for 4-bit blocks of 16 and 32
+    MoeSpec b = m;
+    b.block_size = block;
+    EXPECT_EQ(cpu::scratch_bytes_per_row(b, mode()), per_row(b)) << "block " << block;
+  }
   QMOE_REQUIRE_MODE();
   MoeSpec s;
   s.num_experts = 4, s.k = 2, s.hidden = 64, s.inter = 96, s.bits = 4, s.block_size = 32, s.activation = Activation::silu;

@@ -49,9 +49,22 @@ using test::base_seed;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The value column c of a row of `planes` digit planes (int8_rows.h) stands for, in float64.
+double digits_value(const int8_t* q, int64_t W, int bits, int64_t block, int planes, float sx, int64_t c) {
+  const int64_t slot = int8_column_slot(bits, c), G = int8_group_cols(block);
+  if (planes == kInt8PairDigits) {
+    const auto digit = [&](int d) { return double(q[int8_digit_offset(true, W, G, d, slot)]); };
+    return double(sx) * (4096 * (16 * digit(0) + digit(1)) + 16 * digit(2) + digit(3));
+  }
+  double v = 0, unit = sx;
+  for (int d = 0; d < planes; ++d, unit /= kInt8DigitBase) v += unit * q[int8_digit_offset(false, W, G, d, slot)];
+  return v;
+}
+
 // One random pair job: the weights (random_pair.h) and the token rows, fp32 and as quantize_row_int8
 // makes them.
-// digits = kInt8Digits: the int8x3 mode's rows (quantize_row_int8_digits), planes W codes and W / 16 sums apart.
+// digits = kInt8Digits: the int8x3 mode's rows (quantize_row_int8_digits: three digits, or two digit pairs for
+// 4-bit weights in blocks of 16 or 32), planes W codes and W / 16 sums apart.
 struct PairCase : test::RandomPairWeights {
   int tokens = 1;
   int digits = 1;
@@ -65,18 +78,18 @@ struct PairCase : test::RandomPairWeights {
     return weights_str() + " tokens=" + std::to_string(tokens) + (digits > 1 ? " digits=" + std::to_string(digits) : "");
   }
 
+  // Digit planes of a row: 1, or int8_digit_count's 3 or 4 (pairs).
+  int planes() const { return digits == 1 ? 1 : int8_digit_count(bits, block); }
+  bool pairs() const { return planes() == kInt8PairDigits; }
+
   void quantize(int t) {
-    xq[t].assign(size_t(digits * W), 0);
-    nsum[t].assign(size_t(digits * W / 16), 0);
+    xq[t].assign(size_t(planes() * W), 0);
+    nsum[t].assign(size_t(planes() * W / 16), 0);
     if (digits == 1) quantize_row_int8(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), &sx[t]);
     else quantize_row_int8_digits(x[t].data(), K, W, bits, block, xq[t].data(), nsum[t].data(), W / 16, &sx[t]);
   }
   // The value the codes of token t, column c stand for, in float64.
-  double xhat(int t, int64_t c) const {
-    double v = 0, unit = sx[t];
-    for (int d = 0; d < digits; ++d, unit /= kInt8DigitBase) v += unit * xq[t][size_t(d * W + int8_column_slot(bits, c))];
-    return v;
-  }
+  double xhat(int t, int64_t c) const { return digits_value(xq[t].data(), W, bits, block, planes(), sx[t], c); }
 
   void make(std::mt19937_64& rng) {
     make_weights(rng);
@@ -97,6 +110,7 @@ struct PairCase : test::RandomPairWeights {
     for (int t = 0; t < tokens; ++t)
       jb.x[t] = x[t].data(), jb.xq[t] = xq[t].data(), jb.xneg_sum[t] = nsum[t].data(), jb.xscale[t] = sx[t];
     jb.xq_digit_stride = W, jb.xneg_digit_stride = W / 16;
+    jb.xq_pairs = pairs();
     jb.acc = acc;
     return jb;
   }
@@ -132,7 +146,8 @@ void expect_within_bound(const KernelSet& ks, int digits, std::mt19937_64& rng) 
         test::kernel_of(ks, bits)(c.job(acc.data()));
         const int64_t groups = (c.K + 255) / 256 + c.nb;  // an upper bound on the integer groups
         const double n = double((digits > 1 ? 5 : 1) * groups + 2), g = n * 0x1p-24 / (1 - n * 0x1p-24) + 0x1p-23;
-        const double step = 0.5 / std::pow(double(kInt8DigitBase), digits - 1);  // a column's rounding, in units of sx
+        // A column's rounding, in units of sx (pairs: sx is max|x| / 2^23).
+        const double step = c.pairs() ? 0.5 : 0.5 / std::pow(double(kInt8DigitBase), digits - 1);
         for (int t = 0; t < c.tokens; ++t)
           for (int lane = 0; lane < kPairRows; ++lane) {
             double y, w, m, yq, wq, mq;
@@ -221,7 +236,7 @@ void expect_amx_equals_vnni(int digits, std::mt19937_64& rng) {
           if (digits == 1) int8_kernel(bits)(jb);
           else avx512_vnni_digits(jb);
         }
-        const int64_t row = digits * c.W;  // one token's codes, its digit planes W apart
+        const int64_t row = c.planes() * c.W;  // one token's codes, its digit planes W apart
         std::vector<int8_t> block_rows(size_t(c.tokens * row));
         for (int t = 0; t < c.tokens; ++t) std::memcpy(block_rows.data() + t * row, c.xq[t].data(), size_t(row));
         for (bool strided : {false, true}) {
@@ -329,43 +344,57 @@ TEST(CpuInt8Kernel, QuantizerContract) {
   EXPECT_TRUE(std::isnan(sx));
 }
 
-// quantize_row_int8_digits's contract (int8_rows.h): the int8 option's scale, digits in [-127, 127], the three
-// digits within sx / (2 * 254^2) of x (rows of every magnitude, down to subnormal sx), per-plane group sums,
-// zeros past K, slot order, zeros for a zero row, NaN scale for non-finite rows.
+// quantize_row_int8_digits's contract (int8_rows.h), both forms: three digits under the int8 option's scale, in
+// [-127, 127], within sx / (2 * 254^2) of x; or (4-bit weights, blocks of 16 and 32) two pairs under max|x| / 2^23,
+// a and c in [-127, 127], |16 a + b| and |16 c + d| <= 2048, within sx / 2 of x. Rows of every magnitude (down
+// to subnormal sx), per-plane group sums, zeros past K, slot order, zeros for a zero row, NaN scale for
+// non-finite rows.
 TEST(CpuInt8Kernel, DigitQuantizerContract) {
   std::mt19937_64 rng(base_seed() + 9);
   std::uniform_real_distribution<float> xd(-3.f, 3.f);
+  int pair_rows = 0;
   for (int bits : {4, 8})
-    for (int64_t block : {int64_t(0), int64_t(16), int64_t(128), int64_t(512)})
+    for (int64_t block : {int64_t(0), int64_t(16), int64_t(32), int64_t(128), int64_t(512)})
       for (float amp : {1.f, 0x1p-100f, 0x1p-130f, 0x1p100f}) {
-        const int64_t K = 2 * int64_t(rng() % 400) + 1, W = round_up(K + 8, 16), G = int8_group_cols(block), N = W / 16;
+        const int64_t K = 2 * int64_t(rng() % 400) + 1, W = round_up(K + 8, 64), G = int8_group_cols(block), N = W / 16;
+        const int D = int8_digit_count(bits, block);
+        const bool pairs = D == kInt8PairDigits;
+        ASSERT_EQ(pairs, bits == 4 && (block == 16 || block == 32));
+        pair_rows += pairs;
         std::vector<float> x(size_t(W), 0.f);
         for (int64_t c = 0; c < K; ++c) x[size_t(c)] = amp * xd(rng);
-        std::vector<int8_t> q(size_t(kInt8Digits * W), 99);
-        std::vector<int32_t> ns(size_t(kInt8Digits * N), 99);
+        std::vector<int8_t> q(size_t(D * W), 99);
+        std::vector<int32_t> ns(size_t(D * N), 99);
         float sx = -1;
         quantize_row_int8_digits(x.data(), K, W, bits, block, q.data(), ns.data(), N, &sx);
         float m = 0;
         for (int64_t c = 0; c < K; ++c) m = std::max(m, std::fabs(x[size_t(c)]));
-        ASSERT_EQ(sx, m / 127.f) << "amp " << amp;
-        std::vector<int32_t> want(size_t(kInt8Digits * N), 0);
+        ASSERT_EQ(sx, pairs ? float(double(m) / 0x1p23) : m / 127.f) << "amp " << amp;
+        std::vector<int32_t> want(size_t(D * N), 0);
         for (int64_t c = 0; c < W; ++c) {
-          double v = 0, unit = sx;
-          for (int d = 0; d < kInt8Digits; ++d, unit /= kInt8DigitBase) {
-            const int code = q[size_t(d * W + int8_column_slot(bits, c))];
-            ASSERT_LE(std::abs(code), 127) << "column " << c << " digit " << d;
+          const int64_t slot = int8_column_slot(bits, c);
+          for (int d = 0; d < D; ++d) {
+            const int code = q[size_t(int8_digit_offset(pairs, W, G, d, slot))];
+            if (pairs && d % 2 == 1) {
+              const int whole = 16 * q[size_t(int8_digit_offset(true, W, G, d - 1, slot))] + code;
+              ASSERT_LE(std::abs(whole), 2048) << "column " << c << " pair " << d / 2;
+            } else {
+              ASSERT_LE(std::abs(code), 127) << "column " << c << " digit " << d;
+            }
             if (c >= K) ASSERT_EQ(code, 0) << "column " << c << " past K";
-            v += unit * code;
             if (c < K) want[size_t(d * N + c / G)] -= code;
           }
-          if (c < K && sx >= FLT_MIN)  // subnormal sx: the row is within 127 * 2^-126 of zero anyway
-            ASSERT_LE(std::fabs(double(x[size_t(c)]) - v), 0.5 * sx / (kInt8DigitBase * kInt8DigitBase) * (1 + 0x1p-20))
+          const double v = digits_value(q.data(), W, bits, block, D, sx, c);
+          const double unit = pairs ? 0.5 * sx : 0.5 * sx / (kInt8DigitBase * kInt8DigitBase);
+          if (c < K && sx >= FLT_MIN)  // subnormal sx: the row is within 2^23 * 2^-126 of zero anyway
+            ASSERT_LE(std::fabs(double(x[size_t(c)]) - v), unit * (1 + 0x1p-20))
                 << "column " << c << " amp " << amp << " (base seed " << base_seed() << ")";
         }
-        for (int d = 0; d < kInt8Digits; ++d)
+        for (int d = 0; d < D; ++d)
           for (int64_t g = 0; g < (W + G - 1) / G; ++g)
             ASSERT_EQ(ns[size_t(d * N + g)], want[size_t(d * N + g)]) << "digit " << d << " group " << g;
       }
+  EXPECT_EQ(pair_rows, 8);
   std::vector<float> x(16, 0.f);
   std::vector<int8_t> q(size_t(kInt8Digits * 16), 5);
   std::vector<int32_t> ns(size_t(kInt8Digits), 5);
