@@ -381,6 +381,8 @@ struct KernelRows {
     const int64_t qo = qrow * digits * width, no = qrow * digits * groups;
     if (digits == 1)
       quantize_row_int8(x, K, width, s.bits, s.block_size, q + qo, nsum + no, scale + qrow);
+    else if (digits == kInt8PairDigits)  // the int8x3 mode, which runs only where amx_available(): AVX-512 too
+      quantize_row_int8_pairs_avx512(x, K, width, s.block_size, q + qo, nsum + no, groups, scale + qrow);
     else
       quantize_row_int8_digits(x, K, width, s.bits, s.block_size, q + qo, nsum + no, groups, scale + qrow);
   }

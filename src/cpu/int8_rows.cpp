@@ -89,26 +89,37 @@ void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, in
   // A subnormal sx is too coarse for that (x / sx could pass the range): such rows (max|x| < 1.5e-36 or
   // < 1.4e-31) take full / m, as quantize_row_int8 does.
   const double inv = *sx >= FLT_MIN ? 1.0 / double(*sx) : full / double(m);
-  auto put = [&](int d, int64_t c, double v) {
-    const int64_t slot = int8_column_slot(bits, c);
-    q[int8_digit_offset(pairs, W, G, d, slot)] = int8_t(v);
-    nsum[d * nsum_stride + c / G] -= int32_t(v);
-  };
+  if (pairs) {  // v = 4096 h + l, then each of h, l as 16 a + b (a within [-127, 127], b the rest)
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+      int8_t* const ph = q + g0 * 2;  // group g0 / G's a-codes in the h plane; b at + G, the l plane at + 2W
+      int32_t sum[kInt8PairDigits] = {};
+      // Whole 8-column steps (G is a multiple of 8, so column g0 + c + i lives at slot c + int8_column_slot(4, i)
+      // of the group), which the compiler vectorizes; the group's last columns one by one (i < n).
+      for (int64_t c = 0; c < std::min(G, K - g0); c += 8) {
+        const int n = int(std::min<int64_t>(8, K - g0 - c));
+        int32_t dg[kInt8PairDigits][8];
+        for (int i = 0; i < 8; ++i) {
+          const double v = i < n ? round_even(double(x[g0 + c + i]) * inv) : 0.0;
+          const double h = round_even(v * 0x1p-12), l = v - 4096 * h;
+          const double a = std::clamp(round_even(h * 0.0625), -127.0, 127.0), cc = std::clamp(round_even(l * 0.0625), -127.0, 127.0);
+          dg[0][i] = int32_t(a), dg[1][i] = int32_t(h - 16 * a), dg[2][i] = int32_t(cc), dg[3][i] = int32_t(l - 16 * cc);
+        }
+        for (int d = 0; d < kInt8PairDigits; ++d) {
+          int8_t* out = ph + (d >> 1) * 2 * W + (d & 1) * G + c;
+          for (int i = 0; i < 8; ++i) out[int8_column_slot(4, i)] = int8_t(dg[d][i]), sum[d] -= dg[d][i];
+        }
+      }
+      for (int d = 0; d < kInt8PairDigits; ++d) nsum[d * nsum_stride + g0 / G] = sum[d];
+    }
+    return;
+  }
   for (int64_t c = 0; c < K; ++c) {
     double r = double(x[c]) * inv;
-    if (pairs) {  // v = 4096 h + l, then each of h, l as 16 a + b (a within [-127, 127], b the rest)
-      const double v = round_even(r), h = round_even(v / 4096), l = v - 4096 * h;
-      int d = 0;
-      for (const double p : {h, l}) {
-        const double hi = std::clamp(round_even(p / 16), -127.0, 127.0);
-        put(d++, c, hi);
-        put(d++, c, p - 16 * hi);
-      }
-      continue;
-    }
+    const int64_t slot = int8_column_slot(bits, c);
     for (int d = 0; d < kInt8Digits; ++d) {
       const double v = round_even(r);
-      put(d, c, v);
+      q[d * W + slot] = int8_t(v);
+      nsum[d * nsum_stride + c / G] -= int32_t(v);
       r = (r - v) * kInt8DigitBase;  // exact: r - v is exact and has at most 52 significant bits
     }
   }

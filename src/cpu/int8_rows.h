@@ -76,5 +76,9 @@ inline int64_t int8_digit_offset(bool pairs, int64_t W, int64_t G, int d, int64_
 // a multiple of 64; zeros past K), and *sx.
 void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, int64_t block_size, int8_t* q,
                               int32_t* nsum, int64_t nsum_stride, float* sx);
+// The same bytes for the digit pairs (int8_pair_digits(4, block_size)), 8 columns at a time
+// (int8_rows_avx512.cpp): call only where the CPU has AVX-512 F/BW/VL.
+void quantize_row_int8_pairs_avx512(const float* x, int64_t K, int64_t W, int64_t block_size, int8_t* q,
+                                    int32_t* nsum, int64_t nsum_stride, float* sx);
 
 }  // namespace qmoe::cpu

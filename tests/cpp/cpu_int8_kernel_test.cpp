@@ -344,6 +344,36 @@ TEST(CpuInt8Kernel, QuantizerContract) {
   EXPECT_TRUE(std::isnan(sx));
 }
 
+// The AVX-512 form of the digit pairs (int8_rows_avx512.cpp) writes the portable form's bytes, sums and scale:
+// odd K, partial groups, rows of every magnitude (subnormal sx), zero rows, rows with Inf or NaN.
+TEST(CpuInt8Kernel, PairDigitsAvx512MatchPortable) {
+  if (!test::has_avx512()) GTEST_SKIP() << "this CPU lacks AVX-512 F/BW/VL";
+  std::mt19937_64 rng(base_seed() + 11);
+  std::uniform_real_distribution<float> xd(-3.f, 3.f);
+  int compared = 0;
+  for (int64_t block : {16, 32})
+    for (float amp : {1.f, 0x1p-100f, 0x1p-130f, 0x1p-145f, 0x1p100f, 0.f})
+      for (int rep = 0; rep < 4; ++rep) {
+        const int64_t K = 2 * int64_t(rng() % 300) + 1, W = round_up(K + 8, 64), N = W / 16;
+        std::vector<float> x(size_t(W), 0.f);
+        for (int64_t c = 0; c < K; ++c) x[size_t(c)] = amp * xd(rng);
+        if (rep == 3) x[size_t(rng() % uint64_t(K))] = rng() % 2 ? NAN : -INFINITY;
+        std::vector<int8_t> q0(size_t(4 * W), 99), q1(q0);
+        std::vector<int32_t> n0(size_t(4 * N), 99), n1(n0);
+        float s0 = -1, s1 = -2;
+        quantize_row_int8_digits(x.data(), K, W, 4, block, q0.data(), n0.data(), N, &s0);
+        quantize_row_int8_pairs_avx512(x.data(), K, W, block, q1.data(), n1.data(), N, &s1);
+        const std::string where = "K=" + std::to_string(K) + " block=" + std::to_string(block) + " amp=" +
+                                  std::to_string(amp) + " rep " + std::to_string(rep) + " (base seed " +
+                                  std::to_string(base_seed()) + ")";
+        ASSERT_EQ(std::memcmp(&s0, &s1, sizeof s0), 0) << where << ": scale " << s0 << " vs " << s1;
+        ASSERT_EQ(q0, q1) << where;
+        ASSERT_EQ(n0, n1) << where;
+        ++compared;
+      }
+  EXPECT_EQ(compared, 48);
+}
+
 // quantize_row_int8_digits's contract (int8_rows.h), both forms: three digits under the int8 option's scale, in
 // [-127, 127], within sx / (2 * 254^2) of x; or (4-bit weights, blocks of 16 and 32) two pairs under max|x| / 2^23,
 // a and c in [-127, 127], |16 a + b| and |16 c + d| <= 2048, within sx / 2 of x. Rows of every magnitude (down
