@@ -121,11 +121,14 @@ struct CpuBackendOptions {
   //           row becomes three int8 digits of base 254 under the int8 mode's scale (x ~= sx * (q0 + q1 /
   //           254 + q2 / 254^2), each element within max|x| * 6.1e-8, the fp32 half-ulp of the row's
   //           largest value); each digit's group sums are exact int32 tile multiplies, combined in fp32
-  //           per group. Whole layers sit as close to the reference as the exact mode does (relative L2
+  //           per group. 4-bit weights in blocks of 16 or 32 take four digits instead, two 12-bit pairs
+  //           (x ~= sx * (4096 (16 a + b) + 16 c + d), sx = max|x| / 2^23, the same bound), so that a
+  //           block's two pairs are two full tile multiplies. Whole layers sit as close to the reference as the exact mode does (relative L2
   //           1-6e-7 on fp32 layers, tested to 4e-6; docs/DESIGN.md, "Numerics"). Deterministic like
   //           int8 (calls of 1-2 tokens take vpdpbusd, bitwise the same). Needs AMX-TILE, AMX-INT8,
   //           AVX512_VNNI and AVX512_VBMI with the OS's tile grant (isa "auto" or "amx"); otherwise
-  //           refused. Scratch grows by k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16) bytes per row.
+  //           refused. Scratch grows by k * (D * ((X + A) + 4 * (X / 16 + A / 16)) + 16) bytes per row
+  //           (D = 4 digits for 4-bit blocks of 16 or 32, else 3).
   std::string compute = "exact";
 };
 // The fast CPU backend (src/cpu/): SIMD kernels chosen at run time, multi-threaded.

@@ -115,7 +115,7 @@ def _options(backend: str, prepack: bool, threads: int, chunk_rows: int, cuda_ge
     chunk of a run, bounding its scratch memory; 0 = as many as fit 256 MiB) and ``cpu_compute``
     ("exact"; "bf16": activations rounded to bf16; "int8": activations quantized to int8 per row;
     the last two are accuracy options for prefill, docs/DESIGN.md "Numerics"; "int8x3": activations as
-    three int8 digits on AMX tile multiplies, fp32-level accuracy) apply to
+    three or four int8 digits on AMX tile multiplies, fp32-level accuracy) apply to
     the CPU backend, ``cuda_gemm`` ("auto", "sm80" or "sm90") to the CUDA backend's FC kernels."""
     o = _qmoe._LayerOptions()
     o.backend = str(backend)

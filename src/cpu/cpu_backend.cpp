@@ -19,9 +19,8 @@
 // rows (int8_rows.h: a row's codes depend on that row alone), and the kernels are kernels_avx512_vnni.cpp's
 // or kernels_amx.cpp's. Its input rows are kept in grouped order (one copy per route, like the FC1
 // activations), so an expert's rows are consecutive: the AMX kernels load a tile of them in place.
-// The int8x3 mode keeps three int8 digit planes per row instead of one (four, as two pairs, for 4-bit weights in
-// blocks of 16 or 32: quantize_row_int8_digits) and
-// runs kernels_amx.cpp's digit kernels.
+// The int8x3 mode keeps three int8 digit planes per row instead of one (four, as two pairs, for 4-bit weights
+// in blocks of 16 or 32: quantize_row_int8_digits) and runs kernels_amx.cpp's digit kernels.
 #include "cpu/cpu_backend.h"
 
 #include <cpuid.h>
@@ -469,7 +468,7 @@ void run_chunk(const MoeSpec& s, const LayerPlan& plan, const Source& src, const
   // bf16 mode: the same rows rounded to bf16 once per chunk (float_to_bf16: nearest even), padding 0.
   uint16_t* Xb = bf16 ? grow(scratch.Xb, rows * XW) : nullptr;
   uint16_t* Ab = bf16 ? grow(scratch.Ab, rows * k * AW) : nullptr;
-  // int8 modes: the same rows quantized (int8_rows.h; int8x3: three digit planes), per grouped position;
+  // int8 modes: the same rows quantized (int8_rows.h; int8x3: three or four digit planes), per grouped position;
   // X's once here, A's after FC1 (a row's scale needs all its columns).
   const int64_t XN = XW / 16, AN = AW / 16;
   int8_t* Xq = int8 ? grow(scratch.Xq, rows * k * digits * XW) : nullptr;

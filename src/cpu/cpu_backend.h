@@ -24,7 +24,8 @@ inline constexpr int64_t kAutoChunkScratchBytes = int64_t(256) << 20;
 // compute "bf16" adds 2 * (round64(H + 8) + k * round64(I + 8)) for the bf16 copies of the first two;
 // compute "int8" adds k * ((X + A) + 4 * (X / 16 + A / 16) + 16) for their int8 copies, one per route
 // (codes, group sums, row scales) and each route's position (X = round64(H + 8), A = round64(I + 8));
-// "int8x3" k * (3 * ((X + A) + 4 * (X / 16 + A / 16)) + 16).
+// "int8x3" k * (D * ((X + A) + 4 * (X / 16 + A / 16)) + 16), D = 4 for 4-bit weights in blocks of 16 or 32
+// (digit pairs), else 3.
 int64_t scratch_bytes_per_row(const MoeSpec& spec, const std::string& compute = "exact");
 
 // Rows per chunk for this spec: opt.max_chunk_rows, or the automatic choice when it is 0.

@@ -28,7 +28,8 @@
 // quantized to int8 with one scale per row (PairJob::xq, int8_rows.h) and multiplies them with the weight
 // codes by vpdpbusd, exactly in int32 within each group, so it too agrees with the others only within
 // the bound stated there, and is deterministic for the same reason; same fallbacks. The int8x3 mode
-// (compute = "int8x3", kernels_amx.cpp) reads three int8 digits per activation (PairJob's digit strides)
+// (compute = "int8x3", kernels_amx.cpp) reads three int8 digits per activation, or four in two pairs for 4-bit
+// blocks of 16 and 32 (PairJob's digit strides, xq_pairs)
 // and agrees with the exact kernels to fp32-level rounding; same determinism, same fallbacks.
 #pragma once
 
@@ -111,7 +112,7 @@ const KernelSet& avx512_vnni_kernels(bool vbmi);
 // bit): call only where amx_available(). Calls of a few tokens go to the VNNI kernels unless every_call
 // (tests).
 const KernelSet& avx512_amx_kernels(bool every_call = false);
-// The int8x3 compute mode (int8_rows.h: activations as three int8 digits, fp32-level accuracy): tile
+// The int8x3 compute mode (int8_rows.h: activations as three or four int8 digits, fp32-level accuracy): tile
 // multiplies for calls of more than kVnniDigitTokens tokens (every call where every_call: tests), the rest
 // by avx512_vnni_digits, bitwise the same. Call only where amx_available(); its jobs must set xq, xneg_sum,
 // xscale and the digit strides.

@@ -33,7 +33,8 @@
 // sums, i0 + i1 / 254 + i2 / 254^2 (digits_group_sum), before the scale's fma: fp32-level accuracy for
 // three tile multiplies per weight tile instead of fp32 FMAs per token. Its calls of 1 or 2 tokens go to
 // the VNNI kernel's digit form, which computes the same integers and folds them the same way (tested
-// bitwise), as the int8 mode's small calls do.
+// bitwise), as the int8 mode's small calls do. 4-bit weights in blocks of 16 and 32 take the digit pairs
+// instead (pair_amx_pairs below).
 #include <immintrin.h>
 
 #include <algorithm>

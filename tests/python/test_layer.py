@@ -254,7 +254,7 @@ CPU_COMPUTE_MODES = [("bf16", "avx512_bf16", "AVX512_BF16", 8e-3), ("int8", "avx
 
 @pytest.mark.parametrize("mode,flag,feature,tol", CPU_COMPUTE_MODES)
 def test_cpu_compute_is_close_deterministic_and_checked(mode, flag, feature, tol):
-    # cpu_compute=mode: activations rounded (bf16) or quantized per row (int8; int8x3: three int8 digits)
+    # cpu_compute=mode: activations rounded (bf16) or quantized per row (int8; int8x3: three or four int8 digits)
     # before the FC kernels;
     # held to the C++ layer test's tolerance against the exact mode, bitwise the same for every chunk
     # size and thread count, and refused with a clear error on a CPU without the instruction.

@@ -43,7 +43,7 @@ void add_backend_flags(CLI::App& app, BackendFlags& flags) {
                  "CPU: kernel arithmetic; exact = fp32 (default), bf16 = activations rounded to bf16 and multiplied "
                  "with vdpbf16ps (faster prefill; layer error ~3e-3 relative, tested to 8e-3; needs AVX512_BF16), "
                  "int8 = activations quantized to int8 per row and multiplied with vpdpbusd (faster still; layer "
-                 "error ~1-2e-2 relative, tested to 4e-2; needs AVX512_VNNI), int8x3 = activations as three int8 "
+                 "error ~1-2e-2 relative, tested to 4e-2; needs AVX512_VNNI), int8x3 = activations as three (or four) int8 "
                  "digits multiplied by AMX tile multiplies (fp32-level accuracy, faster prefill than exact; needs "
                  "AMX-INT8)")
       ->check(CLI::IsMember({"exact", "bf16", "int8", "int8x3"}))
