@@ -93,8 +93,8 @@ void quantize_row_int8_digits(const float* x, int64_t K, int64_t W, int bits, in
     for (int64_t g0 = 0; g0 < K; g0 += G) {
       int8_t* const ph = q + g0 * 2;  // group g0 / G's a-codes in the h plane; b at + G, the l plane at + 2W
       int32_t sum[kInt8PairDigits] = {};
-      // Whole 8-column steps (G is a multiple of 8, so column g0 + c + i lives at slot c + int8_column_slot(4, i)
-      // of the group), which the compiler vectorizes; the group's last columns one by one (i < n).
+      // 8 columns a step (G is a multiple of 8, so column g0 + c + i lives at slot c + int8_column_slot(4, i) of
+      // the group); columns past K (i >= n) as zeros.
       for (int64_t c = 0; c < std::min(G, K - g0); c += 8) {
         const int n = int(std::min<int64_t>(8, K - g0 - c));
         int32_t dg[kInt8PairDigits][8];

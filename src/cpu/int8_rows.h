@@ -53,7 +53,7 @@ void quantize_row_int8(const float* x, int64_t K, int64_t W, int bits, int64_t b
 //
 // Four digits in two 12-bit pairs (kInt8PairDigits; 4-bit weights in blocks of 16 or 32, int8_pair_digits):
 //   sx = max|x| / 2^23,   v = round(x / sx) = 4096 h + l,   h = 16 a + b,   l = 16 c + d,
-// |h|, |l| <= 2048, a, c in [-127, 127], b, d in [-128, 127]: |x - sx * v| <= sx / 2 = max|x| * 6.0e-8. Why:
+// |h|, |l| <= 2048, a, c in [-127, 127], b, d the rest (|b|, |d| <= 16): |x - sx * v| <= sx / 2 = max|x| * 6.0e-8. Why:
 // a tile multiply of 64 columns then takes one block's a and b together against a B tile of 16 (q - 8) and
 // (q - 8), 16 (q - 8) fitting int8 for 4-bit weights only, so a block costs two full multiplies (h, l) where
 // the three digits cost three of half a tile's columns, and its fold two sums instead of three (docs/PERF.md,

@@ -139,14 +139,14 @@ struct ARows {
   const int8_t* base;
   int64_t stride, digit_stride;
   bool copy;
-  int64_t plane_stride_;
+  int64_t row_plane_stride;  // the rows' own (digit_stride is the copy's where copied)
   alignas(64) int8_t buf[D][MT][64];
 
   // plane_stride: bytes from one digit plane of a row to the next (int8_rows.h).
   ARows(const PairJob& jb, int64_t plane_stride)
-      : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), digit_stride(plane_stride), copy(stride <= 0) {
+      : base(jb.xq[0]), stride(MT > 1 ? jb.xq[1] - jb.xq[0] : 64), digit_stride(plane_stride), copy(stride <= 0),
+        row_plane_stride(plane_stride) {
     for (int t = 1; t < MT; ++t) copy = copy || jb.xq[t] != base + t * stride;
-    plane_stride_ = plane_stride;
     if (copy) base = buf[0][0], stride = 64, digit_stride = MT * 64;
   }
   // The block's start for columns (slots) [slot, slot + width), width <= 64.
@@ -155,7 +155,7 @@ struct ARows {
     const __mmask64 m = width >= 64 ? ~__mmask64(0) : (__mmask64(1) << width) - 1;
     for (int d = 0; d < D; ++d)
       for (int t = 0; t < MT; ++t)
-        _mm512_store_si512(buf[d][t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + d * plane_stride_ + slot));
+        _mm512_store_si512(buf[d][t], _mm512_maskz_loadu_epi8(m, jb.xq[t] + d * row_plane_stride + slot));
     return buf[0][0];
   }
 };
@@ -283,9 +283,8 @@ void pair_amx(const PairJob& jb) {
   }
 }
 
-
 // The int8x3 mode's digit pairs (int8_rows.h, kInt8PairDigits: 4-bit weights in blocks of G = 16 or 32
-// columns): per group one B of 2G rows' worth of K, 16 (q - 8) against the a-codes, then q - 8 against
+// columns): per group one B tile for 2G columns of K, 16 (q - 8) against the a-codes, then q - 8 against
 // the b-codes, and two multiplies of 2G columns, the h-plane's A into C 3 and the l-plane's into C 4:
 //   C3[t][l] = sum (q - 8) * h,   C4[t][l] = sum (q - 8) * l        exactly (|C| <= 32 * 8 * 2048)
 //   e        = C + (z - 8) * nsum(h or l)                              (zero points only)

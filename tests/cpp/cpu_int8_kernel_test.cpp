@@ -376,7 +376,7 @@ TEST(CpuInt8Kernel, PairDigitsAvx512MatchPortable) {
 
 // quantize_row_int8_digits's contract (int8_rows.h), both forms: three digits under the int8 option's scale, in
 // [-127, 127], within sx / (2 * 254^2) of x; or (4-bit weights, blocks of 16 and 32) two pairs under max|x| / 2^23,
-// a and c in [-127, 127], |16 a + b| and |16 c + d| <= 2048, within sx / 2 of x. Rows of every magnitude (down
+// a and c in [-127, 127], |b|, |d| <= 16, |16 a + b| and |16 c + d| <= 2048, within sx / 2 of x. Rows of every magnitude (down
 // to subnormal sx), per-plane group sums, zeros past K, slot order, zeros for a zero row, NaN scale for
 // non-finite rows.
 TEST(CpuInt8Kernel, DigitQuantizerContract) {
@@ -408,6 +408,7 @@ TEST(CpuInt8Kernel, DigitQuantizerContract) {
             if (pairs && d % 2 == 1) {
               const int whole = 16 * q[size_t(int8_digit_offset(true, W, G, d - 1, slot))] + code;
               ASSERT_LE(std::abs(whole), 2048) << "column " << c << " pair " << d / 2;
+              ASSERT_LE(std::abs(code), 16) << "column " << c << " digit " << d;
             } else {
               ASSERT_LE(std::abs(code), 127) << "column " << c << " digit " << d;
             }
