@@ -303,7 +303,9 @@ void pair_amx_pairs(const PairJob& jb) {
   _tile_loadconfig(&cfg);
 
   const __m512i low4 = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), sign = _mm512_set1_epi8(int8_t(0x80));
-  alignas(64) int8_t b[kBuildAhead + 1][16][64] = {};  // rows past a short group's codes stay 0
+  // B ring, zeroed once so that no tile load reads unset bytes: the rows past a short group's codes keep an
+  // earlier group's, and meet a- and b-codes 0 (columns past K).
+  alignas(64) int8_t b[kBuildAhead + 1][16][64] = {};
   alignas(64) int32_t c[kFoldLag + 1][2 * MT][16];      // C ring: C 3 at rows 0.., C 4 at rows MT..
   ARows<MT, 2> a(jb, 2 * jb.xq_digit_stride);
   for (int tile = 0; tile < 2; ++tile) {
