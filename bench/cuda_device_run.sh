@@ -122,6 +122,6 @@ if [[ $stages == *" bench "* ]]; then
   cat "$OUT/bench.log"
 fi
 if [[ $stages == *" peer "* ]]; then
-  PYTHONUNBUFFERED=1 timeout 200 python3 bench/cuda_bench.py > "$OUT/peer.log" 2>&1; echo "peer rc=$?"
+  PYTHONUNBUFFERED=1 timeout 500 python3 bench/cuda_bench.py ${PEER_ARGS:-} > "$OUT/peer.log" 2>&1; echo "peer rc=$?"
   cat "$OUT/peer.log"
 fi
