@@ -8,8 +8,10 @@ the int4 peer for each group size of --int4 ("" for none): the same routing and 
 FC2 as torch._weight_int4pack_mm per expert that has tokens (PyTorch's int4 weight-only matmul; random
 codes, bf16 scales and zeros per group; the expert loop reads the token counts on the host, as a
 per-expert loop must). A case PyTorch refuses (K not a multiple of the group) prints FAILED and why.
-Timing: CUDA events, median of --iters after 5 warm-ups; at T=1 the 16 routing sets rotate so that
-consecutive runs touch disjoint experts (as the qmoe bench does), so weights come from HBM.
+Timing: CUDA events, median of --iters after 5 warm-ups, launched from Python; the bf16 peer also as
+CUDA-graph replays ("grouped_mm_graph_us"; the int4 peer's host read of the counts cannot be captured).
+At T=1 the 16 routing sets rotate so that consecutive runs touch disjoint experts (as the qmoe bench
+does), so weights come from HBM.
 """
 import argparse
 import statistics
@@ -36,6 +38,24 @@ def timed(fn, iters, warm=5):
         if i >= warm:
             ts.append(a.elapsed_time(b) * 1e3)
     return statistics.median(ts)
+
+
+def graph_timed(fn, sets, iters):
+    """Median µs of replaying fn(*sets[i % len(sets)]) captured in one CUDA graph per input set (what launching
+    from Python costs is then out of the time, as it is out of qmoe's graph column)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args in sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for args in sets:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(*args)
+        graphs.append(g)
+    return timed(lambda i: graphs[i % len(graphs)].replay(), iters)
 
 
 def int4pack_weights(E, N, K, gs, dev):
@@ -129,6 +149,11 @@ def main():
                 print(f"{name:17s} {T:5d} {us:14.1f} {6 * T * k * H * I / (us * 1e-6) / 1e12:8.1f}", flush=True)
             except Exception as e:  # report, do not hide
                 print(f"{name:17s} {T:5d} FAILED: {type(e).__name__}: {e}", flush=True)
+            try:
+                us = graph_timed(moe, sets, args.iters)
+                print(f"{name:17s} {T:5d} grouped_mm_graph_us {us:10.1f}", flush=True)
+            except Exception as e:
+                print(f"{name:17s} {T:5d} grouped_mm graph FAILED: {type(e).__name__}: {e}", flush=True)
         del w1, w2, w1t, w2t
         torch.cuda.empty_cache()
 
