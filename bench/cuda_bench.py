@@ -112,7 +112,8 @@ def main():
             w = w / w.sum(-1, keepdim=True)
             flat = idx.flatten()
             order = torch.argsort(flat, stable=True)
-            return order // k, w.flatten()[order], torch.bincount(flat, minlength=E)
+            counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+            return order // k, w.flatten()[order], counts  # (bincount would read its size on the host)
 
         def swiglu(h):
             g, u = h[:, :I].float(), h[:, I:].float()
