@@ -273,16 +273,10 @@ PairJob job_for(const MatGeom& g, const TileRef& a, const TileRef& b) {
 // would take 10 tile multiplies of 16 and 10 rows per weight tile where 8 full ones and a 2-token
 // vpdpbusd call do.
 struct CallSplit {
-  int64_t calls, base, extra;
-  bool full;
-  CallSplit(int64_t m, int64_t mt, bool tiles)
-      : calls((m + mt - 1) / mt), base(calls ? m / calls : 0), extra(calls ? m % calls : 0), full(tiles) {
-    if (full) base = mt, extra = m - mt * (calls - 1);
-  }
-  int tokens(int64_t c) const {
-    if (full) return int(c + 1 < calls ? base : extra);
-    return int(base + (c < extra));
-  }
+  int64_t m, mt, calls;
+  bool full;  // tile rows: full calls, then the rest
+  CallSplit(int64_t m_, int64_t mt_, bool tiles) : m(m_), mt(mt_), calls((m_ + mt_ - 1) / mt_), full(tiles) {}
+  int tokens(int64_t c) const { return int(full ? std::min(mt, m - c * mt) : m / calls + (c < m % calls)); }
 };
 
 struct Task {
