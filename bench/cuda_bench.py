@@ -40,6 +40,14 @@ def timed(fn, iters, warm=5):
     return statistics.median(ts)
 
 
+def report(name, T, label, measure):
+    """Prints `name T label µs` from measure(), or why it failed (report, do not hide)."""
+    try:
+        print(f"{name:17s} {T:5d} {label} {measure():10.1f}", flush=True)
+    except Exception as e:
+        print(f"{name:17s} {T:5d} {label} FAILED: {type(e).__name__}: {e}", flush=True)
+
+
 def graph_timed(fn, sets, iters):
     """Median µs of replaying fn(*sets[i % len(sets)]) captured in one CUDA graph per input set (what launching
     from Python costs is then out of the time, as it is out of qmoe's graph column)."""
@@ -142,19 +150,14 @@ def main():
                     l[0, (r * k + j) % E] += 10.0
             return x, l.to(torch.bfloat16)
 
+        sets = {T: [inputs(T, r) for r in range(16)] for T in tokens}  # the same inputs for every peer
         for T in tokens:
-            R = 16
-            sets = [inputs(T, r) for r in range(R)]
             try:
-                us = timed(lambda i: moe(*sets[i % R]), args.iters)
+                us = timed(lambda i: moe(*sets[T][i % 16]), args.iters)
                 print(f"{name:17s} {T:5d} {us:14.1f} {6 * T * k * H * I / (us * 1e-6) / 1e12:8.1f}", flush=True)
             except Exception as e:  # report, do not hide
                 print(f"{name:17s} {T:5d} FAILED: {type(e).__name__}: {e}", flush=True)
-            try:
-                us = graph_timed(moe, sets, args.iters)
-                print(f"{name:17s} {T:5d} grouped_mm_graph_us {us:10.1f}", flush=True)
-            except Exception as e:
-                print(f"{name:17s} {T:5d} grouped_mm graph FAILED: {type(e).__name__}: {e}", flush=True)
+            report(name, T, "grouped_mm_graph_us", lambda: graph_timed(moe, sets[T], args.iters))
         del w1, w2, w1t, w2t
         torch.cuda.empty_cache()
 
@@ -177,13 +180,7 @@ def main():
                 return combine(x.shape[0], tok, wts, torch.cat(ys))
 
             for T in tokens:
-                R = 16
-                sets = [inputs(T, r) for r in range(R)]
-                try:
-                    us = timed(lambda i: moe_int4(*sets[i % R]), args.iters)
-                    print(f"{name:17s} {T:5d} int4pack_b{gs}_us {us:10.1f}", flush=True)
-                except Exception as e:
-                    print(f"{name:17s} {T:5d} int4pack b{gs} FAILED: {type(e).__name__}: {e}", flush=True)
+                report(name, T, f"int4pack_b{gs}_us", lambda: timed(lambda i: moe_int4(*sets[T][i % 16]), args.iters))
             del W1, S1, W2, S2
             torch.cuda.empty_cache()
 
