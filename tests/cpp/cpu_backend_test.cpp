@@ -32,6 +32,7 @@
 #include "qmoe/reference.h"
 #include "cpu_isas.h"
 #include "random_spec.h"
+#include "reference_bound.h"
 #include "test_seed.h"
 
 using namespace qmoe;
@@ -164,8 +165,6 @@ Case random_case(uint64_t seed) {
   return c;
 }
 
-float eps_of(DType t) { return t == DType::f16 ? 0x1p-10f : t == DType::bf16 ? 0x1p-7f : 0.f; }
-
 // Runs the CPU backend; the output is poisoned (NaN) first so every element must be written.
 Tensor run_cpu(const Case& c, const RawExperts& raw, const Inputs& in, const CpuBackendOptions& opt) {
   auto be = make_cpu_backend(opt);
@@ -182,24 +181,7 @@ double g_worst_ratio = 0;
 
 // Compares with the reference under the bound above; returns an empty string or the first failure.
 std::string compare(const Case& c, const Tensor& ref, const Tensor& got) {
-  const DType dt = ref.dtype();
-  double ss = 0;
-  for (int64_t i = 0; i < ref.numel(); ++i) ss += double(load_as_float(dt, ref.data(), i)) * load_as_float(dt, ref.data(), i);
-  const double rms = std::sqrt(ss / double(std::max<int64_t>(1, ref.numel())));
-  const double u = 0x1p-24;
-  const double tol = 32 * u * (std::sqrt(double(c.spec.hidden)) + std::sqrt(double(c.spec.inter))) * rms;
-  for (int64_t i = 0; i < ref.numel(); ++i) {
-    const double r = load_as_float(dt, ref.data(), i), g = load_as_float(dt, got.data(), i);
-    const double lim = tol + eps_of(dt) * std::fabs(r) + 1e-30;
-    if (dt == DType::f32) g_worst_ratio = std::max(g_worst_ratio, std::fabs(g - r) / lim);
-    if (!(std::fabs(g - r) <= lim)) {
-      std::ostringstream os;
-      os << "element " << i << " (token " << i / c.spec.hidden << ", col " << i % c.spec.hidden << "): got " << g
-         << ", reference " << r << ", |diff| " << std::fabs(g - r) << " > tol " << lim << " (rms " << rms << ")";
-      return os.str();
-    }
-  }
-  return "";
+  return test::beyond_reference_bound(c.spec, ref, got, &g_worst_ratio);
 }
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {

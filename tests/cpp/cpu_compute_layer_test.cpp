@@ -27,13 +27,16 @@
 //    bits relative to the row's largest).
 //    The per-GEMM worst-case bound, (sx / 2) * sum |s (q - z)| + fp32 terms, is tested in
 //    cpu_int8_kernel_test.cpp.
-//    int8x3: fp32 layers 4e-6, fp16/bf16 layers 3e-4. Why: three digits (int8_rows.h) round each element by
-//    at most max|x| * 6.1e-8, below the row's largest value's own fp32 half-ulp, so the mode's
-//    distance from the reference is the fp32 kernels' own (different summation order): measured 1-6e-7
-//    on the fp32 layers here, as the exact mode's 1-6e-7. 4e-6 is ~7x that; dropping the last digit
-//    would cost ~3e-5. With fp16/bf16 activations both results are rounded to T, and elements whose
-//    fp32 values straddle a rounding boundary differ by one ulp of T: the exact mode itself measures
-//    up to 7e-5 there, so 3e-4 (~4x).
+//    int8x3: every element within the exact kernels' own bound (reference_bound.h: fp32 summation order
+//    plus one ulp of T), and relative L2 on fp32 layers 4e-6, on fp16/bf16 layers 8e-3. Why: the digits
+//    (int8_rows.h) round each element by at most max|x| * 6.1e-8, below the row's largest value's own
+//    fp32 half-ulp, so the mode's distance from the reference is the fp32 kernels' own (different
+//    summation order): measured 1-6e-7 on the fp32 layers here, as the exact mode's 1-6e-7. 4e-6 is ~7x
+//    that; dropping the last digit would cost ~3e-5. With fp16/bf16 activations both results are
+//    rounded to T, and an element whose fp32 values straddle a rounding boundary differs by one ulp of T
+//    (up to 2^-7 relative for bf16). How many do depends on the draw: usually the relative L2 stays under
+//    1e-4, but one largest element of a 7-token bf16 layer rounding apart gave 3.04e-4. So the per-element
+//    bound is the check, and the L2 limit is the one it implies, one bf16 ulp: 8e-3.
 //    Every mode's fp32 layers differ bitwise from the exact mode's (the mode is on).
 // 2. Determinism: outputs bitwise the same for chunks of 1, 7, 64 rows and one chunk, 1, 2 and 3
 //    threads, prepack on and off.
@@ -61,6 +64,7 @@
 #include "qmoe/reference.h"
 #include "qmoe/synthetic.h"
 #include "random_spec.h"
+#include "reference_bound.h"
 #include "test_seed.h"
 
 namespace {
@@ -100,7 +104,7 @@ const Mode kModes[] = {
      [](const MoeSpec& s, int64_t XW, int64_t AW) { return 2 * (XW + s.k * AW); }, 1164},
     {"int8_vnni", "int8", "avx512", "AVX512_VNNI", test::has_avx512_vnni(), 4e-2, 4e-2, int8_extra_scratch, 1271},
     {"int8_amx", "int8", "amx", "AMX-TILE, AMX-INT8", cpu::amx_available(), 4e-2, 4e-2, int8_extra_scratch, 1271},
-    {"int8x3", "int8x3", "auto", "AMX-TILE, AMX-INT8", cpu::amx_available(), 3e-4, 4e-6, int8x3_extra_scratch, 883},
+    {"int8x3", "int8x3", "auto", "AMX-TILE, AMX-INT8", cpu::amx_available(), 8e-3, 4e-6, int8x3_extra_scratch, 883},
 };
 
 void PrintTo(const Mode& m, std::ostream* os) { *os << m.label; }
@@ -225,6 +229,9 @@ TEST_P(CpuComputeLayer, AgreesWithReferenceWithinStatedTolerance) {
     const double err = relative_error(got.view(), ref.view());
     const bool f32 = c.spec.act_dtype == DType::f32;
     worst = std::max(worst, err);
+    if (mode() == "int8x3")  // the exact mode's accuracy: the exact kernels' per-element bound
+      EXPECT_EQ(test::beyond_reference_bound(l.spec, ref, got), "")
+          << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << " (base seed " << base_seed() << ")";
     EXPECT_LE(err, f32 ? GetParam().fp32_tolerance : GetParam().tolerance)
         << c.name << " [" << c.spec.to_string() << "] T=" << c.tokens << " one_expert=" << c.one_expert
         << " (base seed " << base_seed() << ")";
